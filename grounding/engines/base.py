@@ -1,0 +1,138 @@
+"""The engine interface: prompts with images in, generated text with token log-probs out.
+
+Engines know nothing about boxes. `grounding.engines.grounder.Grounder` builds the prompts with a
+model family and parses the text into boxes, so every engine gives boxes in the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+
+class EngineConfig(BaseModel):
+    """How to load and run a grounding model. Shared by every engine and every entry point."""
+
+    model: str = Field(description="Checkpoint folder (a Qwen2-VL / Qwen2.5-VL / Qwen3-VL "
+                       "`save_pretrained` folder, or the bundled tiny model).")
+    engine: Literal["vllm", "transformers"] = Field(
+        "vllm", description="vllm: the production engine (CPU build here, CUDA on GPU nodes); "
+        "transformers: the reference/fallback engine.")
+    family: str | None = Field(None, description="Model family for prompt/parse formats; "
+                               "None detects it from the checkpoint's architecture.")
+    dtype: str = Field("float32", description="Compute dtype (float32 on CPU; bfloat16 on GPU).")
+    max_model_len: int = Field(1024, description="Longest prompt + answer, in tokens.")
+    max_new_tokens: int = Field(64, description="Answer token limit per request.")
+    min_pixels: int | None = Field(None, description="Override the processor's min pixels.")
+    max_pixels: int | None = Field(None, description="Override the processor's max pixels: "
+                                   "bounds visual tokens and memory per image.")
+    enable_lora: bool = Field(True, description="Allow LoRA adapters (per request).")
+    max_lora_rank: int = Field(16, description="Largest adapter rank vLLM reserves room for.")
+    max_loras: int = Field(2, description="Adapters vLLM keeps resident at once.")
+    kv_cache_gb: float = Field(1.0, description="vLLM CPU KV-cache size in GiB.")
+    gpu_memory_utilization: float = Field(0.85, description="vLLM GPU memory share (GPU only).")
+    seed: int = Field(0, description="Engine seed (decoding is greedy anyway).")
+
+    @model_validator(mode="after")
+    def _check(self) -> EngineConfig:
+        if self.min_pixels and self.max_pixels and self.max_pixels < self.min_pixels:
+            raise ValueError(f"`--max-pixels` must be >= `--min-pixels` (got {self.max_pixels} < "
+                             f"{self.min_pixels})")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"`--max-new-tokens` must be >= 1, got {self.max_new_tokens}")
+        return self
+
+
+@dataclass
+class EngineInput:
+    """One request: a chat-formatted prompt, its image, and an optional adapter name."""
+
+    prompt: str
+    image: Any  # PIL.Image.Image, RGB
+    adapter: str | None = None
+
+
+@dataclass
+class Generation:
+    """Generated text with the log-prob of each generated token (natural log)."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
+
+    @property
+    def mean_prob(self) -> float:
+        return math.exp(sum(self.logprobs) / len(self.logprobs)) if self.logprobs else 0.0
+
+
+class UnknownAdapterError(KeyError):
+    """A request named an adapter the engine does not know."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown adapter"
+
+
+def check_adapter_dir(path: str | Path) -> Path:
+    """Structural check of a peft adapter folder; raises ValueError saying what is missing."""
+    p = Path(path)
+    if not (p / "adapter_config.json").is_file():
+        raise ValueError(f"adapter folder {p} has no adapter_config.json")
+    if not any((p / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise ValueError(f"adapter folder {p} has no adapter_model.safetensors")
+    try:
+        json.loads((p / "adapter_config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"adapter folder {p}: adapter_config.json is not JSON ({e})") from e
+    return p
+
+
+class Engine(ABC):
+    """Batch generation over (prompt, image, adapter) requests, greedy decoding."""
+
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        self._adapters: dict[str, str] = {}
+
+    @property
+    def adapters(self) -> dict[str, str]:
+        """Registered adapters: name -> folder."""
+        return dict(self._adapters)
+
+    def add_adapter(self, name: str, path: str | Path) -> None:
+        """Register a LoRA adapter under a name that is never reused for other weights.
+
+        vLLM and Ray Serve cache adapters by name (vllm #42125): re-registering a name with
+        another folder would serve stale weights, so it is refused.
+        """
+        path = str(check_adapter_dir(path))
+        if name in self._adapters and self._adapters[name] != path:
+            raise ValueError(f"adapter name {name!r} is already bound to {self._adapters[name]}; "
+                             "adapter names are never reused, register a new name")
+        if not self.cfg.enable_lora:
+            raise ValueError("this engine was started with enable_lora=False")
+        self._adapters[name] = path
+
+    def _adapter_path(self, name: str) -> str:
+        try:
+            return self._adapters[name]
+        except KeyError:
+            known = ", ".join(sorted(self._adapters)) or "none"
+            raise UnknownAdapterError(f"unknown adapter {name!r} (known: {known})") from None
+
+    @abstractmethod
+    def generate(self, inputs: list[EngineInput]) -> list[Generation]:
+        """Greedy generation for each input, in order."""
+
+    @abstractmethod
+    def chat_prompt(self, instruction: str) -> str:
+        """The model's chat template applied to one image + instruction."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Free the engine's resources."""

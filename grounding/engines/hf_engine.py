@@ -1,0 +1,90 @@
+"""transformers engine: the reference for vLLM, and a fallback where vLLM does not run.
+
+Batched greedy ``generate`` with left padding; LoRA adapters through one `peft.PeftModel`
+(``load_adapter`` once per name, ``set_adapter`` per batch group, the base through
+``disable_adapter``). Log-probs are the log-softmax of the chosen token's logits.
+"""
+
+from __future__ import annotations
+
+from grounding.engines.base import Engine, EngineConfig, EngineInput, Generation
+
+
+class HFEngine(Engine):
+    def __init__(self, cfg: EngineConfig):
+        super().__init__(cfg)
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        kw = {k: v for k, v in (("min_pixels", cfg.min_pixels), ("max_pixels", cfg.max_pixels)) if v}
+        self.processor = AutoProcessor.from_pretrained(cfg.model, **kw)
+        self.processor.tokenizer.padding_side = "left"
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            cfg.model, dtype=getattr(torch, cfg.dtype))
+        self.model.eval()
+        self._peft = None
+        self._loaded: set[str] = set()
+
+    def chat_prompt(self, instruction: str) -> str:
+        msgs = [{"role": "user",
+                 "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+        return self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+    def _model_for(self, adapter: str | None):
+        if adapter is None:
+            return self.model if self._peft is None else None
+        path = self._adapter_path(adapter)
+        from peft import PeftModel
+
+        if self._peft is None:
+            self._peft = PeftModel.from_pretrained(self.model, path, adapter_name=adapter)
+            self._peft.eval()
+        elif adapter not in self._loaded:
+            self._peft.load_adapter(path, adapter_name=adapter)
+        self._loaded.add(adapter)
+        self._peft.set_adapter(adapter)
+        return self._peft
+
+    def generate(self, inputs: list[EngineInput]) -> list[Generation]:
+        import contextlib
+
+        out: list[Generation | None] = [None] * len(inputs)
+        groups: dict[str | None, list[int]] = {}
+        for i, inp in enumerate(inputs):
+            groups.setdefault(inp.adapter, []).append(i)
+        for adapter, idx in groups.items():
+            model = self._model_for(adapter)
+            ctx = contextlib.nullcontext()
+            if model is None:  # base requested while adapters are attached
+                model, ctx = self._peft, self._peft.disable_adapter()
+            with ctx:
+                for i, g in zip(idx, self._generate(model, [inputs[i] for i in idx]), strict=True):
+                    out[i] = g
+        return out  # type: ignore[return-value]
+
+    def _generate(self, model, inputs: list[EngineInput]) -> list[Generation]:
+        import torch
+
+        tok = self.processor.tokenizer
+        enc = self.processor(text=[i.prompt for i in inputs], images=[i.image for i in inputs],
+                             padding=True, return_tensors="pt")
+        with torch.no_grad():
+            res = model.generate(**enc, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
+                                 output_scores=True, return_dict_in_generate=True,
+                                 pad_token_id=tok.pad_token_id)
+        new = res.sequences[:, enc["input_ids"].shape[1]:]
+        logp = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in res.scores], dim=1)
+        gens = []
+        stop = {tok.eos_token_id, tok.pad_token_id}
+        for row in range(new.shape[0]):
+            ids, lps = [], []
+            for t in range(new.shape[1]):
+                tid = int(new[row, t])
+                if tid in stop:
+                    break
+                ids.append(tid)
+                lps.append(float(logp[row, t, tid]))
+            gens.append(Generation(
+                text=tok.decode(ids, skip_special_tokens=True), token_ids=ids, logprobs=lps,
+                tokens=[tok.decode([i]) for i in ids]))
+        return gens

@@ -1,0 +1,69 @@
+"""PaliGemma: ``detect`` answers with ``<locNNNN>`` tokens in y, x order over 1024 steps.
+
+Prompt ``detect a cat\n`` (several classes: ``detect cat ; dog\n``); answer::
+
+    <loc0001><loc0123><loc0530><loc1012> stop sign ; <loc0200><loc0010><loc0400><loc0300> car
+
+Each box is four tokens ``y1, x1, y2, x2`` then its label; boxes are separated by `` ; ``.
+Decoding: ``x = v / 1024 * W``; encoding rounds ``x / W * 1024`` and clamps to 0-1023.
+
+Source: google-research/big_vision PaliGemma (``<locNNNN>`` tokens); roboflow/supervision
+``from_paligemma``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from grounding.boxes import Box
+from grounding.families._base import Encoder, Family
+from grounding.families._text import Found, Raw, chunks4, clean_label, strip_special, token_runs
+
+_LOC = re.compile(r"<loc(\d+)>")
+_SEG = re.compile(r"<seg\d+>")  # segmentation tokens after the box (``segment`` prompts)
+_PARTIAL = re.compile(r"<loc\d*>?\s*$")
+
+
+class PaliGemma(Family):
+    name = "paligemma"
+    coords = "loc1024"
+    needs_resize = False
+    chat = False
+    architectures = ("PaliGemmaForConditionalGeneration",)
+
+    def _prompt(self, text: str) -> str:
+        return f"detect {text}\n"
+
+    def _extract(self, text: str) -> Found:
+        text = strip_special(text)
+        raws: list[Raw] = []
+        truncated = _PARTIAL.search(text) is not None and not text.rstrip().endswith(">")
+        runs = token_runs(text, _LOC)
+        for i, run in enumerate(runs):
+            stop = runs[i + 1].start if i + 1 < len(runs) else len(text)
+            label = clean_label(_SEG.sub("", text[run.end : stop].split(";")[0]))
+            quads, left = chunks4(run.values)
+            # y1, x1, y2, x2 -> x1, y1, x2, y2
+            raws += [Raw((q[1], q[0], q[3], q[2]), label) for q in quads]
+            if left and not text[run.end :].strip():
+                truncated = True  # cut inside the last group of four
+        if raws or truncated:
+            return Found(
+                raws,
+                truncated=truncated,
+                note="" if raws else "output was cut off before the first box",
+            )
+        if not text.strip():
+            return Found(empty=True, note="the model answered with no box")
+        return Found(note="no <locNNNN> box in the model text")
+
+    def _render(self, boxes: list[Box], encode: Encoder) -> str:
+        parts = []
+        for box in boxes:
+            x1, y1, x2, y2 = encode(box)
+            locs = "".join(f"<loc{v:04d}>" for v in (y1, x1, y2, x2))
+            parts.append(locs if box.label is None else f"{locs} {box.label}")
+        return " ; ".join(parts)
+
+
+FAMILY = PaliGemma()

@@ -1,0 +1,71 @@
+"""Qwen2-VL (and Qwen-VL-Chat): special-token boxes normalised to 0-1000 of the image.
+
+Answer::
+
+    <|object_ref_start|>a dog<|object_ref_end|><|box_start|>(221,423),(569,886)<|box_end|>
+
+i.e. ``(x1,y1),(x2,y2)`` with ``x = v * W / 1000``. Qwen-VL-Chat's
+``<ref>Woman</ref><box>(451,379),(731,806)</box>`` uses the same numbers and is accepted too.
+Several boxes after one ref all get its label.
+
+Source: QwenLM/Qwen-VL README (grounding); Qwen2-VL tokenizer special tokens; ms-swift
+``docs/source_en/Customization/Custom-dataset.md`` (grounding, ``norm1000``).
+"""
+
+from __future__ import annotations
+
+import re
+
+from grounding.boxes import Box
+from grounding.families._base import Encoder, Family
+from grounding.families._text import NUM, Found, Raw, labelled_blocks, strip_special, to_float
+
+_REF = re.compile(r"(?:<\|object_ref_start\|>|<ref>)([^<]*)(?:<\|object_ref_end\|>|</ref>)")
+_BOX = re.compile(
+    rf"(?:<\|box_start\|>|<box>)?\s*\(\s*({NUM})\s*,\s*({NUM})\s*\)\s*,?\s*"
+    rf"\(\s*({NUM})\s*,\s*({NUM})\s*\)\s*(?:<\|box_end\|>|</box>)?"
+)
+_OPEN_BOX = re.compile(r"<\|box_start\|>|<box>")
+
+
+class Qwen2VL(Family):
+    name = "qwen2_vl"
+    coords = "norm1000"
+    needs_resize = False
+    chat = True
+    architectures = ("Qwen2VLForConditionalGeneration",)
+
+    def _prompt(self, text: str) -> str:
+        return (
+            f"Find <|object_ref_start|>{text}<|object_ref_end|> in the image "
+            "and output its bounding box."
+        )
+
+    def _extract(self, text: str) -> Found:
+        text = strip_special(text)
+        pairs = labelled_blocks(text, _REF, _BOX)
+        raws = [Raw(tuple(to_float(g) for g in m.groups()), label) for label, m in pairs]
+        tail = text[pairs[-1][1].end() :] if pairs else text
+        truncated = _OPEN_BOX.search(tail) is not None
+        if raws or truncated:
+            return Found(
+                raws,
+                truncated=truncated,
+                note="" if raws else "output was cut off before the first box",
+            )
+        if not text.strip():
+            return Found(empty=True, note="the model answered with no box")
+        return Found(note="no (x1,y1),(x2,y2) box in the model text")
+
+    def _render(self, boxes: list[Box], encode: Encoder) -> str:
+        parts = []
+        for box in boxes:
+            x1, y1, x2, y2 = encode(box)
+            ref = (
+                "" if box.label is None else (f"<|object_ref_start|>{box.label}<|object_ref_end|>")
+            )
+            parts.append(f"{ref}<|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>")
+        return "".join(parts)
+
+
+FAMILY = Qwen2VL()
