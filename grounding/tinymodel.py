@@ -80,6 +80,8 @@ class TinyModelConfig(BaseModel):
     pos_grid: int = Field(16, description="Side of the learned vision position grid "
                           "(num_position_embeddings = pos_grid**2).")
     pos_embed_std: float = Field(0.4, description="Scale of the sin-cos init of visual.pos_embed.")
+    number_embed_std: float = Field(0.4, description="Scale of the sin-cos init of the embeddings "
+                                    "of the number tokens 0..1000 (0 keeps the random init).")
     bpe_vocab: int = Field(640, description="Byte-level BPE vocabulary before special and "
                            "number tokens are added.")
     min_pixels: int = Field(64 * 64, description="Image processor min pixels (smart_resize).")
@@ -153,6 +155,25 @@ def _sincos_2d(grid: int, dim: int, std: float):
     table = torch.cat(parts, dim=1)
     if table.shape[1] < dim:
         table = torch.cat([table, torch.zeros(table.shape[0], dim - table.shape[1])], dim=1)
+    return table / table.std() * std
+
+
+def _number_table(dim: int, std: float):
+    """Embeddings for the numbers 0..1000: sin-cos features of the value, rescaled to ``std``.
+
+    The word embeddings are tied to the output head, so this gives coordinates an order in both
+    directions: reading "480" tells the model it is close to "470", and emitting a coordinate
+    becomes producing a vector near the features of the right value, which the softmax turns
+    into a peak at the nearest number. Periods run geometrically from 2000 units (monotone over
+    the range) down to 20 units (so neighbours 10 apart are told apart).
+    """
+    import torch
+
+    v = torch.arange(1001, dtype=torch.float32)
+    k = dim // 2
+    periods = 2000.0 * (20.0 / 2000.0) ** (torch.arange(k, dtype=torch.float32) / max(1, k - 1))
+    ang = 2 * math.pi * v[:, None] / periods[None, :]
+    table = torch.cat([torch.sin(ang), torch.cos(ang)], dim=1)  # (1001, 2k)
     return table / table.std() * std
 
 
@@ -234,6 +255,13 @@ def build(out_dir: str | Path, cfg: TinyModelConfig | None = None) -> Path:
     with torch.no_grad():
         pe = model.model.visual.pos_embed.weight
         pe.copy_(_sincos_2d(cfg.pos_grid, pe.shape[1], cfg.pos_embed_std))
+        if cfg.number_embed_std > 0:
+            emb = model.get_input_embeddings().weight
+            ids = tokenizer.convert_tokens_to_ids([str(i) for i in range(1001)])
+            # value features in the first half; the second half keeps its random init so each
+            # number stays distinguishable from words and from its neighbours
+            table = _number_table(emb.shape[1] // 2, cfg.number_embed_std)
+            emb[ids, : table.shape[1]] = table
     model.generation_config = GenerationConfig(
         eos_token_id=config.text_config.eos_token_id,
         pad_token_id=config.text_config.pad_token_id,

@@ -185,6 +185,18 @@ class Family(ABC):
         return _grid(box, size, (1024, 1024), (1023, 1023), round)
 
 
+def json_items(boxes: Sequence[Box], encode: Encoder) -> list[dict[str, object]]:
+    """``{"bbox_2d": [x1, y1, x2, y2], "label": ...}`` per box (no ``label`` key when it has
+    none): the items of the Qwen JSON answer style."""
+    items = []
+    for box in boxes:
+        item: dict[str, object] = {"bbox_2d": list(encode(box))}
+        if box.label is not None:
+            item["label"] = box.label
+        items.append(item)
+    return items
+
+
 def _grid(
     box: Box,
     size: tuple[int, int],

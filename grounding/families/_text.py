@@ -257,6 +257,22 @@ def read_json_boxes(text: str) -> Found:
     return Found(note="no box-like JSON in the model text")
 
 
+def conclude(
+    raws: list[Raw], truncated: bool, text: str, missing: str = "no box in the model text"
+) -> Found:
+    """The usual ending of a token/tag family's extractor: the boxes read (and whether the text
+    was cut off), else an empty answer when the text is blank, else ``missing`` as the note."""
+    if raws or truncated:
+        return Found(
+            raws,
+            truncated=truncated,
+            note="" if raws else "output was cut off before the first box",
+        )
+    if not text.strip():
+        return Found(empty=True, note="the model answered with no box")
+    return Found(note=missing)
+
+
 def has_alnum(text: str) -> bool:
     return any(ch.isalnum() for ch in text)
 
@@ -315,3 +331,19 @@ def chunks4(values: list[float]) -> tuple[list[tuple[float, float, float, float]
     n = len(values) // 4 * 4
     quads = [(values[i], values[i + 1], values[i + 2], values[i + 3]) for i in range(0, n, 4)]
     return quads, len(values) - n
+
+
+def loc_groups(
+    text: str, token: re.Pattern[str], partial: re.Pattern[str]
+) -> tuple[list[tuple[Run, list[tuple[float, float, float, float]]]], bool]:
+    """Runs of location tokens (see `token_runs`), each with its values in groups of four, and
+    whether the text is cut off: ``partial`` (a half-written token at the end) matches without
+    a closing ``>``, or the last run stops inside a group of four."""
+    truncated = partial.search(text) is not None and not text.rstrip().endswith(">")
+    groups = []
+    for run in token_runs(text, token):
+        quads, left = chunks4(run.values)
+        if left and not text[run.end :].strip():
+            truncated = True  # cut inside the last group of four
+        groups.append((run, quads))
+    return groups, truncated

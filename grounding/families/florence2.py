@@ -18,7 +18,7 @@ import re
 
 from grounding.boxes import Box
 from grounding.families._base import Encoder, Family
-from grounding.families._text import Found, Raw, chunks4, clean_label, strip_special, token_runs
+from grounding.families._text import Found, Raw, clean_label, conclude, loc_groups, strip_special
 
 _LOC = re.compile(r"<loc_(\d+)>")
 _PARTIAL = re.compile(r"<loc_\d*>?\s*$")
@@ -36,25 +36,14 @@ class Florence2(Family):
 
     def _extract(self, text: str) -> Found:
         text = strip_special(text)
+        groups, truncated = loc_groups(text, _LOC, _PARTIAL)
         raws: list[Raw] = []
-        truncated = _PARTIAL.search(text) is not None and not text.rstrip().endswith(">")
         prev_end = 0
-        for run in token_runs(text, _LOC):
+        for run, quads in groups:
             label = clean_label(text[prev_end : run.start])
-            quads, left = chunks4(run.values)
             raws += [Raw(q, label) for q in quads]
-            if left and not text[run.end :].strip():
-                truncated = True  # cut inside the last group of four
             prev_end = run.end
-        if raws or truncated:
-            return Found(
-                raws,
-                truncated=truncated,
-                note="" if raws else "output was cut off before the first box",
-            )
-        if not text.strip():
-            return Found(empty=True, note="the model answered with no box")
-        return Found(note="no <loc_N> box in the model text")
+        return conclude(raws, truncated, text, "no <loc_N> box in the model text")
 
     def _render(self, boxes: list[Box], encode: Encoder) -> str:
         return "".join(

@@ -22,6 +22,7 @@ from grounding.families._text import (
     QUAD,
     Found,
     Raw,
+    conclude,
     labelled_blocks,
     strip_special,
     to_float,
@@ -58,15 +59,7 @@ class InternVL2(Family):
         else:  # no <box> tags: bare [x1, y1, x2, y2] lists
             for label, quad in labelled_blocks(text, _REF, QUAD):
                 raws.append(Raw(tuple(to_float(g) for g in quad.groups()), label))
-        if raws or truncated:
-            return Found(
-                raws,
-                truncated=truncated,
-                note="" if raws else "output was cut off before the first box",
-            )
-        if not text.strip():
-            return Found(empty=True, note="the model answered with no box")
-        return Found(note="no [[x1, y1, x2, y2]] box in the model text")
+        return conclude(raws, truncated, text, "no [[x1, y1, x2, y2]] box in the model text")
 
     def _render(self, boxes: list[Box], encode: Encoder) -> str:
         parts = []

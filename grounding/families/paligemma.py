@@ -17,7 +17,7 @@ import re
 
 from grounding.boxes import Box
 from grounding.families._base import Encoder, Family
-from grounding.families._text import Found, Raw, chunks4, clean_label, strip_special, token_runs
+from grounding.families._text import Found, Raw, clean_label, conclude, loc_groups, strip_special
 
 _LOC = re.compile(r"<loc(\d+)>")
 _SEG = re.compile(r"<seg\d+>")  # segmentation tokens after the box (``segment`` prompts)
@@ -36,26 +36,14 @@ class PaliGemma(Family):
 
     def _extract(self, text: str) -> Found:
         text = strip_special(text)
+        groups, truncated = loc_groups(text, _LOC, _PARTIAL)
         raws: list[Raw] = []
-        truncated = _PARTIAL.search(text) is not None and not text.rstrip().endswith(">")
-        runs = token_runs(text, _LOC)
-        for i, run in enumerate(runs):
-            stop = runs[i + 1].start if i + 1 < len(runs) else len(text)
+        for i, (run, quads) in enumerate(groups):
+            stop = groups[i + 1][0].start if i + 1 < len(groups) else len(text)
             label = clean_label(_SEG.sub("", text[run.end : stop].split(";")[0]))
-            quads, left = chunks4(run.values)
             # y1, x1, y2, x2 -> x1, y1, x2, y2
             raws += [Raw((q[1], q[0], q[3], q[2]), label) for q in quads]
-            if left and not text[run.end :].strip():
-                truncated = True  # cut inside the last group of four
-        if raws or truncated:
-            return Found(
-                raws,
-                truncated=truncated,
-                note="" if raws else "output was cut off before the first box",
-            )
-        if not text.strip():
-            return Found(empty=True, note="the model answered with no box")
-        return Found(note="no <locNNNN> box in the model text")
+        return conclude(raws, truncated, text, "no <locNNNN> box in the model text")
 
     def _render(self, boxes: list[Box], encode: Encoder) -> str:
         parts = []

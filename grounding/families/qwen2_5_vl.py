@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 
 from grounding.boxes import Box
-from grounding.families._base import Encoder, Family
+from grounding.families._base import Encoder, Family, json_items
 from grounding.families._text import Found, read_json_boxes
 
 
@@ -36,12 +36,8 @@ class Qwen25VL(Family):
 
     def _render(self, boxes: list[Box], encode: Encoder) -> str:
         # The cookbook answers: a ```json fence, one tab-indented object per line.
-        lines = []
-        for box in boxes:
-            item: dict[str, object] = {"bbox_2d": list(encode(box))}
-            if box.label is not None:
-                item["label"] = box.label
-            lines.append("\t" + json.dumps(item, ensure_ascii=False))
+        items = json_items(boxes, encode)
+        lines = ["\t" + json.dumps(item, ensure_ascii=False) for item in items]
         return "```json\n[\n" + ",\n".join(lines) + "\n]\n```"
 
 

@@ -18,7 +18,15 @@ import re
 
 from grounding.boxes import Box
 from grounding.families._base import Encoder, Family
-from grounding.families._text import NUM, Found, Raw, labelled_blocks, strip_special, to_float
+from grounding.families._text import (
+    NUM,
+    Found,
+    Raw,
+    conclude,
+    labelled_blocks,
+    strip_special,
+    to_float,
+)
 
 _REF = re.compile(r"(?:<\|object_ref_start\|>|<ref>)([^<]*)(?:<\|object_ref_end\|>|</ref>)")
 _BOX = re.compile(
@@ -47,15 +55,7 @@ class Qwen2VL(Family):
         raws = [Raw(tuple(to_float(g) for g in m.groups()), label) for label, m in pairs]
         tail = text[pairs[-1][1].end() :] if pairs else text
         truncated = _OPEN_BOX.search(tail) is not None
-        if raws or truncated:
-            return Found(
-                raws,
-                truncated=truncated,
-                note="" if raws else "output was cut off before the first box",
-            )
-        if not text.strip():
-            return Found(empty=True, note="the model answered with no box")
-        return Found(note="no (x1,y1),(x2,y2) box in the model text")
+        return conclude(raws, truncated, text, "no (x1,y1),(x2,y2) box in the model text")
 
     def _render(self, boxes: list[Box], encode: Encoder) -> str:
         parts = []

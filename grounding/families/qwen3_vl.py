@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 
 from grounding.boxes import Box
-from grounding.families._base import Encoder, Family
+from grounding.families._base import Encoder, Family, json_items
 from grounding.families._text import Found, read_json_boxes
 
 
@@ -34,13 +34,7 @@ class Qwen3VL(Family):
         return read_json_boxes(text)
 
     def _render(self, boxes: list[Box], encode: Encoder) -> str:
-        items = []
-        for box in boxes:
-            item: dict[str, object] = {"bbox_2d": list(encode(box))}
-            if box.label is not None:
-                item["label"] = box.label
-            items.append(item)
-        return json.dumps(items, ensure_ascii=False)
+        return json.dumps(json_items(boxes, encode), ensure_ascii=False)
 
 
 FAMILY = Qwen3VL()

@@ -82,12 +82,11 @@ def test_yaml_config_and_flags_fill_the_same_model(tmp_path):
 
 
 def test_every_config_field_has_a_description():
+    from grounding.engines import EngineConfig
+    from grounding.tinymodel import TinyModelConfig
     from pipelines.demo import DemoConfig
     from train.base import BaseTrainConfig
     from train.evaluate import SynthEvalConfig
-
-    from grounding.engines import EngineConfig
-    from grounding.tinymodel import TinyModelConfig
 
     for model in (DemoConfig, BaseTrainConfig, SynthEvalConfig, EngineConfig, TinyModelConfig):
         for name, f in model.model_fields.items():
