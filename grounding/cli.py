@@ -88,9 +88,27 @@ def _cmd_eval_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_label(args: argparse.Namespace) -> int:
+    from pipelines.config import LabelJobConfig
+    from pipelines.label import label
+
+    summary = label(model_from_args(LabelJobConfig, args, args.config))
+    return 0 if summary["rows"] == summary["unique_rows"] else 1
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from grounding.storage import StorageOptions
+    from pipelines.summary import evaluate
+
+    opts = StorageOptions(endpoint_url=args.s3_endpoint_url)
+    print(json.dumps(evaluate(args.pred, args.gold, opts), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Config classes are imported here, not the modules that use torch/vllm/ray.
     from grounding.tinymodel import TinyModelConfig
+    from pipelines.config import LabelJobConfig
     from pipelines.demo import DemoConfig
     from train.base import BaseTrainConfig
     from train.evaluate import SynthEvalConfig
@@ -110,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
+    verb("label", "Bulk-label image-text shards (local or s3://) into Parquet boxes, on Ray.",
+         _cmd_label, LabelJobConfig)
+    sp = verb("eval", "Acc@0.5, mean IoU and parse failures of a labeled output, as JSON.",
+              _cmd_eval)
+    sp.add_argument("--pred", required=True, help="Job output folder (or one Parquet file).")
+    sp.add_argument("--gold", help="Input shards with true boxes (default: the output's own "
+                    "gold column, carried from the job input).")
+    sp.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// URIs.")
     verb("demo", "Label a few synthetic images through vLLM, print Acc@0.5, draw PNGs.",
          _cmd_demo, DemoConfig)
     verb("eval-synth", "Acc@0.5 of a model (or adapter) on a held-out synthetic set.",

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from grounding.boxes import Box
 from grounding.engines.base import Engine, EngineInput, Generation, UnknownAdapterError
+from grounding.resize import ResizeSpec
 
 
 @dataclass
@@ -54,46 +55,67 @@ def answer_score(gen: Generation) -> float | None:
     return math.exp(sum(lps) / len(lps))
 
 
+class BoxReader:
+    """Generated text -> scored boxes in ORIGINAL-image pixels, for one family and resize spec.
+
+    Needs no engine, so a batch job can parse in its own CPU stage.
+    """
+
+    def __init__(self, family: str, resize: ResizeSpec):
+        from grounding.families import get_family
+
+        self.family = get_family(family)
+        self.resize = resize
+
+    def read(self, gen: Generation, original_size: tuple[int, int]) -> GroundingResult:
+        """``original_size`` is the image as the user gave it, even when the engine saw a
+        resized copy: the family converts from its own coordinates (0-1000, or resized pixels
+        through the same `smart_resize` spec) to the original pixels."""
+        resize = self.resize if self.family.needs_resize else None
+        parsed = self.family.parse(gen.text, original_size, resize)
+        score = answer_score(gen)
+        boxes = [b.model_copy(update={"score": score}) for b in parsed.boxes]
+        return GroundingResult(boxes=boxes, status=parsed.status, raw_text=gen.text,
+                               score=score, num_tokens=len(gen.token_ids))
+
+
 class Grounder:
     """Prompt -> engine -> parse, for one model family and its resize settings."""
 
     def __init__(self, engine: Engine, family: str | None = None):
         from grounding.checkpoint import detect_family, resize_spec
-        from grounding.families import get_family
 
         self.engine = engine
         cfg = engine.cfg
-        self.family = get_family(family or cfg.family or detect_family(cfg.model))
-        self.resize = resize_spec(cfg.model, cfg.min_pixels, cfg.max_pixels)
+        self.reader = BoxReader(family or cfg.family or detect_family(cfg.model),
+                                resize_spec(cfg.model, cfg.min_pixels, cfg.max_pixels))
+        self.family = self.reader.family
 
     def prompt(self, text: str) -> str:
         instruction = self.family.prompt(text)
         return self.engine.chat_prompt(instruction) if self.family.chat else instruction
 
+    def prepare(self, req: GroundingRequest) -> EngineInput | GroundingResult:
+        """The engine input for a request, or a coded error result (bad text, unknown adapter)."""
+        try:
+            if req.adapter is not None:
+                self.engine._adapter_path(req.adapter)
+            image = req.image if req.image.mode == "RGB" else req.image.convert("RGB")
+            return EngineInput(self.prompt(req.text), image, req.adapter)
+        except UnknownAdapterError as e:
+            return GroundingResult(status="error", error_code="unknown_adapter", error=str(e))
+        except ValueError as e:
+            return GroundingResult(status="error", error_code="bad_text", error=str(e))
+
+    def finish(self, gen: Generation, original_size: tuple[int, int]) -> GroundingResult:
+        """Parse generated text into scored boxes in pixels of the ORIGINAL image."""
+        return self.reader.read(gen, original_size)
+
     def ground(self, requests: list[GroundingRequest]) -> list[GroundingResult]:
         """Ground each request; a bad request becomes a coded error, never an exception."""
-        results: list[GroundingResult | None] = [None] * len(requests)
-        todo: list[tuple[int, EngineInput]] = []
-        for i, r in enumerate(requests):
-            try:
-                if r.adapter is not None:
-                    self.engine._adapter_path(r.adapter)
-                image = r.image if r.image.mode == "RGB" else r.image.convert("RGB")
-                todo.append((i, EngineInput(self.prompt(r.text), image, r.adapter)))
-            except UnknownAdapterError as e:
-                results[i] = GroundingResult(status="error", error_code="unknown_adapter",
-                                             error=str(e))
-            except ValueError as e:
-                results[i] = GroundingResult(status="error", error_code="bad_text", error=str(e))
-        gens = self.engine.generate([e for _, e in todo])
-        for (i, inp), gen in zip(todo, gens, strict=True):
-            results[i] = self._parse(gen, inp.image.size)
-        return results  # type: ignore[return-value]
-
-    def _parse(self, gen: Generation, size: tuple[int, int]) -> GroundingResult:
-        resize = self.resize if self.family.needs_resize else None
-        parsed = self.family.parse(gen.text, size, resize)
-        score = answer_score(gen)
-        boxes = [b.model_copy(update={"score": score}) for b in parsed.boxes]
-        return GroundingResult(boxes=boxes, status=parsed.status, raw_text=gen.text,
-                               score=score, num_tokens=len(gen.token_ids))
+        prepared = [self.prepare(r) for r in requests]
+        todo = [(i, p) for i, p in enumerate(prepared) if isinstance(p, EngineInput)]
+        gens = self.engine.generate([p for _, p in todo])
+        for (i, _), gen in zip(todo, gens, strict=True):
+            prepared[i] = self.finish(gen, requests[i].image.size)
+        return prepared  # type: ignore[return-value]

@@ -1,0 +1,84 @@
+"""Columns of a labeling job, stage by stage, and the output schema users read.
+
+Output (one Parquet row per input row, in ``OUTPUT/parts/*.parquet``):
+
+| column         | type                 | meaning |
+|----------------|----------------------|---------|
+| row_id         | string               | ``{shard}:{line}``: stable, unique; the exactly-once key |
+| shard          | string               | input file, relative to the job input |
+| source_id      | string               | the input row's own ``id`` |
+| image          | string               | input image reference (never image bytes) |
+| text           | string               | referring expression |
+| boxes          | list<struct>         | ``x1, y1, x2, y2`` (float pixels of the ORIGINAL image, xyxy), ``score`` (0-1), ``label`` |
+| score          | double               | answer confidence: geometric-mean probability of the coordinate tokens |
+| status         | string               | ``ok``, ``clipped``, ``truncated``, ``empty``, ``unparseable``, or ``error`` |
+| error_code     | string               | see ``ERROR_CODES``; null when the row was labeled |
+| error          | string               | human-readable error |
+| raw_text       | string               | the model's raw answer |
+| width, height  | int32                | original image size in pixels |
+| gold           | list<double>         | true box from the input, in original pixels, if given |
+| model, adapter, family, prompt_version, job_id | string | lineage of the prediction |
+| fetch_ms, infer_ms | double           | time spent on this row's image and its share of its batch |
+| num_tokens     | int32                | generated tokens |
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+ERROR_CODES = {
+    "bad_json": "the input line is not JSON",
+    "bad_row": "the input line is not a JSON object",
+    "no_image": "the row names no image",
+    "empty_text": "the referring expression is empty",
+    "bad_bbox": "the row's true box is not 4 numbers",
+    "missing": "the image file/object does not exist",
+    "fetch_failed": "the image could not be read",
+    "empty_image": "the image has zero bytes",
+    "zero_size": "the image has a zero width or height",
+    "too_large": "too many bytes, or a decompression bomb",
+    "corrupt": "no decoder accepts the bytes",
+    "bad_image_ref": "the image reference is of an unsupported kind",
+    "unknown_adapter": "the row names an adapter the job does not have",
+    "bad_text": "the family refused the expression",
+    "engine_error": "the engine failed on this row's batch",
+}
+
+BOX = pa.struct([("x1", pa.float64()), ("y1", pa.float64()), ("x2", pa.float64()),
+                 ("y2", pa.float64()), ("score", pa.float64()), ("label", pa.string())])
+
+READ = pa.schema([
+    ("row_id", pa.string()), ("shard", pa.string()), ("source_id", pa.string()),
+    ("image", pa.string()), ("image_bytes", pa.binary()), ("text", pa.string()),
+    ("gold", pa.list_(pa.float64())), ("gold_type", pa.string()), ("adapter", pa.string()),
+    ("error_code", pa.string()), ("error", pa.string()),
+])
+
+FETCHED = pa.schema([
+    *[f for f in READ if f.name not in ("image_bytes", "gold_type")],
+    ("pixels", pa.binary()), ("in_width", pa.int32()), ("in_height", pa.int32()),
+    ("width", pa.int32()), ("height", pa.int32()), ("fetch_ms", pa.float64()),
+])
+
+GENERATED = pa.schema([
+    *[f for f in FETCHED if f.name not in ("pixels", "in_width", "in_height")],
+    ("raw_text", pa.string()), ("tokens", pa.list_(pa.string())),
+    ("logprobs", pa.list_(pa.float64())), ("infer_ms", pa.float64()),
+])
+
+OUTPUT = pa.schema([
+    ("row_id", pa.string()), ("shard", pa.string()), ("source_id", pa.string()),
+    ("image", pa.string()), ("text", pa.string()), ("boxes", pa.list_(BOX)),
+    ("score", pa.float64()), ("status", pa.string()), ("error_code", pa.string()),
+    ("error", pa.string()), ("raw_text", pa.string()), ("width", pa.int32()),
+    ("height", pa.int32()), ("gold", pa.list_(pa.float64())), ("model", pa.string()),
+    ("adapter", pa.string()), ("family", pa.string()), ("prompt_version", pa.string()),
+    ("job_id", pa.string()), ("fetch_ms", pa.float64()), ("infer_ms", pa.float64()),
+    ("num_tokens", pa.int32()),
+])
+
+
+def table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Rows -> a table of exactly ``schema`` (missing keys are null, extra keys dropped)."""
+    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows],
+                                schema=schema)

@@ -1,0 +1,69 @@
+"""Stage 2, fetch_images: fetch, decode, normalise to RGB and resize each image (CPU tasks).
+
+The image is resized here to exactly what the model's processor would make of it (Qwen
+``smart_resize`` with the checkpoint's min/max pixels), so the inference actors get model-ready
+pixels and spend their time in the engine. The ORIGINAL size is kept: boxes are converted back
+to it. A bad image becomes an error row with a code from `grounding.images`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+
+from pipelines import schema
+from pipelines.stages import Stage
+
+
+class FetchImages(Stage):
+    name = "fetch_images"
+    needs = ("row_id", "image", "image_bytes", "gold", "gold_type", "error_code")
+    after = "stage 'read'"
+
+    def __init__(self, storage_json: str, resize_json: str, max_bytes: int, max_pixels: int):
+        self.storage_json = storage_json
+        self.resize_json = resize_json
+        self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from grounding.resize import ResizeSpec
+        from grounding.storage import StorageOptions
+
+        opts = StorageOptions.model_validate_json(self.storage_json)
+        resize = ResizeSpec.model_validate_json(self.resize_json)
+        out = [self._one(row, opts, resize) for row in self.check(batch)]
+        return schema.table(out, schema.FETCHED)
+
+    def _one(self, row: dict, opts, resize) -> dict:
+        from PIL import Image
+
+        from grounding.images import ImageError, decode, read_bytes
+
+        if row["error_code"]:
+            return row
+        t0 = time.perf_counter()
+        try:
+            ref = row["image_bytes"] if row["image_bytes"] is not None else row["image"]
+            storage = opts.fsspec_kwargs(ref) if isinstance(ref, str) else {}
+            img = decode(read_bytes(ref, storage, self.max_bytes), self.max_pixels)
+        except ImageError as e:
+            row.update(error_code=e.code, error=str(e))
+            return row
+        w, h = img.size
+        gold = row["gold"]
+        if gold is not None and row["gold_type"] == "norm1":
+            gold = [gold[0] * w, gold[1] * h, gold[2] * w, gold[3] * h]
+        elif gold is not None and row["gold_type"] == "norm1000":
+            gold = [gold[0] * w / 1000, gold[1] * h / 1000, gold[2] * w / 1000, gold[3] * h / 1000]
+        try:
+            rw, rh = resize.resized_size((w, h))
+        except ValueError as e:  # e.g. aspect ratio over 200
+            row.update(error_code="too_large", error=f"image cannot be resized for the model: {e}")
+            return row
+        if (rw, rh) != (w, h):
+            img = img.resize((rw, rh), Image.BICUBIC)
+        row.update(pixels=img.tobytes(), in_width=rw, in_height=rh, width=w, height=h,
+                   gold=gold, fetch_ms=(time.perf_counter() - t0) * 1000)
+        return row

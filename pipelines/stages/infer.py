@@ -1,0 +1,72 @@
+"""Stage 3, infer: an actor pool, one engine per actor (vLLM by default), greedy generation.
+
+Each actor starts its engine once and registers the job's adapters. A row naming an adapter the
+job does not have becomes an ``unknown_adapter`` error row; if the engine fails on a whole batch,
+its rows become ``engine_error`` rows instead of killing the job.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+
+from pipelines import schema
+from pipelines.stages import Stage
+
+
+class Infer(Stage):
+    name = "infer"
+    needs = ("row_id", "text", "adapter", "pixels", "in_width", "in_height", "error_code")
+    after = "stage 'fetch_images'"
+
+    def __init__(self, engine_json: str, family: str, adapters: dict[str, str],
+                 default_adapter: str | None):
+        from grounding.engines import EngineConfig, load_engine
+        from grounding.engines.grounder import Grounder
+
+        self.engine = load_engine(EngineConfig.model_validate_json(engine_json))
+        self.bad_adapters: dict[str, str] = {}
+        for name, path in adapters.items():
+            try:
+                self.engine.add_adapter(name, path)
+            except ValueError as e:  # a corrupt adapter fails its rows, not the job
+                self.bad_adapters[name] = str(e)
+        self.grounder = Grounder(self.engine, family)
+        self.default_adapter = default_adapter
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from PIL import Image
+
+        from grounding.engines import EngineInput
+        from grounding.engines.grounder import GroundingRequest
+
+        rows = self.check(batch)
+        todo: list[tuple[dict, EngineInput]] = []
+        for row in rows:
+            if row["error_code"]:
+                continue
+            adapter = row["adapter"] or self.default_adapter
+            row["adapter"] = adapter
+            if adapter in self.bad_adapters:
+                row.update(error_code="unknown_adapter",
+                           error=f"adapter {adapter!r} is unusable: {self.bad_adapters[adapter]}")
+                continue
+            img = Image.frombytes("RGB", (row["in_width"], row["in_height"]), row["pixels"])
+            prepared = self.grounder.prepare(GroundingRequest(img, row["text"], adapter))
+            if isinstance(prepared, EngineInput):
+                todo.append((row, prepared))
+            else:
+                row.update(error_code=prepared.error_code, error=prepared.error)
+        t0 = time.perf_counter()
+        try:
+            gens = self.engine.generate([e for _, e in todo])
+        except Exception as e:  # noqa: BLE001 - one bad batch must not kill a million-row job
+            for row, _ in todo:
+                row.update(error_code="engine_error", error=f"{type(e).__name__}: {e}"[:500])
+            gens = []
+        per_row = (time.perf_counter() - t0) * 1000 / max(1, len(todo))
+        for (row, _), gen in zip(todo, gens, strict=False):
+            row.update(raw_text=gen.text, tokens=gen.tokens, logprobs=gen.logprobs,
+                       infer_ms=per_row)
+        return schema.table(rows, schema.GENERATED)

@@ -1,0 +1,43 @@
+"""Stage 4, parse_boxes: model text -> scored boxes in ORIGINAL-image pixels (CPU tasks).
+
+Lenient with the text (an unparseable answer is a row with ``status="unparseable"`` and no
+boxes), strict with structure. Adds the lineage columns (model, adapter, family, prompt
+version, job id).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from pipelines import schema
+from pipelines.stages import Stage
+
+
+class ParseBoxes(Stage):
+    name = "parse_boxes"
+    needs = ("row_id", "raw_text", "tokens", "logprobs", "width", "height", "error_code")
+    after = "stage 'infer'"
+
+    def __init__(self, family: str, resize_json: str, lineage: dict):
+        self.family = family
+        self.resize_json = resize_json
+        self.lineage = lineage
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from grounding.engines import Generation
+        from grounding.engines.grounder import BoxReader
+        from grounding.resize import ResizeSpec
+
+        reader = BoxReader(self.family, ResizeSpec.model_validate_json(self.resize_json))
+        rows = self.check(batch)
+        for row in rows:
+            row.update(self.lineage)
+            if row["error_code"]:
+                row.update(status="error", boxes=[])
+                continue
+            gen = Generation(text=row["raw_text"] or "", logprobs=row["logprobs"] or [],
+                             tokens=row["tokens"] or [], token_ids=[0] * len(row["tokens"] or []))
+            res = reader.read(gen, (row["width"], row["height"]))
+            row.update(status=res.status, score=res.score, num_tokens=res.num_tokens,
+                       boxes=[b.model_dump() for b in res.boxes])
+        return schema.table(rows, schema.OUTPUT)
