@@ -110,10 +110,19 @@ def decode(data: bytes, max_pixels: int = MAX_PIXELS):
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError("too_large", f"decompression bomb refused: {e}") from e
     except UnidentifiedImageError as e:
+        if _png_zero_side(data):
+            raise ImageError("zero_size", "PNG header declares a zero width or height") from e
         raise ImageError("corrupt", "bytes are not an image any decoder knows") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError("corrupt", f"image could not be decoded: {e}") from e
     return to_rgb(img)
+
+
+def _png_zero_side(data: bytes) -> bool:
+    # PIL refuses to identify a PNG whose IHDR says 0 x N; say what is wrong instead of "corrupt"
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR" or len(data) < 24:
+        return False
+    return int.from_bytes(data[16:20], "big") == 0 or int.from_bytes(data[20:24], "big") == 0
 
 
 def to_rgb(img):

@@ -23,6 +23,8 @@ def _png(mode: str, size=(20, 10), color=None) -> bytes:
     (b"\x89PNG\r\n\x1a\nnot really", "corrupt"),   # PNG magic, garbage after
     (b"hello world" * 10, "corrupt"),              # not an image at all
     (bomb_png(), "too_large"),                     # header claims 3.6 G pixels
+    (bomb_png(0, 10), "zero_size"),                # header claims a zero width
+    (bomb_png(10, 0), "zero_size"),                # header claims a zero height
     (_png("RGB")[:40], "corrupt"),                 # truncated file
 ])
 def test_bad_bytes_have_codes(data, code):

@@ -96,6 +96,7 @@ def _poisoned_shard(d: Path, good: Path) -> Path:
     (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
     (d / "empty.png").write_bytes(b"")
     (d / "bomb.png").write_bytes(bomb_png())
+    (d / "zero.png").write_bytes(bomb_png(0, 10))
     buf = io.BytesIO()
     Image.open(good).save(buf, format="PNG")
     import base64
@@ -110,7 +111,8 @@ def _poisoned_shard(d: Path, good: Path) -> Path:
         ("corrupt", "corrupt.png", "the blue circle", None),
         ("missing", "nope.png", "the blue circle", None),
         ("empty_text", str(good), "   ", None),
-        ("zero", "empty.png", "the blue circle", None),
+        ("empty", "empty.png", "the blue circle", None),
+        ("zero", "zero.png", "the blue circle", None),
         ("bomb", "bomb.png", "the blue circle", None),
         ("adapter", str(good), "the blue circle", "no-such-adapter"),
     ]
@@ -127,10 +129,10 @@ def test_poisoned_inputs_become_coded_error_rows(ray_local, synth_shard, tmp_pat
     good = json.loads(synth_shard.read_text().splitlines()[0])["image"]
     shard = _poisoned_shard(tmp_path / "poison", Path(good))
     s = label(_job(input=str(shard), output=str(tmp_path / "out")))
-    assert s["rows"] == s["unique_rows"] == 12
+    assert s["rows"] == s["unique_rows"] == 13
     by_id = {r["source_id"] or r["row_id"]: r for r in _rows(str(tmp_path / "out"))}
     expect = {"corrupt": "corrupt", "missing": "missing", "empty_text": "empty_text",
-              "zero": "empty_image", "bomb": "too_large", "adapter": "unknown_adapter",
+              "empty": "empty_image", "zero": "zero_size", "bomb": "too_large", "adapter": "unknown_adapter",
               "poison.jsonl:3": "bad_json"}
     for key, code in expect.items():
         assert by_id[key]["error_code"] == code, (key, by_id[key])
@@ -166,10 +168,11 @@ def test_killed_job_resumes_without_duplicates(synth_shard, tmp_path):
     rows out == rows in, no duplicates, and does not redo what was written."""
     from grounding.synth import write_dataset
 
-    data = write_dataset(tmp_path / "data", 48, "base", seed=5)
+    n = 160  # enough small batches that the kill lands midway
+    data = write_dataset(tmp_path / "data", n, "base", seed=5)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "grounding.cli", "label", "--input", str(data), "--output",
-           str(out), "--batch-size", "4", "--fetch-batch-size", "4", "--no-progress"]
+           str(out), "--batch-size", "2", "--fetch-batch-size", "2", "--no-progress"]
     env = dict(os.environ, RAY_TMPDIR=str(tmp_path / "ray1"))
     proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -178,7 +181,7 @@ def test_killed_job_resumes_without_duplicates(synth_shard, tmp_path):
     while time.time() < deadline and proc.poll() is None:
         if parts.exists() and len(list(parts.glob("*.parquet"))) >= 2:
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert proc.poll() is None, "job finished before it could be killed; make it longer"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -186,10 +189,10 @@ def test_killed_job_resumes_without_duplicates(synth_shard, tmp_path):
     from pipelines.stages.write import committed
 
     before = sum(len(v) for v in committed(str(out), StorageOptions()).values())
-    assert 0 < before < 48
+    assert 0 < before < n
     env["RAY_TMPDIR"] = str(tmp_path / "ray2")
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((out / "_summary.json").read_text())
-    assert summary["rows"] == summary["unique_rows"] == 48
-    assert summary["rows_this_run"] == 48 - before
+    assert summary["rows"] == summary["unique_rows"] == n
+    assert summary["rows_this_run"] == n - before
