@@ -38,10 +38,10 @@ eval: $(STAMP)
 	.venv/bin/groundlabel eval-synth --domain base --n 200
 	.venv/bin/groundlabel eval-synth --domain shifted --n 200
 
-# Rebuild the bundled tiny model from scratch (about 50 minutes on 2 CPU cores).
+# Rebuild the bundled tiny model from scratch (about 55 minutes on 2 CPU cores).
 tiny-model: $(STAMP)
 	.venv/bin/groundlabel tiny build --out runs/tiny-init
-	.venv/bin/groundlabel tiny train --model runs/tiny-init --out models/tiny-qwen3-vl --minutes 50
+	.venv/bin/groundlabel tiny train --model runs/tiny-init --out models/tiny-qwen3-vl --minutes 55
 
 clean:
 	rm -rf demo-out runs .pytest_cache

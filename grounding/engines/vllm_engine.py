@@ -20,18 +20,21 @@ import tempfile
 from grounding.engines.base import Engine, EngineConfig, EngineInput, Generation
 
 
-def _cpu_env(cfg: EngineConfig) -> None:
+def _engine_env(cfg: EngineConfig) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(cfg.kv_cache_gb)))))
     os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(tempfile.gettempdir(), "groundlabel-vllm"))
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # vLLM logs to stdout at INFO and warns on every CPU step; keep stdout for our own output
+    # (JSON from the CLI). VLLM_LOGGING_LEVEL=INFO brings its logs back.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 
 class VLLMEngine(Engine):
     def __init__(self, cfg: EngineConfig):
         super().__init__(cfg)
-        _cpu_env(cfg)
+        _engine_env(cfg)
         from vllm import LLM
         from vllm.platforms import current_platform
 
