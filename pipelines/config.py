@@ -30,6 +30,8 @@ class LabelJobConfig(BaseModel):
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per inference actor (0 on CPU).")
     batch_size: int = Field(16, ge=1, description="Rows per inference call.")
     fetch_batch_size: int = Field(32, ge=1, description="Rows per image fetch/decode task.")
+    rows_per_part: int = Field(64, ge=1, description="Rows per output Parquet part: the unit of "
+                               "progress a crash can lose (smaller = finer resume, more files).")
     max_new_tokens: int = Field(64, ge=1, description="Answer token limit per row.")
     min_pixels: int | None = Field(None, description="Override the processor's min pixels.")
     max_pixels: int | None = Field(None, description="Override the processor's max pixels.")

@@ -143,6 +143,10 @@ def label(cfg: LabelJobConfig) -> dict:
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(ReadShards(storage_json, cfg.limit), batch_size=1,
                         batch_format="pyarrow")
+    # A shard is one block; cut it into batch-sized blocks so that images are fetched in
+    # parallel, the actors stream, and parts are written (committed) as rows finish rather
+    # than when a whole shard is done.
+    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
     ds = ds.map_batches(FetchImages(storage_json, resize.model_dump_json(), cfg.max_image_bytes,
                                     cfg.max_image_pixels),
                         batch_size=cfg.fetch_batch_size, batch_format="pyarrow")
@@ -159,7 +163,7 @@ def label(cfg: LabelJobConfig) -> dict:
                                    {"model": cfg.model, "family": family,
                                     "prompt_version": lineage["prompt_version"],
                                     "job_id": job["job_id"]}),
-                        batch_size=256, batch_format="pyarrow")
+                        batch_size=cfg.rows_per_part, batch_format="pyarrow")
     write(ds, cfg.output, opts)
     summary = summarize(cfg.output, opts, elapsed=time.time() - t0, rows_before=n_done)
     print(json.dumps(summary, indent=2), flush=True)
