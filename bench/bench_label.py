@@ -109,7 +109,9 @@ def main() -> None:
     large = write_dataset(tmp / "2n", 2 * n, "base", seed=11)
     samples = list(iter_samples(n, "base", seed=11))
 
-    res: dict = {"machine": f"{platform.node()} {os.cpu_count()} cores, {platform.processor()}",
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                if ln.startswith("model name")), platform.processor())
+    res: dict = {"machine": f"{os.cpu_count()} cores, {cpu}",
                  "rows": n, "batch": a.batch}
     res["bare_engine_rows_per_s"] = bare_engine(model, samples, a.batch)
     res["hf_loop_rows_per_s"] = hf_loop(model, samples[: a.loop_rows])
