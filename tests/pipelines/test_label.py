@@ -64,6 +64,9 @@ def _put_dataset_on_s3(endpoint: str, shard: Path, bucket: str) -> str:
         fs.put(row["image"], key)
         row["image"] = f"s3://{key}"
         lines.append(json.dumps(row))
+    # one row names an object that is not in the bucket
+    lines.append(json.dumps({"id": "gone", "image": f"s3://{bucket}/images/gone.png",
+                             "text": "the red square"}))
     with fs.open(f"{bucket}/input/part-0.jsonl", "w") as f:
         f.write("\n".join(lines) + "\n")
     return f"s3://{bucket}/input/"
@@ -74,11 +77,12 @@ def test_job_reads_and_writes_s3(ray_local, s3_endpoint, synth_shard):
 
     src = _put_dataset_on_s3(s3_endpoint, synth_shard, "gl-s3-job")
     s = label(_job(input=src, output="s3://gl-s3-job/out", s3_endpoint_url=s3_endpoint))
-    assert s["rows"] == s["unique_rows"] == 12 and s["errors"] == {}
+    assert s["rows"] == s["unique_rows"] == 13 and s["errors"] == {"missing": 1}
     from grounding.storage import StorageOptions
 
     rows = _rows("s3://gl-s3-job/out", opts=StorageOptions(endpoint_url=s3_endpoint))
-    assert len(rows) == 12 and all(r["image"].startswith("s3://gl-s3-job/images/") for r in rows)
+    assert len(rows) == 13 and all(r["image"].startswith("s3://gl-s3-job/images/") for r in rows)
+    assert sum(r["error_code"] is None and bool(r["boxes"]) for r in rows) >= 10
 
 
 def _poisoned_shard(d: Path, good: Path) -> Path:
@@ -195,3 +199,45 @@ def test_killed_job_resumes_without_duplicates(synth_shard, tmp_path):
     summary = json.loads((out / "_summary.json").read_text())
     assert summary["rows"] == summary["unique_rows"] == n
     assert summary["rows_this_run"] == n - before
+
+
+def test_job_submitted_to_a_running_cluster(synth_shard, tmp_path):
+    """A separate Ray cluster (`ray start --head`), and `ray job submit -- groundlabel label`
+    run against it, exactly as the README tells a user."""
+    import socket
+
+    port = 8265 + os.getpid() % 500
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    # Token authentication, as a real cluster should have; the submitter and the head share it.
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(16).hex())
+    # --block keeps the cluster's processes in this process group, so the test can stop exactly
+    # this cluster (`ray stop` would stop every Ray on the machine, the session's too).
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--num-cpus=4", "--include-dashboard=true",
+         f"--dashboard-port={port}", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
+         "--port=0"],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.time() < deadline and head.poll() is None, "head did not start"
+                time.sleep(1)
+        out = tmp_path / "out"
+        res = subprocess.run(
+            [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{port}", "--",
+             sys.executable, "-m", "grounding.cli", "label", "--input", str(synth_shard),
+             "--output", str(out), "--no-progress"],
+            env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+        assert "Started a local Ray instance" not in res.stdout + res.stderr  # it used the cluster
+        summary = json.loads((out / "_summary.json").read_text())
+        assert summary["rows"] == summary["unique_rows"] == 12
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
