@@ -44,6 +44,8 @@ class BaseTrainConfig(BaseModel):
     coord_step: int = Field(10, description="Round 0-1000 target coordinates to this grid.")
     eval_every: int = Field(300, description="Evaluate held-out Acc@0.5 every N steps.")
     eval_n: int = Field(96, description="Held-out samples per evaluation.")
+    final_eval_n: int = Field(200, description="Held-out samples per domain in the final "
+                              "evaluation written to train_metrics.json.")
     threads: int = Field(2, description="torch threads (keep <= cores).")
     seed: int = Field(1, description="Training data seed (held-out evaluation uses seed 0).")
     save_dtype: str = Field("bfloat16", description="dtype of the saved weights (bfloat16 keeps "
@@ -60,14 +62,19 @@ def answer_text(family, sample, coord_step: int) -> str:
     return family.render([box], size)
 
 
-def build_batch(processor, family, samples, coord_step: int):
-    """Tokenise prompt + answer for a batch; labels are -100 everywhere but on the answer."""
+def build_batch(engine, family, samples, coord_step: int):
+    """Tokenise prompt + answer for a batch; labels are -100 everywhere but on the answer.
+
+    The prompt is the engine's own chat prompt, so training sees byte-for-byte what the
+    engines send at inference.
+    """
     import torch
 
+    processor = engine.processor
     tok = processor.tokenizer
     texts, answers = [], []
     for s in samples:
-        prompt = chat_prompt(processor, family.prompt(s.text))
+        prompt = engine.chat_prompt(family.prompt(s.text))
         answer = answer_text(family, s, coord_step) + "<|im_end|>"
         texts.append(prompt + answer)
         answers.append(answer)
@@ -82,48 +89,26 @@ def build_batch(processor, family, samples, coord_step: int):
     return enc
 
 
-def chat_prompt(processor, instruction: str) -> str:
-    """The chat-formatted prompt for one image + instruction, as every engine builds it."""
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
-    return processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+def _evaluate(engine, model_dir: str, domain: str, n: int) -> dict:
+    """Held-out Acc@0.5 through the transformers engine (greedy, parse failure = miss)."""
+    from train.evaluate import SynthEvalConfig, evaluate_synthetic
 
-
-def evaluate_transformers(model, processor, family, samples, batch_size: int = 32) -> dict:
-    """Greedy Acc@0.5 / mean IoU / parse-failure rate with transformers ``generate``."""
-    import torch
-
-    from grounding.boxes import Box
-
-    model.eval()
-    hits, ious, fails = 0, [], 0
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i:i + batch_size]
-        prompts = [chat_prompt(processor, family.prompt(s.text)) for s in chunk]
-        enc = processor(text=prompts, images=[s.image for s in chunk], padding=True,
-                        return_tensors="pt")
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=48, do_sample=False)
-        texts = processor.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        for s, t in zip(chunk, texts, strict=True):
-            res = family.parse(t, s.image.size)
-            if not res.boxes:
-                fails += 1
-                ious.append(0.0)
-                continue
-            v = res.boxes[0].iou(Box.from_list(s.bbox))
-            ious.append(v)
-            hits += v >= 0.5
-    model.train()
-    n = max(1, len(samples))
-    return {"acc@0.5": hits / n, "mean_iou": sum(ious) / n, "parse_fail": fails / n, "n": n}
+    engine.model.eval()
+    try:
+        return evaluate_synthetic(SynthEvalConfig(model=model_dir, domain=domain, n=n, seed=0,
+                                                  engine="transformers"), engine=engine)
+    finally:
+        engine.model.train()
 
 
 def train(cfg: BaseTrainConfig) -> dict:
     import torch
     from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
+    from grounding.engines import EngineConfig
+    from grounding.engines.hf_engine import HFEngine
     from grounding.families import get_family
-    from grounding.synth import SynthConfig, chance_accuracy, iter_samples, make_sample
+    from grounding.synth import SynthConfig, make_sample
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -131,9 +116,10 @@ def train(cfg: BaseTrainConfig) -> dict:
     processor = AutoProcessor.from_pretrained(cfg.model)
     model = Qwen3VLForConditionalGeneration.from_pretrained(cfg.model, dtype=torch.float32)
     model.train()
+    engine_cfg = EngineConfig(model=cfg.model, engine="transformers", max_new_tokens=48)
+    engine = HFEngine(engine_cfg, model=model, processor=processor)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
 
-    held_base = list(iter_samples(cfg.eval_n, "base", seed=0))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     log = (out / "train_log.jsonl").open("w")
@@ -151,7 +137,7 @@ def train(cfg: BaseTrainConfig) -> dict:
         sc = single if frac < cfg.single_frac else multi
         samples = [make_sample(idx + j, "base", cfg.seed, sc) for j in range(cfg.batch_size)]
         idx += cfg.batch_size
-        batch = build_batch(processor, family, samples, cfg.coord_step)
+        batch = build_batch(engine, family, samples, cfg.coord_step)
         warm = min(1.0, (step + 1) / cfg.warmup_steps)
         lr = cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
@@ -170,7 +156,7 @@ def train(cfg: BaseTrainConfig) -> dict:
             log.write(json.dumps(rec) + "\n")
             log.flush()
         if step % cfg.eval_every == 0:
-            m = evaluate_transformers(model, processor, family, held_base)
+            m = _evaluate(engine, cfg.model, "base", cfg.eval_n)
             rec = {"step": step, "t": round(time.time() - t0, 1), "eval_base": m}
             print(json.dumps(rec), flush=True)
             log.write(json.dumps(rec) + "\n")
@@ -178,21 +164,17 @@ def train(cfg: BaseTrainConfig) -> dict:
             if m["acc@0.5"] >= best:
                 best = m["acc@0.5"]
                 _save(model, processor, out, cfg)
-    # Final evaluation on larger held-out sets of both domains.
-    m = evaluate_transformers(model, processor, family, held_base)
+    # Final evaluation of the best checkpoint on larger held-out sets of both domains.
+    m = _evaluate(engine, cfg.model, "base", cfg.eval_n)
     if m["acc@0.5"] >= best:
         _save(model, processor, out, cfg)
-    best_model = Qwen3VLForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
-    final_base = list(iter_samples(200, "base", seed=0))
-    final_shift = list(iter_samples(200, "shifted", seed=0))
+    best_engine = HFEngine(EngineConfig(model=str(out), engine="transformers", max_new_tokens=48))
     metrics = {
         "steps": step,
         "samples_seen": idx,
         "train_seconds": round(time.time() - t0, 1),
-        "base": evaluate_transformers(best_model, processor, family, final_base),
-        "shifted": evaluate_transformers(best_model, processor, family, final_shift),
-        "chance_base": chance_accuracy(final_base),
-        "chance_shifted": chance_accuracy(final_shift),
+        "base": _evaluate(best_engine, str(out), "base", cfg.final_eval_n),
+        "shifted": _evaluate(best_engine, str(out), "shifted", cfg.final_eval_n),
         "recipe": cfg.model_dump(),
     }
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2))

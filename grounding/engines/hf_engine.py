@@ -11,17 +11,24 @@ from grounding.engines.base import Engine, EngineConfig, EngineInput, Generation
 
 
 class HFEngine(Engine):
-    def __init__(self, cfg: EngineConfig):
+    def __init__(self, cfg: EngineConfig, model=None, processor=None):
+        """Load ``cfg.model``, or wrap an already loaded ``model`` and ``processor`` (a model
+        being trained is evaluated through the same engine code as a served one)."""
         super().__init__(cfg)
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        kw = {k: v for k, v in (("min_pixels", cfg.min_pixels), ("max_pixels", cfg.max_pixels)) if v}
-        self.processor = AutoProcessor.from_pretrained(cfg.model, **kw)
+        if processor is None:
+            kw = {k: v for k, v in (("min_pixels", cfg.min_pixels),
+                                    ("max_pixels", cfg.max_pixels)) if v}
+            processor = AutoProcessor.from_pretrained(cfg.model, **kw)
+        self.processor = processor
         self.processor.tokenizer.padding_side = "left"
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            cfg.model, dtype=getattr(torch, cfg.dtype))
-        self.model.eval()
+        if model is None:
+            model = AutoModelForImageTextToText.from_pretrained(
+                cfg.model, dtype=getattr(torch, cfg.dtype))
+            model.eval()
+        self.model = model
         self._peft = None
         self._loaded: set[str] = set()
 
@@ -68,7 +75,7 @@ class HFEngine(Engine):
         tok = self.processor.tokenizer
         enc = self.processor(text=[i.prompt for i in inputs], images=[i.image for i in inputs],
                              padding=True, return_tensors="pt")
-        with torch.no_grad():
+        with torch.inference_mode():
             res = model.generate(**enc, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
                                  output_scores=True, return_dict_in_generate=True,
                                  pad_token_id=tok.pad_token_id)

@@ -1,0 +1,34 @@
+"""The tiny model's training recipe runs end to end through `groundlabel tiny` and learns."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_tiny_build_then_train_smoke(tmp_path):
+    init, out = tmp_path / "init", tmp_path / "trained"
+    cli = [sys.executable, "-m", "grounding.cli", "tiny"]
+    subprocess.run([*cli, "build", "--out", str(init), "--num-layers", "1"], check=True,
+                   capture_output=True)
+    res = subprocess.run([*cli, "train", "--model", str(init), "--out", str(out),
+                          "--minutes", "0.3", "--batch-size", "4", "--warmup-steps", "5",
+                          "--eval-every", "10", "--eval-n", "4", "--final-eval-n", "4",
+                          "--threads", "1"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert metrics["steps"] > 0 and metrics["base"]["n"] == 4 and metrics["shifted"]["n"] == 4
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert any("eval_base" in r for r in log)
+
+    from safetensors.torch import load_file
+
+    before = load_file(init / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    moved = [k for k in before if not (before[k].float() - after[k].float()).abs().max() < 1e-3]
+    assert len(moved) > len(before) // 2  # training changed most weights
