@@ -40,15 +40,25 @@ class FetchImages(Stage):
         from PIL import Image
 
         from grounding.images import ImageError, decode, read_bytes
+        from grounding.labels import inline_ref, is_inline
 
         if row["error_code"]:
+            if isinstance(row["image"], str) and is_inline(row["image"]):
+                row["image"] = inline_ref(row["image"].encode())  # never carry bytes on
             return row
         t0 = time.perf_counter()
         try:
             ref = row["image_bytes"] if row["image_bytes"] is not None else row["image"]
             storage = opts.fsspec_kwargs(ref) if isinstance(ref, str) else {}
-            img = decode(read_bytes(ref, storage, self.max_bytes), self.max_pixels)
+            data = read_bytes(ref, storage, self.max_bytes)
+            if not isinstance(ref, str) or is_inline(ref):
+                # Privacy: inline images (bytes, base64, data: URIs) leave this stage as their
+                # hash, so no image bytes reach the output, exports or logs.
+                row["image"] = inline_ref(data)
+            img = decode(data, self.max_pixels)
         except ImageError as e:
+            if not isinstance(ref, str) or is_inline(ref):
+                row["image"] = "inline:unreadable"
             row.update(error_code=e.code, error=str(e))
             return row
         w, h = img.size

@@ -206,9 +206,9 @@ def test_job_submitted_to_a_running_cluster(synth_shard, tmp_path):
     run against it, exactly as the README tells a user."""
     import socket
 
-    from conftest import _free_port
+    from support import free_port
 
-    port = _free_port()
+    port = free_port()
     ray_bin = str(Path(sys.executable).with_name("ray"))
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
@@ -219,11 +219,11 @@ def test_job_submitted_to_a_running_cluster(synth_shard, tmp_path):
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--num-cpus=4", "--include-dashboard=true",
          f"--dashboard-port={port}", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
-         "--port=0", f"--ray-client-server-port={_free_port()}",
+         "--port=0", f"--ray-client-server-port={free_port()}",
          # own agent ports: the default ones may belong to the session's other local Ray
-         f"--dashboard-agent-listen-port={_free_port()}",
-         f"--dashboard-agent-grpc-port={_free_port()}",
-         f"--runtime-env-agent-port={_free_port()}"],
+         f"--dashboard-agent-listen-port={free_port()}",
+         f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}"],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 180

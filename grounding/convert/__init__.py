@@ -1,0 +1,136 @@
+"""Label formats in and out: one module per format, one record (`grounding.labels`) between them.
+
+| format        | file                  | boxes on disk                         | sizes on disk | one row is          |
+|---------------|-----------------------|---------------------------------------|---------------|---------------------|
+| ``seed``      | JSONL                 | ``bbox``/``bboxes`` xyxy pixels       | optional      | an item             |
+| ``swift``     | ms-swift JSONL        | ``objects.bbox`` xyxy, ``bbox_type`` real (or norm1 in) | no | an image, its refs |
+| ``coco``      | COCO detection JSON   | ``bbox`` xywh pixels                  | yes           | an annotation       |
+| ``parquet``   | Parquet               | ``boxes`` list of xyxy pixels         | yes           | an item             |
+| ``labelstudio``| Label Studio JSON    | ``value`` x/y/width/height in percent of ``original_width/height`` | yes | a task |
+
+Readers are strict with structure: they collect every problem and raise one
+`grounding.labels.LabelFormatError`, writing nothing, unless asked to skip invalid rows (then
+they return the rejects too, so nothing is lost). Writers never write image bytes unless
+``embed_images`` is asked for (then a metadata-free PNG, as a ``data:`` URI).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from grounding.storage import StorageOptions, filesystem
+
+
+@dataclass
+class ReadResult:
+    """What a reader found: usable items, and the rejected rows with their problems."""
+
+    items: list[dict]
+    rejects: list[dict]  # {"where": ..., "problems": [...], "row": original JSON-able row}
+
+
+def _registry() -> dict[str, tuple[Callable, Callable]]:
+    from grounding.convert import coco, labelstudio, parquet, seed, swift
+
+    return {"seed": (seed.read, seed.write), "swift": (swift.read, swift.write),
+            "coco": (coco.read, coco.write), "parquet": (parquet.read, parquet.write),
+            "labelstudio": (labelstudio.read, labelstudio.write)}
+
+
+FORMATS = ("seed", "swift", "coco", "parquet", "labelstudio")
+
+
+def read_labels(uri: str, fmt: str, opts: StorageOptions | None = None,
+                skip_invalid: bool = False, **kw) -> ReadResult:
+    """Labeled items of a file in ``fmt``. Raises LabelFormatError on any problem unless
+    ``skip_invalid`` (then problems come back as ``rejects``)."""
+    from grounding.labels import LabelFormatError
+
+    reader = _registry()[_check(fmt)][0]
+    fs, path = filesystem(uri, opts)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{uri}: no such file")
+    res = reader(fs, path, **kw)
+    if res.rejects and not skip_invalid:
+        raise LabelFormatError(uri, [f"{r['where']}: {p}" for r in res.rejects
+                                     for p in r["problems"]])
+    return res
+
+
+def write_labels(items: list[dict], uri: str, fmt: str, opts: StorageOptions | None = None,
+                 embed_images: bool = False, **kw) -> str:
+    """Write labeled items to ``uri`` in ``fmt``; returns ``uri``."""
+    writer = _registry()[_check(fmt)][1]
+    if embed_images and fmt == "labelstudio":
+        kw["image_url"] = lambda ref: embedded(ref, opts)  # keeps our ref in data.image_ref
+    elif embed_images:
+        items = [dict(it, image=embedded(it["image"], opts)) for it in items]
+    fs, path = filesystem(uri, opts)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    writer(items, fs, path, **kw)
+    return uri
+
+
+def _check(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def embedded(ref: str | None, opts: StorageOptions | None = None) -> str | None:
+    """The image as a ``data:image/png`` URI of a fresh RGB PNG: pixels only, no EXIF/GPS."""
+    import base64
+    import io
+
+    from grounding.images import decode, read_bytes
+
+    if not ref or ref.startswith(("data:", "inline:")):
+        return ref
+    storage = (opts or StorageOptions()).fsspec_kwargs(ref)
+    img = decode(read_bytes(ref, storage))
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def fill_sizes(items: list[dict], opts: StorageOptions | None = None) -> list[str]:
+    """Fill missing width/height from the image headers; returns problems for images that
+    cannot be read."""
+    from grounding.images import ImageError, read_bytes
+
+    problems = []
+    for it in items:
+        if it.get("width") and it.get("height"):
+            continue
+        ref = it.get("image")
+        try:
+            if not ref or ref.startswith("inline:"):
+                raise ImageError("missing", "no readable image reference")
+            import io
+
+            from PIL import Image
+
+            storage = (opts or StorageOptions()).fsspec_kwargs(ref)
+            with Image.open(io.BytesIO(read_bytes(ref, storage))) as im:
+                it["width"], it["height"] = im.size
+        except (ImageError, OSError) as e:
+            problems.append(f"item {it['item_id']} ({ref}): image size unknown: {e}")
+    return problems
+
+
+def resolve(ref: str | None, base_dir: str, proto: str) -> str | None:
+    """An image reference from a label file, with relative paths taken from the file's folder."""
+    if not ref or not isinstance(ref, str):
+        return ref
+    if ref.startswith(("data:", "inline:", "/")) or "://" in ref[:16]:
+        return ref
+    base = base_dir if proto in ("file", "local") else f"{proto}://{base_dir}"
+    return f"{base.rstrip('/')}/{ref}"
+
+
+def base_of(fs, path: str) -> tuple[str, str]:
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return (path.rsplit("/", 1)[0] if "/" in path else "."), proto

@@ -1,0 +1,239 @@
+"""Label Studio: tasks with predictions out, annotation exports back in.
+
+Out (``write`` / `to_tasks`): one task per item, least-confident first, in Label Studio's task
+import JSON::
+
+    {"data": {"image": URL, "text": EXPR, "item_id": ..., "predicted_boxes": [[x1,y1,x2,y2]], ...},
+     "predictions": [{"model_version": ..., "score": s, "result": [
+        {"id": ..., "from_name": "label", "to_name": "image", "type": "rectanglelabels",
+         "original_width": W, "original_height": H, "image_rotation": 0, "score": s_k,
+         "value": {"x": %, "y": %, "width": %, "height": %, "rotation": 0,
+                   "rectanglelabels": ["target"]}}]}]}
+
+``x, y, width, height`` are percent of the original image (top-left corner and size), which
+is Label Studio's convention; our boxes are xyxy pixels of the same image.
+`LABEL_CONFIG` is the project's labeling config: the box tool, the expression as a header, and
+a ``decision`` choice to reject an unusable item.
+
+In (``read``): Label Studio's JSON export (a list of tasks with ``annotations``). Per task the
+newest non-cancelled annotation is the review decision:
+
+* a ``reject`` choice -> ``reject``;
+* boxes equal to the predicted boxes (within 0.5 px) -> ``accept``;
+* otherwise -> ``correct``, with the annotation's boxes (none = "no such object").
+
+Tasks without annotations come back as their predictions, with no decision. Unknown labels,
+boxes more than 0.5 px outside the image, tasks without an image or image size are problems
+(reported together; nothing is imported unless invalid tasks are skipped on purpose).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from grounding.convert import ReadResult
+from grounding.labels import LINEAGE, clamp, item, outside
+
+LABEL = "target"
+FROM_NAME, TO_NAME, CHOICE_NAME = "label", "image", "decision"
+
+LABEL_CONFIG = f"""<View>
+  <Header value="$text"/>
+  <Image name="{TO_NAME}" value="$image" zoom="true"/>
+  <RectangleLabels name="{FROM_NAME}" toName="{TO_NAME}">
+    <Label value="{LABEL}" background="red"/>
+  </RectangleLabels>
+  <Choices name="{CHOICE_NAME}" toName="{TO_NAME}" required="false">
+    <Choice value="reject" hint="the expression or image is unusable"/>
+  </Choices>
+</View>
+"""
+
+ACCEPT_TOL = 0.5  # pixels: an annotation this close to the prediction is an acceptance
+
+
+def to_percent(b: list[float], w: int, h: int) -> dict:
+    return {"x": b[0] / w * 100, "y": b[1] / h * 100, "width": (b[2] - b[0]) / w * 100,
+            "height": (b[3] - b[1]) / h * 100, "rotation": 0}
+
+
+def from_percent(v: dict, w: int, h: int) -> list[float]:
+    x1, y1 = v["x"] * w / 100, v["y"] * h / 100
+    return [x1, y1, x1 + v["width"] * w / 100, y1 + v["height"] * h / 100]
+
+
+def _order(it: dict) -> tuple:
+    # Least confident first; no score at all (unparseable / empty answers) before any score.
+    return (it.get("score") is not None, it.get("score") or 0.0, it["item_id"])
+
+
+def _same_ref(ref: str) -> str:
+    return ref
+
+
+def to_tasks(items: list[dict], model_version: str | None = None, label: str = LABEL,
+             image_url=None) -> list[dict]:
+    """Label Studio tasks with predictions, least-confident first (items need width/height).
+
+    ``image_url(ref)`` maps our image reference to a URL Label Studio can load (default: as is).
+    """
+    tasks = []
+    for it in sorted(items, key=_order):
+        w, h = it["width"], it["height"]
+        result = []
+        for k, b in enumerate(it["boxes"]):
+            r = {"id": uuid.uuid4().hex[:10], "from_name": FROM_NAME, "to_name": TO_NAME,
+                 "type": "rectanglelabels", "original_width": w, "original_height": h,
+                 "image_rotation": 0, "value": dict(to_percent(b, w, h), rectanglelabels=[label])}
+            if it.get("scores") and it["scores"][k] is not None:
+                r["score"] = it["scores"][k]
+            result.append(r)
+        # ``image`` is what Label Studio loads (maybe a rewritten URL); ``image_ref`` is ours.
+        data = {"image": (image_url or _same_ref)(it["image"]), "image_ref": it["image"],
+                "text": it["text"], "item_id": it["item_id"], "width": w, "height": h,
+                "predicted_boxes": it["boxes"]}
+        data.update({k: it[k] for k in LINEAGE if it.get(k) is not None})
+        pred = {"model_version": model_version or _version(it), "result": result}
+        if it.get("score") is not None:
+            pred["score"] = it["score"]
+        tasks.append({"data": data, "predictions": [pred]})
+    return tasks
+
+
+def _version(it: dict) -> str:
+    parts = [p for p in (it.get("model"), it.get("adapter"), it.get("prompt_version")) if p]
+    return "/".join(p.rstrip("/").rsplit("/", 1)[-1] for p in parts) or "groundlabel"
+
+
+def write(items: list[dict], fs, path: str, model_version: str | None = None,
+          image_url=None) -> None:
+    from grounding.convert import fill_sizes
+    from grounding.labels import LabelFormatError
+
+    problems = fill_sizes(items)
+    if problems:
+        raise LabelFormatError(path, ["Label Studio needs image sizes: " + p for p in problems])
+    with fs.open(path, "wt", encoding="utf-8") as f:
+        json.dump(to_tasks(items, model_version, image_url=image_url), f, indent=1)
+
+
+def _newest(annotations: list) -> dict | None:
+    live = [a for a in annotations or [] if isinstance(a, dict) and not a.get("was_cancelled")]
+    if not live:
+        return None
+    return max(live, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""),
+                                    a.get("id") or 0))
+
+
+def _reviewer(a: dict) -> str | None:
+    who = a.get("completed_by")
+    if isinstance(who, dict):
+        return who.get("email") or str(who.get("id"))
+    return None if who is None else str(who)
+
+
+def parse_task(task, labels: set[str]) -> tuple[dict | None, list[str]]:
+    """One exported task -> a labeled item with ``_decision`` (or problems)."""
+    if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+        return None, ["not a Label Studio task (no 'data')"]
+    data = task["data"]
+    problems = []
+    image = data.get("image_ref") or data.get("image")
+    if not image:
+        problems.append("task has no image")
+    if not isinstance(data.get("text"), str) or not data["text"].strip():
+        problems.append("task has no text")
+    ann = _newest(task.get("annotations"))
+    if ann is not None:
+        source, results = "annotation", ann.get("result") or []
+    else:
+        preds = [p for p in task.get("predictions") or [] if isinstance(p, dict)]
+        source, results = "prediction", (preds[-1].get("result") or []) if preds else []
+    w, h = data.get("width"), data.get("height")
+    boxes, reject = [], False
+    for r in results:
+        if not isinstance(r, dict):
+            problems.append(f"result is not an object: {r!r}")
+            continue
+        if r.get("type") == "choices":
+            reject = reject or "reject" in (r.get("value") or {}).get("choices", [])
+            continue
+        if r.get("type") != "rectanglelabels":
+            continue  # other controls (text areas, ratings ...) carry no boxes
+        v = r.get("value") or {}
+        unknown = sorted(set(v.get("rectanglelabels") or []) - labels)
+        if unknown:
+            problems.append(f"unknown label(s) {unknown}; this project knows {sorted(labels)}")
+            continue
+        if v.get("rotation"):
+            problems.append(f"rotated box ({v['rotation']} degrees) cannot be an xyxy box")
+            continue
+        rw, rh = r.get("original_width") or w, r.get("original_height") or h
+        if not (rw and rh):
+            problems.append("box without original_width/original_height")
+            continue
+        w, h = rw, rh
+        try:
+            b = from_percent(v, rw, rh)
+        except (KeyError, TypeError):
+            problems.append(f"box value needs x, y, width, height: {v!r}")
+            continue
+        if outside(b, rw, rh):
+            problems.append(f"box {[round(c, 1) for c in b]} reaches outside the {rw}x{rh} image")
+            continue
+        boxes.append(clamp(b, rw, rh))
+    if problems:
+        return None, problems
+    try:
+        it = item(image, data["text"], boxes, width=w, height=h,
+                  item_id=data.get("item_id"), **{k: data.get(k) for k in LINEAGE})
+    except ValueError as e:
+        return None, [str(e)]
+    predicted = data.get("predicted_boxes")
+    it["_predicted"] = {"boxes": predicted, "score": _pred_score(task)}
+    if source == "prediction":
+        it["_decision"] = None
+        it["score"] = _pred_score(task)
+    else:
+        it["_reviewer"] = _reviewer(ann)
+        it["_reviewed_at"] = ann.get("updated_at") or ann.get("created_at")
+        it["_decision"] = "reject" if reject else (
+            "accept" if predicted is not None and _same(boxes, predicted) else "correct")
+    return it, []
+
+
+def _pred_score(task: dict) -> float | None:
+    preds = [p for p in task.get("predictions") or [] if isinstance(p, dict)]
+    return preds[-1].get("score") if preds else None
+
+
+def _same(a: list, b: list) -> bool:
+    if len(a) != len(b):
+        return False
+    key = sorted
+    return all(max(abs(x - y) for x, y in zip(p, q, strict=True)) <= ACCEPT_TOL
+               for p, q in zip(key(a), key(b), strict=True))
+
+
+def read(fs, path: str, labels: set[str] | None = None) -> ReadResult:
+    labels = labels or {LABEL}
+    with fs.open(path, "rt", encoding="utf-8") as f:
+        try:
+            doc = json.load(f)
+        except json.JSONDecodeError as e:
+            return ReadResult([], [{"where": path, "problems": [f"not JSON: {e.msg}"], "row": None}])
+    if isinstance(doc, dict):
+        doc = [doc]
+    if not isinstance(doc, list):
+        return ReadResult([], [{"where": path, "problems": ["expected a list of tasks"],
+                                "row": None}])
+    items, rejects = [], []
+    for i, task in enumerate(doc):
+        it, problems = parse_task(task, labels)
+        where = f"task {task.get('id', i) if isinstance(task, dict) else i}"
+        if problems:
+            rejects.append({"where": where, "problems": problems, "row": task})
+        else:
+            items.append(it)
+    return ReadResult(items, rejects)

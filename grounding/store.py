@@ -1,0 +1,189 @@
+"""The reviewed-label store: append-only, versioned Parquet in object storage (or a local folder).
+
+One record per review decision. A decision is one of
+
+* ``accept``: the prediction was right; ``boxes`` are the predicted boxes.
+* ``correct``: the reviewer drew the right boxes (possibly none: "no such object").
+* ``reject``: the item is unusable (ambiguous text, bad image); it is never trained on.
+
+Layout under the store root::
+
+    data/<uuid>.parquet      decision records of one append (immutable, never rewritten)
+    _log/00000001.json       commit of version 1: which data file, how many records, by whom
+    _log/00000002.json       ...
+
+An append writes its data file first, then *creates* the next ``_log`` entry with an exclusive
+create (``O_EXCL`` locally, ``If-None-Match: *`` on S3). Two importers racing for the same
+version number: one wins, the other takes the next number. A crash before the commit leaves an
+unreferenced data file that no reader sees, so the store is never torn and nothing committed is
+lost. Version ``v`` is the first ``v`` commits: a snapshot that never changes, so a retraining
+can name exactly the labels it used.
+
+Reading: ``snapshot(version)`` gives the latest decision per ``item_id`` (later commits win;
+within a commit, later rows win); ``history(version)`` gives every record, the audit trail.
+
+Boxes are ``[x1, y1, x2, y2]`` float pixels of the original image (xyxy).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+
+import pyarrow as pa
+
+from grounding.labels import LINEAGE
+from grounding.storage import StorageOptions, filesystem, join
+
+DECISIONS = ("accept", "correct", "reject")
+
+SCHEMA = pa.schema([
+    pa.field("record_id", pa.string(), metadata={"doc": "unique id of this decision"}),
+    pa.field("item_id", pa.string(), metadata={"doc": "the (image, text) item decided on"}),
+    pa.field("decision", pa.string(), metadata={"doc": "accept | correct | reject"}),
+    pa.field("image", pa.string(), metadata={"doc": "image reference, never bytes"}),
+    pa.field("width", pa.int32()), pa.field("height", pa.int32()),
+    pa.field("text", pa.string()),
+    pa.field("boxes", pa.list_(pa.list_(pa.float64())),
+             metadata={"doc": "reviewed boxes, xyxy float pixels of the original image"}),
+    pa.field("predicted_boxes", pa.list_(pa.list_(pa.float64()))),
+    pa.field("predicted_score", pa.float64()),
+    pa.field("reviewer", pa.string()),
+    pa.field("reviewed_at", pa.string(), metadata={"doc": "ISO 8601, UTC"}),
+    pa.field("source", pa.string(), metadata={"doc": "label-studio, import:coco, ..."}),
+    *[pa.field(k, pa.string()) for k in LINEAGE],
+])
+
+
+class StoreError(RuntimeError):
+    """The store cannot do what was asked (unknown version, bad record ...)."""
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def decision_record(item: dict, decision: str, *, predicted: dict | None = None,
+                    reviewer: str | None = None, reviewed_at: str | None = None,
+                    source: str = "api") -> dict:
+    """A store record for a decision on a labeled item (`grounding.labels`).
+
+    ``predicted`` is the labeled item of the prediction that was reviewed (lineage and predicted
+    boxes come from it when given).
+    """
+    if decision not in DECISIONS:
+        raise StoreError(f"decision must be one of {DECISIONS}, got {decision!r}")
+    pred = predicted or {}
+    rec = {"record_id": uuid.uuid4().hex, "item_id": item["item_id"], "decision": decision,
+           "image": item.get("image"), "width": item.get("width"), "height": item.get("height"),
+           "text": item["text"], "boxes": [list(map(float, b)) for b in item.get("boxes") or []],
+           "predicted_boxes": pred.get("boxes"), "predicted_score": pred.get("score"),
+           "reviewer": reviewer, "reviewed_at": reviewed_at or _now(), "source": source}
+    rec.update({k: item.get(k) or pred.get(k) for k in LINEAGE})
+    return rec
+
+
+class ReviewStore:
+    """Append-only, versioned reviewed labels at ``uri`` (``s3://bucket/prefix`` or a folder)."""
+
+    def __init__(self, uri: str, opts: StorageOptions | None = None):
+        self.uri = uri.rstrip("/")
+        self.opts = opts or StorageOptions()
+        self.fs, self.root = filesystem(self.uri, self.opts)
+
+    # -- writing -------------------------------------------------------------------------
+    def append(self, records: list[dict], *, source: str, note: str | None = None,
+               max_tries: int = 1000) -> int:
+        """Commit ``records`` (see `decision_record`) as one new version; returns its number."""
+        import pyarrow.parquet as pq
+
+        if not records:
+            raise StoreError("nothing to append: no records")
+        for r in records:
+            if r.get("decision") not in DECISIONS:
+                raise StoreError(f"record {r.get('record_id')}: decision {r.get('decision')!r} "
+                                 f"is not one of {DECISIONS}")
+        table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in SCHEMA} for r in records],
+                                     schema=SCHEMA)
+        data = f"data/{uuid.uuid4().hex}.parquet"
+        self.fs.makedirs(join(self.root, "data"), exist_ok=True)
+        self.fs.makedirs(join(self.root, "_log"), exist_ok=True)
+        with self.fs.open(join(self.root, data), "wb") as f:
+            pq.write_table(table, f)
+        version = self.latest() + 1
+        for _ in range(max_tries):
+            entry = {"version": version, "data": data, "records": len(records),
+                     "items": len({r["item_id"] for r in records}),
+                     "decisions": {d: sum(r["decision"] == d for r in records) for d in DECISIONS},
+                     "source": source, "note": note, "committed_at": _now()}
+            try:
+                # The exclusive create IS the commit: exactly one writer gets each version.
+                self.fs.pipe_file(self._log(version), json.dumps(entry).encode(), mode="create")
+                return version
+            except FileExistsError:
+                version += 1
+        raise StoreError(f"could not commit after {max_tries} tries (too many writers?)")
+
+    # -- reading -------------------------------------------------------------------------
+    def _log(self, version: int) -> str:
+        return join(self.root, "_log", f"{version:08d}.json")
+
+    def versions(self) -> list[dict]:
+        """Every commit, oldest first."""
+        log = join(self.root, "_log")
+        if not self.fs.exists(log):
+            return []
+        self.fs.invalidate_cache(log)
+        out = []
+        for p in sorted(self.fs.ls(log, detail=False)):
+            if p.endswith(".json"):
+                out.append(json.loads(self.fs.cat_file(p)))
+        return out
+
+    def latest(self) -> int:
+        """The newest version number (0 for an empty store)."""
+        v = self.versions()
+        return v[-1]["version"] if v else 0
+
+    def history(self, version: int | None = None) -> pa.Table:
+        """Every record committed up to ``version`` (default: newest), in commit order, with a
+        ``version`` column: the audit trail."""
+        import pyarrow.parquet as pq
+
+        commits = self.versions()
+        if version is not None:
+            if not any(c["version"] == version for c in commits):
+                known = f"1..{commits[-1]['version']}" if commits else "none"
+                raise StoreError(f"{self.uri} has no version {version} (versions: {known})")
+            commits = [c for c in commits if c["version"] <= version]
+        tables = []
+        for c in commits:
+            with self.fs.open(join(self.root, c["data"]), "rb") as f:
+                t = pq.read_table(f).cast(SCHEMA)
+            tables.append(t.append_column("version", pa.array([c["version"]] * len(t), pa.int64())))
+        if not tables:
+            return SCHEMA.append(pa.field("version", pa.int64())).empty_table()
+        return pa.concat_tables(tables)
+
+    def snapshot(self, version: int | None = None, decisions: tuple[str, ...] = DECISIONS) -> pa.Table:
+        """The latest decision per item as of ``version`` (default: newest), then filtered to
+        ``decisions`` (``("accept", "correct")`` gives training labels)."""
+        hist = self.history(version)
+        latest: dict[str, int] = {}
+        for i, item in enumerate(hist.column("item_id").to_pylist()):
+            latest[item] = i  # later rows (later commits, later in a commit) win
+        keep = sorted(latest.values())
+        t = hist.take(pa.array(keep, pa.int64()))
+        if set(decisions) != set(DECISIONS):
+            mask = [d in decisions for d in t.column("decision").to_pylist()]
+            t = t.filter(pa.array(mask))
+        return t
+
+    def labels(self, version: int | None = None) -> list[dict]:
+        """Training labels as labeled items (`grounding.labels`): accepted and corrected items
+        of a snapshot."""
+        rows = self.snapshot(version, ("accept", "correct")).to_pylist()
+        return [{k: r.get(k) for k in ("item_id", "image", "width", "height", "text", "boxes",
+                                        *LINEAGE)} | {"scores": None, "score": None}
+                for r in rows]

@@ -1,0 +1,164 @@
+"""Review: a job's predictions out to people (Label Studio, or any label format), their
+decisions back into the reviewed-label store (`grounding.store`).
+
+    groundlabel review export out/job1 --tasks review/tasks.json     # Label Studio tasks
+    # ... import tasks.json + review/label_config.xml into Label Studio, review, export JSON ...
+    groundlabel review import review/export.json --store s3://bucket/reviewed
+    groundlabel export s3://bucket/reviewed --to coco --out labels.json --version 3
+    groundlabel import labels.json --from coco --store s3://bucket/reviewed
+
+Sources of labels (``groundlabel export SOURCE``): a reviewed-label store (a snapshot of its
+accepted and corrected items, by version), a job output (its predictions), or a label file in
+any format. Image bytes never leave unless ``embed_images`` is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from grounding.storage import StorageOptions, filesystem, join
+
+
+def source_kind(uri: str, opts: StorageOptions | None = None) -> str:
+    """``store``, ``job`` or ``file``."""
+    fs, path = filesystem(uri, opts)
+    if fs.isdir(path):
+        if fs.exists(join(path, "_log")):
+            return "store"
+        if fs.exists(join(path, "parts")):
+            return "job"
+        raise FileNotFoundError(f"{uri} is a folder but neither a reviewed-label store (_log/) "
+                                f"nor a job output (parts/)")
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{uri}: no such file or folder")
+    return "file"
+
+
+def guess_format(uri: str) -> str:
+    if uri.endswith(".parquet"):
+        return "parquet"
+    raise ValueError(f"cannot tell the format of {uri} from its name: pass --from "
+                     f"(seed, swift, coco, parquet, labelstudio)")
+
+
+def job_items(output: str, opts: StorageOptions | None = None) -> list[dict]:
+    """Predictions of a job output as labeled items (error rows are left out)."""
+    from grounding.labels import from_job_rows
+    from pipelines.summary import read_output
+
+    return from_job_rows(read_output(output, opts).to_pylist())
+
+
+def load_items(source: str, fmt: str | None = None, opts: StorageOptions | None = None,
+               version: int | None = None, skip_invalid: bool = False):
+    """Labeled items of any source; returns ``(items, rejects, what)``."""
+    from grounding.convert import read_labels
+    from grounding.store import ReviewStore
+
+    kind = source_kind(source, opts)
+    if kind == "store":
+        st = ReviewStore(source, opts)
+        v = version or st.latest()
+        return st.labels(v), [], f"store {source} version {v}"
+    if kind == "job":
+        return job_items(source, opts), [], f"predictions of job {source}"
+    fmt = fmt or guess_format(source)
+    res = read_labels(source, fmt, opts, skip_invalid=skip_invalid)
+    items = [it for it in res.items if it.get("_decision") != "reject"]
+    return items, res.rejects, f"{fmt} file {source}"
+
+
+def export_labels(source: str, to: str, out: str, opts: StorageOptions | None = None,
+                  from_fmt: str | None = None, version: int | None = None,
+                  embed_images: bool = False) -> dict:
+    """Convert labels from any source to ``to`` format at ``out``."""
+    from grounding.convert import write_labels
+
+    items, rejects, what = load_items(source, from_fmt, opts, version)
+    write_labels(items, out, to, opts, embed_images=embed_images)
+    return {"from": what, "to": to, "out": out, "items": len(items),
+            "boxes": sum(len(it["boxes"]) for it in items)}
+
+
+def _save_rejects(rejects: list[dict], uri: str, opts: StorageOptions | None) -> None:
+    fs, path = filesystem(uri, opts)
+    with fs.open(path, "wt", encoding="utf-8") as f:
+        for r in rejects:
+            f.write(json.dumps(r, default=str) + "\n")
+
+
+def import_labels(input_uri: str, fmt: str, store: str, opts: StorageOptions | None = None,
+                  decision: str = "correct", reviewer: str | None = None,
+                  skip_invalid: bool = False, rejects_uri: str | None = None,
+                  labels: set[str] | None = None) -> dict:
+    """Labels of a file into the store as one new version.
+
+    Label Studio exports carry their own decisions (accept / correct / reject, reviewer and
+    time); other formats are recorded as ``decision`` (default ``correct``: people's boxes).
+    With ``skip_invalid`` the valid rows are imported and the invalid ones are written, with
+    their problems, to ``rejects_uri`` (default: next to the input), so nothing is lost.
+    """
+    from grounding.convert import read_labels
+    from grounding.store import ReviewStore, decision_record
+
+    kw = {"labels": labels} if fmt == "labelstudio" and labels else {}
+    res = read_labels(input_uri, fmt, opts, skip_invalid=skip_invalid, **kw)
+    records, unreviewed = [], 0
+    for it in res.items:
+        d = it.get("_decision", decision) if fmt == "labelstudio" else decision
+        if d is None:  # a Label Studio task nobody annotated yet
+            unreviewed += 1
+            continue
+        records.append(decision_record(it, d, predicted=it.get("_predicted"),
+                                       reviewer=it.get("_reviewer") or reviewer,
+                                       reviewed_at=it.get("_reviewed_at"),
+                                       source=f"import:{fmt}"))
+    out = {"input": input_uri, "format": fmt, "store": store, "version": None,
+           "records": len(records), "unreviewed": unreviewed, "rejected_rows": len(res.rejects),
+           "decisions": dict(Counter(r["decision"] for r in records))}
+    if res.rejects:
+        rejects_uri = rejects_uri or input_uri.rsplit(".", 1)[0] + ".rejects.jsonl"
+        _save_rejects(res.rejects, rejects_uri, opts)
+        out["rejects"] = rejects_uri
+    if records:
+        out["version"] = ReviewStore(store, opts).append(records, source=f"import:{fmt}",
+                                                         note=input_uri)
+    return out
+
+
+def export_tasks(output: str, tasks_uri: str, opts: StorageOptions | None = None,
+                 model_version: str | None = None, image_root: str | None = None,
+                 image_url_prefix: str | None = None, embed_images: bool = False) -> dict:
+    """A job's predictions as Label Studio tasks (least-confident first) at ``tasks_uri``,
+    with the project's labeling config written next to it (``label_config.xml``).
+
+    ``image_root``/``image_url_prefix`` rewrite image references into URLs Label Studio can
+    load (e.g. ``/data/images`` -> ``/data/local-files/?d=images``); ``embed_images`` puts a
+    metadata-free PNG into each task instead.
+    """
+    from grounding.convert import embedded, fill_sizes
+    from grounding.convert.labelstudio import LABEL_CONFIG, write
+
+    items = job_items(output, opts)
+    problems = fill_sizes(items, opts)
+    if problems:
+        from grounding.labels import LabelFormatError
+
+        raise LabelFormatError(output, problems)
+
+    def url(ref: str) -> str:
+        if embed_images:
+            return embedded(ref, opts)
+        if image_root and image_url_prefix and ref.startswith(image_root):
+            return image_url_prefix + ref[len(image_root):].lstrip("/")
+        return ref
+
+    fs, path = filesystem(tasks_uri, opts)
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    write(items, fs, path, model_version=model_version, image_url=url)
+    with fs.open(join(parent, "label_config.xml"), "wt") as f:
+        f.write(LABEL_CONFIG)
+    return {"job": output, "tasks": tasks_uri, "n": len(items),
+            "label_config": join(tasks_uri.rsplit("/", 1)[0], "label_config.xml")}
