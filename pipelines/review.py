@@ -137,7 +137,7 @@ def export_tasks(output: str, tasks_uri: str, opts: StorageOptions | None = None
     load (e.g. ``/data/images`` -> ``/data/local-files/?d=images``); ``embed_images`` puts a
     metadata-free PNG into each task instead.
     """
-    from grounding.convert import embedded, fill_sizes
+    from grounding.convert import embed_all, fill_sizes
     from grounding.convert.labelstudio import LABEL_CONFIG, write
 
     items = job_items(output, opts)
@@ -147,9 +147,11 @@ def export_tasks(output: str, tasks_uri: str, opts: StorageOptions | None = None
 
         raise LabelFormatError(output, problems)
 
+    pngs = embed_all(items, output, opts) if embed_images else {}
+
     def url(ref: str) -> str:
         if embed_images:
-            return embedded(ref, opts)
+            return pngs[ref]
         if image_root and image_url_prefix and ref.startswith(image_root):
             return image_url_prefix + ref[len(image_root):].lstrip("/")
         return ref

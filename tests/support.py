@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 import zlib
+from pathlib import Path
 
 
 def bomb_png(w: int = 60000, h: int = 60000) -> bytes:
@@ -21,3 +23,78 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+SECRET = "GL-SECRET-EXIF-7f3a"
+
+
+def exif_jpeg(path: Path) -> bytes:
+    """A JPEG carrying EXIF with a GPS position and a description; returns the EXIF block."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (160, 120), (230, 230, 230))
+    ImageDraw.Draw(img).rectangle([40, 30, 100, 90], fill=(40, 80, 220))
+    exif = Image.Exif()
+    exif[0x010E] = SECRET                     # ImageDescription
+    exif[0x8825] = {1: "N", 2: (52.0, 22.0, 1.5), 3: "E", 4: (4.0, 53.0, 30.0)}  # GPS IFD
+    img.save(path, "JPEG", exif=exif, comment=SECRET.encode())
+    with Image.open(path) as back:            # the source really carries it
+        assert back.getexif().get_ifd(0x8825)[2] == (52.0, 22.0, 1.5)
+    return exif.tobytes()
+
+
+def out_box(b: list[float], score: float) -> dict:
+    return {"x1": b[0], "y1": b[1], "x2": b[2], "y2": b[3], "score": score, "label": None}
+
+
+def fake_job(tmp: Path) -> dict:
+    """``tmp/out``: a job output of 12 rows (9 labeled, 3 errors) over real image files."""
+    from grounding.synth import write_dataset
+
+    shard = write_dataset(tmp / "synth", 6, "base", seed=0)
+    samples = [json.loads(x) for x in shard.read_text().splitlines()]
+    lineage = {"model": "/models/tiny-qwen3-vl", "family": "qwen3_vl",
+               "prompt_version": "qwen3_vl:1a2b3c4d", "job_id": "job-abc123", "adapter": None,
+               "shard": "data.jsonl"}
+    rows = []
+    scores = [0.91, 0.83, 0.72, 0.64, 0.55, 0.97]
+    for i, (s, sc) in enumerate(zip(samples, scores, strict=True)):
+        gold = s["bbox"]
+        # even rows hit the true box, odd rows miss it
+        pred = gold if i % 2 == 0 else [0.0, 0.0, 20.0, 20.0]
+        rows.append(dict(lineage, row_id=f"data.jsonl:{i}", source_id=s["id"], image=s["image"],
+                         text=s["text"], boxes=[out_box(pred, sc)], score=sc, status="ok",
+                         width=200, height=200, gold=gold, raw_text="[...]"))
+    s0 = samples[0]
+    rows.append(dict(lineage, row_id="data.jsonl:6", image=s0["image"],
+                     text="<b>bold</b> & \"quoted\"", boxes=[], score=None, status="unparseable", width=200, height=200,
+                     gold=s0["bbox"], raw_text="no box here"))
+    rows.append(dict(lineage, row_id="data.jsonl:7", image=str(tmp / "deleted-after-job.png"),
+                     text="the gone square", boxes=[out_box([1, 1, 9, 9], 0.1)], score=0.1,
+                     status="ok", width=160, height=120))
+    jpg = tmp / "gps.jpg"
+    exif_block = exif_jpeg(jpg)
+    rows.append(dict(lineage, row_id="data.jsonl:8", image=str(jpg), text="the blue square",
+                     boxes=[out_box([40, 30, 100, 90], 0.2)], score=0.2, status="ok",
+                     width=160, height=120))
+    rows.append(dict(lineage, row_id="data.jsonl:9", image=str(tmp / "nope.png"),
+                     text="x", status="error", error_code="missing",
+                     error="image not found: /data/<script>alert(1)</script>.png"))
+    rows.append(dict(lineage, row_id="data.jsonl:10", status="error", error_code="bad_json",
+                     error="line 11 is not JSON"))
+    rows.append(dict(lineage, row_id="data.jsonl:11", image=s0["image"], text="y",
+                     status="error", error_code="corrupt", error="no decoder accepts the bytes"))
+
+    import pyarrow.parquet as pq
+
+    from pipelines import schema
+
+    out = tmp / "out"
+    (out / "parts").mkdir(parents=True)
+    pq.write_table(schema.table(rows, schema.OUTPUT), out / "parts" / "part-000.parquet")
+    (out / "_job.json").write_text(json.dumps({"job_id": "job-abc123", "model": lineage["model"],
+                                               "family": "qwen3_vl", "default_adapter": None}))
+    (out / "_summary.json").write_text(json.dumps({"rows": 12, "rows_per_s": 3.21,
+                                                   "seconds": 3.7}))
+    sources = [Path(s["image"]) for s in samples] + [jpg]
+    return {"out": out, "exif": exif_block, "sources": sources}

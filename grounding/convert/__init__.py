@@ -62,10 +62,12 @@ def write_labels(items: list[dict], uri: str, fmt: str, opts: StorageOptions | N
                  embed_images: bool = False, **kw) -> str:
     """Write labeled items to ``uri`` in ``fmt``; returns ``uri``."""
     writer = _registry()[_check(fmt)][1]
-    if embed_images and fmt == "labelstudio":
-        kw["image_url"] = lambda ref: embedded(ref, opts)  # keeps our ref in data.image_ref
-    elif embed_images:
-        items = [dict(it, image=embedded(it["image"], opts)) for it in items]
+    if embed_images:
+        pngs = embed_all(items, uri, opts)
+        if fmt == "labelstudio":
+            kw["image_url"] = pngs.__getitem__  # keeps our ref in data.image_ref
+        else:
+            items = [dict(it, image=pngs[it["image"]]) for it in items]
     fs, path = filesystem(uri, opts)
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent:
@@ -94,6 +96,26 @@ def embedded(ref: str | None, opts: StorageOptions | None = None) -> str | None:
     buf = io.BytesIO()
     img.convert("RGB").save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def embed_all(items: list[dict], where: str, opts: StorageOptions | None = None) -> dict:
+    """``{ref: data URI}`` for every item's image; raises LabelFormatError listing every image
+    that cannot be read (nothing is written then)."""
+    from grounding.images import ImageError
+    from grounding.labels import LabelFormatError
+
+    out, problems = {}, []
+    for it in items:
+        ref = it["image"]
+        if ref in out:
+            continue
+        try:
+            out[ref] = embedded(ref, opts)
+        except ImageError as e:
+            problems.append(f"item {it['item_id']}: cannot embed its image: {e}")
+    if problems:
+        raise LabelFormatError(where, problems)
+    return out
 
 
 def fill_sizes(items: list[dict], opts: StorageOptions | None = None) -> list[str]:
