@@ -1,0 +1,248 @@
+"""The adapter registry: immutable, versioned LoRA adapters in object storage (or a folder),
+and an atomic "production" pointer with history and rollback.
+
+Layout under the registry root::
+
+    adapters/<name>/adapter_model.safetensors, adapter_config.json, ...   the adapter files
+    adapters/<name>/meta.json     written LAST with an exclusive create: an adapter exists
+                                  iff its meta.json does, so a crash mid-upload leaves nothing
+                                  visible, and a name can never be taken twice
+    events/00000001.json ...      every promotion, refusal and rollback, in order (exclusive
+                                  create: concurrent writers each get their own number)
+    production.json               the pointer: {"name": ..., "event": N}, one atomic PUT
+    _lock                         held while promoting/rolling back (exclusive create, with a
+                                  lease: a crashed holder's lock expires)
+
+Names are never reused (vLLM and Ray Serve cache adapters by name):
+``<prefix>-<UTC time>-<6 hex of the weights>``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import socket
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+from grounding.storage import StorageOptions, filesystem, join
+
+
+class RegistryError(RuntimeError):
+    """The registry refused (unknown adapter, name taken, lock held, nothing to roll back)."""
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+class AdapterRegistry:
+    """Adapters and the production pointer at ``uri`` (``s3://bucket/prefix`` or a folder)."""
+
+    def __init__(self, uri: str, opts: StorageOptions | None = None, lease_s: float = 900.0):
+        self.uri = uri.rstrip("/")
+        self.opts = opts or StorageOptions()
+        self.fs, self.root = filesystem(self.uri, self.opts)
+        self.lease_s = lease_s
+
+    def _p(self, *parts: str) -> str:
+        return join(self.root, *parts)
+
+    # -- adapters ------------------------------------------------------------------------
+    def new_name(self, adapter_dir: str | Path, prefix: str = "gl") -> str:
+        """A fresh, never-used name for the adapter in ``adapter_dir``."""
+        h = hashlib.sha256()
+        for f in sorted(Path(adapter_dir).glob("*.safetensors")):
+            h.update(f.read_bytes())
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+        return f"{prefix}-{stamp}-{h.hexdigest()[:6]}"
+
+    def register(self, adapter_dir: str | Path, meta: dict, name: str | None = None) -> str:
+        """Upload an adapter folder under a new immutable name; returns the name.
+
+        ``meta``: metrics, snapshot version of the reviewed labels, base model, recipe (stored
+        with the adapter along with its name and time).
+        """
+        from grounding.engines.base import check_adapter_dir
+
+        check_adapter_dir(str(adapter_dir))  # a folder vLLM/peft can load, or a clear error
+        name = name or self.new_name(adapter_dir)
+        if "/" in name or not name.strip():
+            raise RegistryError(f"bad adapter name {name!r}")
+        if self.exists(name):
+            raise RegistryError(f"adapter name {name!r} is taken: names are never reused")
+        dest = self._p("adapters", name)
+        self.fs.makedirs(dest, exist_ok=True)
+        for f in sorted(Path(adapter_dir).iterdir()):
+            if f.is_file():
+                self.fs.put_file(str(f), join(dest, f.name))
+        record = dict(meta, name=name, registered_at=_now())
+        try:
+            self.fs.pipe_file(join(dest, "meta.json"), json.dumps(record, indent=2).encode(),
+                              mode="create")
+        except FileExistsError:
+            raise RegistryError(f"adapter name {name!r} is taken: names are never reused") from None
+        return name
+
+    def exists(self, name: str) -> bool:
+        return self.fs.exists(self._p("adapters", name, "meta.json"))
+
+    def show(self, name: str) -> dict:
+        path = self._p("adapters", name, "meta.json")
+        if not self.fs.exists(path):
+            known = ", ".join(a["name"] for a in self.list()[-5:]) or "none"
+            raise RegistryError(f"no adapter {name!r} in {self.uri} (latest: {known})")
+        return json.loads(self.fs.cat_file(path))
+
+    def list(self) -> list[dict]:
+        """Every registered adapter (with meta.json), oldest first."""
+        base = self._p("adapters")
+        if not self.fs.exists(base):
+            return []
+        self.fs.invalidate_cache(base)
+        out = []
+        for d in self.fs.ls(base, detail=False):
+            meta = join(d, "meta.json")
+            if self.fs.exists(meta):
+                out.append(json.loads(self.fs.cat_file(meta)))
+        return sorted(out, key=lambda m: (m["registered_at"], m["name"]))
+
+    def download(self, name: str, cache_dir: str | Path) -> str:
+        """The adapter's files in a local folder (``cache_dir/name``), for vLLM/peft."""
+        self.show(name)
+        dest = Path(cache_dir) / name
+        if (dest / "meta.json").is_file():
+            return str(dest)  # immutable: a cached copy is always current
+        tmp = Path(cache_dir) / f".{name}.{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        src = self._p("adapters", name)
+        for f in self.fs.ls(src, detail=False):
+            if f.endswith("/meta.json"):
+                continue
+            self.fs.get_file(f, str(tmp / f.rsplit("/", 1)[-1]))
+        self.fs.get_file(join(src, "meta.json"), str(tmp / "meta.json"))
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process cached it first: same immutable files
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        return str(dest)
+
+    # -- production pointer ----------------------------------------------------------------
+    def production(self) -> str | None:
+        """Name of the adapter in production (None: the base model)."""
+        path = self._p("production.json")
+        if not self.fs.exists(path):
+            return None
+        self.fs.invalidate_cache(path)
+        return json.loads(self.fs.cat_file(path)).get("name")
+
+    def events(self) -> list[dict]:
+        base = self._p("events")
+        if not self.fs.exists(base):
+            return []
+        self.fs.invalidate_cache(base)
+        return [json.loads(self.fs.cat_file(p))
+                for p in sorted(self.fs.ls(base, detail=False)) if p.endswith(".json")]
+
+    def _event(self, record: dict) -> int:
+        self.fs.makedirs(self._p("events"), exist_ok=True)
+        n = len(self.events()) + 1
+        while True:
+            rec = dict(record, event=n, at=_now())
+            try:
+                self.fs.pipe_file(self._p("events", f"{n:08d}.json"), json.dumps(rec).encode(),
+                                  mode="create")
+                return n
+            except FileExistsError:
+                n += 1
+
+    def _set_production(self, name: str | None, event: int) -> None:
+        # One object, one PUT (S3) / one rename (local): readers see the old or the new pointer.
+        data = json.dumps({"name": name, "event": event, "at": _now()}).encode()
+        path = self._p("production.json")
+        if self.fs.protocol in ("file", "local") or "file" in self.fs.protocol:
+            tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+            self.fs.pipe_file(tmp, data)
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(path, data)
+
+    def record(self, kind: str, **fields) -> int:
+        """Record a decision (e.g. a refused promotion) without moving the pointer."""
+        return self._event(dict(fields, kind=kind))
+
+    def promote(self, name: str, reason: str = "manual", metrics: dict | None = None) -> int:
+        """Point production at ``name`` (under the lock); returns the event number."""
+        with self.lock():
+            return self.promote_locked(name, reason, metrics)
+
+    def promote_locked(self, name: str, reason: str, metrics: dict | None = None) -> int:
+        """`promote` for a caller already holding `lock` (a retrain holds it throughout)."""
+        self.show(name)
+        prev = self.production()
+        n = self._event({"kind": "promote", "name": name, "previous": prev,
+                         "reason": reason, "metrics": metrics})
+        self._set_production(name, n)
+        return n
+
+    def rollback(self, reason: str = "manual") -> str | None:
+        """Undo the last promotion still in effect: production goes back to what it was
+        before (None = the base model). Returns the new production name."""
+        with self.lock():
+            cur = self.production()
+            # Replay the pointer's moves as a stack: a promotion pushes, a rollback pops, so
+            # rolling back twice undoes the last two promotions.
+            stack: list[str | None] = [None]
+            for e in self.events():
+                if e["kind"] == "promote":
+                    stack.append(e["name"])
+                elif e["kind"] == "rollback" and len(stack) > 1:
+                    stack.pop()
+            if len(stack) < 2 or stack[-1] != cur:
+                raise RegistryError("nothing to roll back: no promotion left to undo")
+            target = stack[-2]
+            n = self._event({"kind": "rollback", "name": target, "previous": cur,
+                             "reason": reason})
+            self._set_production(target, n)
+            return target
+
+    # -- lock ----------------------------------------------------------------------------
+    @contextmanager
+    def lock(self, wait_s: float = 0.0):
+        """Hold the registry lock (exclusive create of ``_lock``). A lock older than the lease
+        belongs to a crashed holder and is taken over. Raises RegistryError if held."""
+        path = self._p("_lock")
+        me = {"owner": f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
+              "until": time.time() + self.lease_s}
+        self.fs.makedirs(self.root, exist_ok=True)
+        deadline = time.time() + wait_s
+        while True:
+            try:
+                self.fs.pipe_file(path, json.dumps(me).encode(), mode="create")
+                break
+            except FileExistsError:
+                try:
+                    held = json.loads(self.fs.cat_file(path))
+                except (FileNotFoundError, ValueError):
+                    continue  # released (or being written) meanwhile: try again
+                if held.get("until", 0) < time.time():
+                    self.fs.rm(path)  # expired lease: its holder crashed
+                    continue
+                if time.time() >= deadline:
+                    raise RegistryError(f"registry {self.uri} is locked by {held['owner']} "
+                                        f"(another retrain or promotion is running)") from None
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            try:
+                if json.loads(self.fs.cat_file(path)).get("owner") == me["owner"]:
+                    self.fs.rm(path)
+            except FileNotFoundError:
+                pass
