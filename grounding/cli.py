@@ -187,6 +187,56 @@ def _cmd_review_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_retrain(args: argparse.Namespace) -> int:
+    from train.retrain import RetrainConfig, retrain
+
+    res = retrain(model_from_args(RetrainConfig, args, args.config))
+    print(json.dumps(res, indent=2, default=str))
+    return 0
+
+
+def _cmd_schedule(args: argparse.Namespace) -> int:
+    from train.schedule import ScheduleConfig, run
+
+    run(model_from_args(ScheduleConfig, args, args.config))
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from train.merge import MergeConfig, merge
+
+    print(merge(model_from_args(MergeConfig, args, args.config)))
+    return 0
+
+
+def _registry(args: argparse.Namespace):
+    from train.registry import AdapterRegistry
+
+    return AdapterRegistry(args.registry, _opts(args))
+
+
+def _cmd_adapters(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    if args.adapters_verb == "list":
+        prod = reg.production()
+        for m in reg.list():
+            acc = ((m.get("gate") or {}).get("candidate") or {}).get("acc@0.5")
+            print(f"{'*' if m['name'] == prod else ' '} {m['name']}  labels v"
+                  f"{m.get('snapshot_version')}  acc@0.5 {acc}  {m['registered_at']}")
+        print(f"production: {prod or '(base model)'}")
+    elif args.adapters_verb == "show":
+        name = args.name or reg.production()
+        print(json.dumps(reg.show(name) if name else {"production": None}, indent=2))
+    elif args.adapters_verb == "promote":
+        print(json.dumps({"promoted": args.name, "event": reg.promote(args.name, args.reason)}))
+    elif args.adapters_verb == "rollback":
+        print(json.dumps({"production": reg.rollback(args.reason)}))
+    elif args.adapters_verb == "history":
+        for e in reg.events():
+            print(json.dumps(e))
+    return 0
+
+
 def _cmd_review_log(args: argparse.Namespace) -> int:
     from grounding.store import ReviewStore
 
@@ -202,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.demo import DemoConfig
     from train.base import BaseTrainConfig
     from train.evaluate import SynthEvalConfig
+    from train.merge import MergeConfig
+    from train.retrain import RetrainConfig
+    from train.schedule import ScheduleConfig
 
     p = argparse.ArgumentParser(
         prog="groundlabel",
@@ -322,6 +375,28 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// URIs.")
     r.set_defaults(fn=_cmd_review_log)
 
+    verb("retrain", "Train a LoRA adapter on reviewed labels (Ray Train), gate it on held-out "
+         "labels through vLLM, register it, promote it if better.", _cmd_retrain, RetrainConfig)
+    verb("schedule", "Retrain on a cron schedule when enough new reviewed labels arrived.",
+         _cmd_schedule, ScheduleConfig)
+    verb("merge", "Merge a LoRA adapter into a standalone checkpoint (vLLM/transformers).",
+         _cmd_merge, MergeConfig)
+    ad = sub.add_parser("adapters", help="The adapter registry: list, show, promote, rollback.")
+    asub = ad.add_subparsers(dest="adapters_verb", metavar="STEP", required=True)
+    for step, help_ in [("list", "Registered adapters (* = production)."),
+                        ("show", "One adapter's metadata (default: production)."),
+                        ("promote", "Point production at an adapter."),
+                        ("rollback", "Undo the last promotion."),
+                        ("history", "Every promotion, refusal and rollback.")]:
+        a = asub.add_parser(step, help=help_)
+        a.add_argument("--registry", required=True, help="Adapter registry (folder or s3://).")
+        a.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// URIs.")
+        if step in ("show", "promote"):
+            a.add_argument("name", nargs="?" if step == "show" else None, help="Adapter name.")
+        if step in ("promote", "rollback"):
+            a.add_argument("--reason", default="manual", help="Why (recorded).")
+        a.set_defaults(fn=_cmd_adapters)
+
     verb("demo", "Label a few synthetic images through vLLM, print Acc@0.5, draw PNGs.",
          _cmd_demo, DemoConfig)
     verb("eval-synth", "Acc@0.5 of a model (or adapter) on a held-out synthetic set.",
@@ -367,10 +442,12 @@ def main(argv: list[str] | None = None) -> int:
     from grounding.labels import LabelFormatError
     from grounding.store import StoreError
     from pipelines.review import LabelStudioError
+    from train.registry import RegistryError
 
     try:
         return int(args.fn(args) or 0)
-    except (LabelFormatError, StoreError, FileNotFoundError, LabelStudioError) as e:
+    except (LabelFormatError, StoreError, FileNotFoundError, LabelStudioError,
+            RegistryError) as e:
         # Bad input, not a bug: one clear message (every problem listed), no traceback.
         print(f"groundlabel {args.verb}: error: {e}", file=sys.stderr)
         return 2

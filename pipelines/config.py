@@ -25,6 +25,9 @@ class LabelJobConfig(BaseModel):
                                 "an `adapter` column value (None = base model).")
     adapters_dir: str | None = Field(None, description="Folder whose subfolders are LoRA adapters,"
                                      " each registered under its folder name.")
+    registry: str | None = Field(None, description="Adapter registry (folder or s3://): "
+                                 "adapter names (and `production`) resolve there; each actor "
+                                 "downloads what its rows name.")
     num_actors: int = Field(1, ge=1, description="Inference actors (one engine each).")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per inference actor.")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per inference actor (0 on CPU).")

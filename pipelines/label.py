@@ -119,12 +119,21 @@ def label(cfg: LabelJobConfig) -> dict:
     family = cfg.family or detect_family(cfg.model)
     resize = resize_spec(cfg.model, cfg.min_pixels, cfg.max_pixels)
     adapters = _adapters(cfg)
-    if cfg.adapter and cfg.adapter not in adapters:
+    default_adapter = cfg.adapter
+    if cfg.registry:
+        from train.registry import AdapterRegistry
+
+        reg = AdapterRegistry(cfg.registry, opts)
+        if default_adapter == "production":  # the adapter in production now, fixed for the job
+            default_adapter = reg.production()
+        if default_adapter and default_adapter not in adapters:
+            reg.show(default_adapter)  # unknown name: a clear error before any work
+    elif cfg.adapter and cfg.adapter not in adapters:
         known = ", ".join(adapters) or "none"
         raise ValueError(f"--adapter {cfg.adapter!r} is not in --adapters-dir (known: {known})")
     lineage = {"model": cfg.model, "family": family,
                "prompt_version": prompt_version(get_family(family)),
-               "default_adapter": cfg.adapter}
+               "default_adapter": default_adapter, "registry": cfg.registry}
     job = _job_record(cfg, opts, lineage)
     shards = list_shards(cfg.input, opts)
     done = committed(cfg.output, opts)
@@ -155,7 +164,8 @@ def label(cfg: LabelJobConfig) -> dict:
         compute=ActorPoolStrategy(size=cfg.num_actors),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
         fn_constructor_kwargs={"engine_json": engine_cfg.model_dump_json(), "family": family,
-                               "adapters": adapters, "default_adapter": cfg.adapter},
+                               "adapters": adapters, "default_adapter": default_adapter,
+                               "registry": cfg.registry, "storage_json": storage_json},
         # one OpenMP thread per engine: oversubscribed cores made CPU inference 10-30x slower
         runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cfg.cpus_per_actor)))}},
     )

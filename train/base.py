@@ -63,30 +63,16 @@ def answer_text(family, sample, coord_step: int) -> str:
 
 
 def build_batch(engine, family, samples, coord_step: int):
-    """Tokenise prompt + answer for a batch; labels are -100 everywhere but on the answer.
+    """Tokenise prompt + answer for a batch of synthetic samples (see `train.data.encode`).
 
     The prompt is the engine's own chat prompt, so training sees byte-for-byte what the
     engines send at inference.
     """
-    import torch
+    from train.data import Example, encode
 
-    processor = engine.processor
-    tok = processor.tokenizer
-    texts, answers = [], []
-    for s in samples:
-        prompt = engine.chat_prompt(family.prompt(s.text))
-        answer = answer_text(family, s, coord_step) + "<|im_end|>"
-        texts.append(prompt + answer)
-        answers.append(answer)
-    enc = processor(text=texts, images=[s.image for s in samples], padding=True,
-                    return_tensors="pt")
-    labels = torch.full_like(enc["input_ids"], -100)
-    for i, a in enumerate(answers):
-        n = len(tok(a, add_special_tokens=False)["input_ids"])
-        # left padding: the answer is the last n tokens
-        labels[i, -n:] = enc["input_ids"][i, -n:]
-    enc["labels"] = labels
-    return enc
+    return encode(engine.processor, [
+        Example(s.image, engine.chat_prompt(family.prompt(s.text)),
+                answer_text(family, s, coord_step) + "<|im_end|>") for s in samples])
 
 
 def _evaluate(engine, model_dir: str, domain: str, n: int) -> dict:

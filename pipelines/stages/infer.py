@@ -21,7 +21,8 @@ class Infer(Stage):
     after = "stage 'fetch_images'"
 
     def __init__(self, engine_json: str, family: str, adapters: dict[str, str],
-                 default_adapter: str | None):
+                 default_adapter: str | None, registry: str | None = None,
+                 storage_json: str | None = None):
         from grounding.engines import EngineConfig, load_engine
         from grounding.engines.grounder import Grounder
 
@@ -34,6 +35,28 @@ class Infer(Stage):
                 self.bad_adapters[name] = str(e)
         self.grounder = Grounder(self.engine, family)
         self.default_adapter = default_adapter
+        self.registry = None
+        if registry:
+            from grounding.storage import StorageOptions
+            from train.registry import AdapterRegistry
+
+            self.registry = AdapterRegistry(registry, StorageOptions.model_validate_json(
+                storage_json or "{}"))
+
+    def _resolve(self, name: str) -> None:
+        """Fetch an adapter a row names from the registry, once per actor (names are
+        immutable, so a downloaded copy never goes stale)."""
+        import tempfile
+
+        from train.registry import RegistryError
+
+        if name in self.engine.adapters or name in self.bad_adapters or self.registry is None:
+            return
+        try:
+            path = self.registry.download(name, tempfile.gettempdir() + "/groundlabel-adapters")
+            self.engine.add_adapter(name, path)
+        except (RegistryError, ValueError) as e:
+            self.bad_adapters[name] = str(e)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from PIL import Image
@@ -48,6 +71,8 @@ class Infer(Stage):
                 continue
             adapter = row["adapter"] or self.default_adapter
             row["adapter"] = adapter
+            if adapter:
+                self._resolve(adapter)
             if adapter in self.bad_adapters:
                 row.update(error_code="unknown_adapter",
                            error=f"adapter {adapter!r} is unusable: {self.bad_adapters[adapter]}")

@@ -1,0 +1,55 @@
+"""Training examples: a labeled item -> (image the model sees, prompt, answer text), tokenised.
+
+Training goes through exactly the conversions inference uses (ms-swift #4027 is what happens
+otherwise: boxes shift when training resizes differently from serving):
+
+* the image is decoded to RGB and resized with the checkpoint's `ResizeSpec` (Qwen
+  ``smart_resize``), as the batch job's fetch stage does, so the processor's own resize is a no-op;
+* the answer is ``family.render(boxes, ORIGINAL size, resize)``: pixels of the original image
+  -> the family's coordinates (0-1000 for Qwen3-VL / Qwen2-VL, resized pixels for Qwen2.5-VL);
+* the prompt is the engine's chat prompt around ``family.prompt(text)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Example:
+    image: object  # PIL RGB, already resized for the model
+    prompt: str    # chat-formatted prompt (image placeholder included)
+    answer: str    # target text, end-of-turn token included
+
+
+def make_example(item: dict, engine, family, resize, eos: str = "<|im_end|>",
+                 storage: dict | None = None) -> Example:
+    """An `Example` from a labeled item (`grounding.labels`); raises ImageError / ValueError."""
+    from PIL import Image
+
+    from grounding.boxes import Box
+    from grounding.images import decode, read_bytes
+
+    img = decode(read_bytes(item["image"], storage or {}))
+    size = img.size
+    rw, rh = resize.resized_size(size)
+    if (rw, rh) != size:
+        img = img.resize((rw, rh), Image.BICUBIC)
+    boxes = [Box.from_list(b) for b in item["boxes"]]
+    answer = family.render(boxes, size, resize if family.needs_resize else None)
+    return Example(img, engine.chat_prompt(family.prompt(item["text"])), answer + eos)
+
+
+def encode(processor, examples: list[Example]):
+    """Tokenised batch; ``labels`` are -100 everywhere but on the answer tokens (left padding)."""
+    import torch
+
+    tok = processor.tokenizer
+    enc = processor(text=[e.prompt + e.answer for e in examples],
+                    images=[e.image for e in examples], padding=True, return_tensors="pt")
+    labels = torch.full_like(enc["input_ids"], -100)
+    for i, e in enumerate(examples):
+        n = len(tok(e.answer, add_special_tokens=False)["input_ids"])
+        labels[i, -n:] = enc["input_ids"][i, -n:]
+    enc["labels"] = labels
+    return enc

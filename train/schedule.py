@@ -1,0 +1,96 @@
+"""``groundlabel schedule``: retrain on a cron schedule when enough new reviews arrived.
+
+At every cron time (UTC) the scheduler counts the accepted and corrected items the store gained
+since the snapshot the newest registered adapter was trained on, and retrains when there are at
+least ``min_new_labels``. It keeps no state of its own: "since when" is read from the registry
+(each adapter's ``snapshot_version``), so a restarted scheduler carries on where it was, and the
+registry lock (held by every retrain) means two schedulers, or a scheduler and a manual retrain,
+never train at once: the second one skips that tick.
+
+Run::
+
+    groundlabel schedule --cron "0 3 * * *" --min-new-labels 200 \\
+        --store s3://b/reviewed --registry s3://b/adapters
+    groundlabel schedule --once --store reviewed/ --registry adapters/   # one check now
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+
+from pydantic import Field
+
+from train.retrain import RetrainConfig
+
+
+class ScheduleConfig(RetrainConfig):
+    """Settings of ``groundlabel schedule`` (plus every ``retrain`` setting)."""
+
+    cron: str = Field("0 3 * * *", description="When to check (UTC; 5 fields, or 6 with "
+                      "seconds first).")
+    min_new_labels: int = Field(100, ge=1, description="Retrain only when at least this many "
+                                "accepted/corrected items arrived since the last adapter.")
+    once: bool = Field(False, description="Check once now and exit (for an external cron).")
+    max_runs: int | None = Field(None, ge=1, description="Exit after this many checks.")
+
+
+def last_trained_version(registry) -> int:
+    """Store version the newest registered adapter was trained on (0: none yet)."""
+    versions = [m.get("snapshot_version") or 0 for m in registry.list()]
+    return max(versions, default=0)
+
+
+def new_labels(store, since_version: int) -> tuple[int, int]:
+    """(items whose latest decision is accept/correct and came after ``since_version``,
+    newest version)."""
+    latest = store.latest()
+    if latest <= since_version:
+        return 0, latest
+    snap = store.snapshot(latest, ("accept", "correct"))
+    n = sum(v > since_version for v in snap.column("version").to_pylist())
+    return n, latest
+
+
+def check(cfg: ScheduleConfig, log=print) -> dict:
+    """One tick: retrain if enough new labels (and nobody else is retraining)."""
+    from grounding.storage import StorageOptions
+    from grounding.store import ReviewStore
+    from train.registry import AdapterRegistry, RegistryError
+    from train.retrain import retrain
+
+    opts = StorageOptions(endpoint_url=cfg.s3_endpoint_url)
+    registry = AdapterRegistry(cfg.registry, opts)
+    since = last_trained_version(registry)
+    n, latest = new_labels(ReviewStore(cfg.store, opts), since)
+    tick = {"at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "new_labels": n,
+            "since_version": since, "store_version": latest}
+    if n < cfg.min_new_labels:
+        tick["action"] = f"skip: {n} new labels < {cfg.min_new_labels}"
+    else:
+        try:
+            res = retrain(RetrainConfig(**cfg.model_dump(include=set(RetrainConfig.model_fields))
+                                        | {"version": latest}))
+            tick.update(action="retrained", result=res)
+        except RegistryError as e:  # the lock: another retrain is running
+            tick["action"] = f"skip: {e}"
+    log(json.dumps(tick, default=str))
+    return tick
+
+
+def run(cfg: ScheduleConfig, log=print, now=lambda: dt.datetime.now(dt.UTC)) -> list[dict]:
+    """Check at every cron time until ``max_runs`` checks (forever by default)."""
+    from train.cron import Cron
+
+    if cfg.once:
+        return [check(cfg, log)]
+    cron = Cron(cfg.cron)
+    ticks: list[dict] = []
+    while cfg.max_runs is None or len(ticks) < cfg.max_runs:
+        nxt = cron.next_after(now())
+        log(json.dumps({"next_check": nxt.isoformat()}))
+        while (wait := (nxt - now()).total_seconds()) > 0:
+            time.sleep(min(wait, 30.0))
+        ticks.append(check(cfg, log))
+    return ticks
