@@ -253,8 +253,13 @@ def fit(cfg: RetrainConfig, items: list[dict], run_name: str) -> tuple[str, dict
 
     opts = StorageOptions(endpoint_url=cfg.s3_endpoint_url)
     if not ray.is_initialized():
-        ray.init(address=cfg.ray_address or "local", include_dashboard=False,
-                 log_to_driver=False)
+        import os
+
+        if cfg.ray_address:
+            ray.init(address=cfg.ray_address)
+        else:  # never attach by accident to another Ray on this machine
+            ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1),
+                     include_dashboard=False, log_to_driver=False)
     storage_fs, storage_path = None, str(Path(cfg.storage_path).resolve())
     if "://" in cfg.storage_path:
         storage_fs, storage_path = arrow_filesystem(cfg.storage_path, opts)

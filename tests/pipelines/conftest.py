@@ -1,22 +1,10 @@
-"""Real parts for the job tests: a local Ray and synthetic shards (the S3 server is in
-tests/conftest.py)."""
+"""Synthetic shards for the job tests (the S3 server and the local Ray are in tests/conftest.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-
-
-@pytest.fixture(scope="session")
-def ray_local(s3_endpoint, tmp_path_factory):
-    """A local Ray for the whole session (never attaches to another cluster)."""
-    import ray
-
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="session")
