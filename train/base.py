@@ -180,3 +180,7 @@ def _save(model, processor, out: Path, cfg: BaseTrainConfig) -> None:
     src = Path(cfg.model) / "groundlabel.json"
     if src.exists():
         shutil.copy(src, out / "groundlabel.json")
+        # Retraining rounds its targets to the same grid (train/data.py).
+        meta = json.loads((out / "groundlabel.json").read_text())
+        meta["coord_step"] = cfg.coord_step
+        (out / "groundlabel.json").write_text(json.dumps(meta, indent=2))

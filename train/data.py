@@ -23,8 +23,13 @@ class Example:
 
 
 def make_example(item: dict, engine, family, resize, eos: str = "<|im_end|>",
-                 storage: dict | None = None) -> Example:
-    """An `Example` from a labeled item (`grounding.labels`); raises ImageError / ValueError."""
+                 storage: dict | None = None, coord_step: int = 1) -> Example:
+    """An `Example` from a labeled item (`grounding.labels`); raises ImageError / ValueError.
+
+    Each box carries the expression as its label, as Qwen answers do. ``coord_step`` rounds
+    0-1000 coordinates to the grid a checkpoint was trained on (the bundled tiny model: 10);
+    1 keeps them exact.
+    """
     from PIL import Image
 
     from grounding.boxes import Box
@@ -35,7 +40,12 @@ def make_example(item: dict, engine, family, resize, eos: str = "<|im_end|>",
     rw, rh = resize.resized_size(size)
     if (rw, rh) != size:
         img = img.resize((rw, rh), Image.BICUBIC)
-    boxes = [Box.from_list(b) for b in item["boxes"]]
+    boxes = [Box.from_list(b, label=item["text"]) for b in item["boxes"]]
+    if coord_step > 1 and family.coords == "norm1000":
+        from grounding.boxes import from_norm1000, to_norm1000
+
+        boxes = [from_norm1000([round(v / coord_step) * coord_step for v in to_norm1000(b, size)],
+                               size, label=b.label) for b in boxes]
     answer = family.render(boxes, size, resize if family.needs_resize else None)
     return Example(img, engine.chat_prompt(family.prompt(item["text"])), answer + eos)
 

@@ -63,6 +63,9 @@ class RetrainConfig(BaseModel):
                                "(cosine) is fitted to the steps that fit.")
     min_pixels: int | None = Field(None, description="Processor min pixels (default: checkpoint).")
     max_pixels: int | None = Field(None, description="Processor max pixels (default: checkpoint).")
+    coord_step: int | None = Field(None, ge=1, description="Round 0-1000 target coordinates "
+                                   "to this grid (default: the checkpoint's groundlabel.json "
+                                   "coord_step, else 1 = exact).")
     freeze_vision: bool = Field(True, description="Keep the vision tower frozen (no LoRA on it).")
     quantize: Literal["auto", "nf4", "none"] = Field(
         "auto", description="auto: QLoRA (nf4 via bitsandbytes) on CUDA, LoRA elsewhere.")
@@ -96,7 +99,7 @@ def split(items: list[dict], holdout_frac: float) -> tuple[list[dict], list[dict
 def _recipe(cfg: RetrainConfig) -> dict:
     return cfg.model_dump(include={"target_modules", "rank", "alpha", "dropout", "lr",
                                    "warmup_frac", "epochs", "batch_size", "max_minutes",
-                                   "min_pixels", "max_pixels", "freeze_vision", "quantize",
+                                   "min_pixels", "max_pixels", "freeze_vision", "quantize", "coord_step",
                                    "seed", "max_items"})
 
 
@@ -128,10 +131,12 @@ def train_loop(config: dict) -> None:
     family = get_family(cfg.family or detect_family(cfg.model))
     resize = resize_spec(cfg.model, cfg.min_pixels, cfg.max_pixels)
     storage = config.get("storage") or {}
+    step = cfg.coord_step or _checkpoint_meta(cfg.model).get("coord_step", 1)
     examples, skipped = [], 0
     for it in config["items"][rank::world]:
         try:
-            examples.append(make_example(it, engine, family, resize, storage=storage))
+            examples.append(make_example(it, engine, family, resize, storage=storage,
+                                         coord_step=step))
         except ValueError:  # unreadable image since review: skipped, counted
             skipped += 1
 
@@ -193,6 +198,11 @@ def train_loop(config: dict) -> None:
             last_ckpt = time.time()
         if done:
             break
+
+
+def _checkpoint_meta(model: str) -> dict:
+    p = Path(model) / "groundlabel.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
 
 
 def _load_for_training(cfg: RetrainConfig):
