@@ -191,10 +191,14 @@ def train_loop(config: dict) -> None:
             state["total"] = min(state["total"], max(21, int(budget / per_step)))
         done = state["step"] >= state["total"] or state["train_s"] >= budget
         if done or time.time() - last_ckpt > 60:
+            import resource
+
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             _report(model, opt, state, rank, {"loss": loss_ema, "step": state["step"],
                                               "epoch": state["step"] / steps_per_epoch,
                                               "train_s": round(state["train_s"], 1),
-                                              "examples": len(examples), "skipped": skipped})
+                                              "examples": len(examples), "skipped": skipped,
+                                              "worker_peak_rss_mb": round(peak_mb)})
             last_ckpt = time.time()
         if done:
             break
