@@ -12,6 +12,7 @@ otherwise: boxes shift when training resizes differently from serving):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -50,8 +51,16 @@ def make_example(item: dict, engine, family, resize, eos: str = "<|im_end|>",
     return Example(img, engine.chat_prompt(family.prompt(item["text"])), answer + eos)
 
 
-def encode(processor, examples: list[Example]):
-    """Tokenised batch; ``labels`` are -100 everywhere but on the answer tokens (left padding)."""
+_LABEL_VALUE = re.compile(r'"label":\s*"((?:[^"\\]|\\.)*)"')
+
+
+def encode(processor, examples: list[Example], mask_label_text: bool = False):
+    """Tokenised batch; ``labels`` are -100 everywhere but on the answer tokens (left padding).
+
+    ``mask_label_text`` also drops the loss on the text inside ``"label": "..."`` (Qwen answers
+    echo the expression there): the answer's format and coordinates are learned, but a new
+    word's spelling (for an untrained token, ~20 nats each) does not swamp the gradient.
+    """
     import torch
 
     tok = processor.tokenizer
@@ -59,7 +68,13 @@ def encode(processor, examples: list[Example]):
                     images=[e.image for e in examples], padding=True, return_tensors="pt")
     labels = torch.full_like(enc["input_ids"], -100)
     for i, e in enumerate(examples):
-        n = len(tok(e.answer, add_special_tokens=False)["input_ids"])
+        a = tok(e.answer, add_special_tokens=False, return_offsets_mapping=True)
+        n = len(a["input_ids"])
         labels[i, -n:] = enc["input_ids"][i, -n:]
+        if mask_label_text:
+            spans = [m.span(1) for m in _LABEL_VALUE.finditer(e.answer)]
+            for k, (s, t) in enumerate(a["offset_mapping"]):
+                if any(s < b and t > a_ for a_, b in spans):
+                    labels[i, len(labels[i]) - n + k] = -100
     enc["labels"] = labels
     return enc

@@ -66,6 +66,8 @@ class RetrainConfig(BaseModel):
     coord_step: int | None = Field(None, ge=1, description="Round 0-1000 target coordinates "
                                    "to this grid (default: the checkpoint's groundlabel.json "
                                    "coord_step, else 1 = exact).")
+    mask_label_text: bool = Field(True, description="No loss on the expression Qwen echoes "
+                                  "in `\"label\": ...` (new words would swamp the gradient).")
     freeze_vision: bool = Field(True, description="Keep the vision tower frozen (no LoRA on it).")
     quantize: Literal["auto", "nf4", "none"] = Field(
         "auto", description="auto: QLoRA (nf4 via bitsandbytes) on CUDA, LoRA elsewhere.")
@@ -100,6 +102,7 @@ def _recipe(cfg: RetrainConfig) -> dict:
     return cfg.model_dump(include={"target_modules", "rank", "alpha", "dropout", "lr",
                                    "warmup_frac", "epochs", "batch_size", "max_minutes",
                                    "min_pixels", "max_pixels", "freeze_vision", "quantize", "coord_step",
+                                   "mask_label_text",
                                    "seed", "max_items"})
 
 
@@ -172,7 +175,7 @@ def train_loop(config: dict) -> None:
             rng = random.Random(cfg.seed * 1000 + epoch)
             rng.shuffle(order)
         idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size] or order[:cfg.batch_size]
-        batch = encode(processor, [examples[i] for i in idx])
+        batch = encode(processor, [examples[i] for i in idx], cfg.mask_label_text)
         frac = state["step"] / state["total"]
         warm = min(1.0, (state["step"] + 1) / max(1, cfg.warmup_frac * state["total"]))
         for g in opt.param_groups:
@@ -344,7 +347,8 @@ def gate(cfg: RetrainConfig, adapter_dir: str, held: list[dict], production: str
     rank = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("r", 16)
     engine = load_engine(EngineConfig(model=cfg.model, engine="vllm", family=cfg.family,
                                       min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
-                                      max_lora_rank=max(16, int(rank))))
+                                      max_lora_rank=max(16, int(rank)),
+                                      vision_lora=not cfg.freeze_vision))
     try:
         # Names never reused: vLLM caches adapters by name.
         new = f"candidate-{Path(adapter_dir).name}-{time.time_ns()}"

@@ -34,6 +34,9 @@ class EngineConfig(BaseModel):
                                    "bounds visual tokens and memory per image.")
     enable_lora: bool = Field(True, description="Allow LoRA adapters (per request).")
     max_lora_rank: int = Field(16, description="Largest adapter rank vLLM reserves room for.")
+    vision_lora: bool = Field(False, description="Apply adapters' vision-tower layers too "
+                              "(vLLM enable_tower_connector_lora; adapters trained with "
+                              "--no-freeze-vision).")
     max_loras: int = Field(2, description="Adapters vLLM keeps resident at once.")
     kv_cache_gb: float = Field(1.0, description="vLLM CPU KV-cache size in GiB.")
     gpu_memory_utilization: float = Field(0.85, description="vLLM GPU memory share (GPU only).")

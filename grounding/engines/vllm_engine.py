@@ -49,6 +49,8 @@ class VLLMEngine(Engine):
         )
         if cfg.enable_lora:
             kwargs.update(max_lora_rank=cfg.max_lora_rank, max_loras=cfg.max_loras)
+            if cfg.vision_lora:  # adapters that also adapt the vision tower / merger
+                kwargs["enable_tower_connector_lora"] = True
         mm = {k: v for k, v in (("min_pixels", cfg.min_pixels), ("max_pixels", cfg.max_pixels)) if v}
         if mm:
             kwargs["mm_processor_kwargs"] = mm
