@@ -237,6 +237,14 @@ def _cmd_adapters(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from serve.config import ServeConfig
+    from serve.run import start
+
+    start(model_from_args(ServeConfig, args, args.config))
+    return 0
+
+
 def _cmd_review_log(args: argparse.Namespace) -> int:
     from grounding.store import ReviewStore
 
@@ -250,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     from grounding.tinymodel import TinyModelConfig
     from pipelines.config import LabelJobConfig
     from pipelines.demo import DemoConfig
+    from serve.config import ServeConfig
     from train.base import BaseTrainConfig
     from train.evaluate import SynthEvalConfig
     from train.merge import MergeConfig
@@ -375,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// URIs.")
     r.set_defaults(fn=_cmd_review_log)
 
+    verb("serve", "Start the online endpoint (Ray Serve + FastAPI): POST /v1/ground, hot-swaps "
+         "the registry's production adapter.", _cmd_serve, ServeConfig)
     verb("retrain", "Train a LoRA adapter on reviewed labels (Ray Train), gate it on held-out "
          "labels through vLLM, register it, promote it if better.", _cmd_retrain, RetrainConfig)
     verb("schedule", "Retrain on a cron schedule when enough new reviewed labels arrived.",

@@ -122,6 +122,11 @@ class Engine(ABC):
             raise ValueError("this engine was started with enable_lora=False")
         self._adapters[name] = path
 
+    def remove_adapter(self, name: str) -> None:
+        """Forget an adapter that was refused before it ever served (its name stays burnt:
+        never register other weights under it)."""
+        self._adapters.pop(name, None)
+
     def _adapter_path(self, name: str) -> str:
         try:
             return self._adapters[name]

@@ -1,0 +1,43 @@
+"""Settings of the online endpoint (``groundlabel serve``; also the ``args`` of a ``serve run``
+config, see cluster/serve-config.yaml)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from grounding.paths import DEFAULT_MODEL
+
+
+class ServeConfig(BaseModel):
+    """The endpoint: model, adapters, guards, batching."""
+
+    model: str = Field(str(DEFAULT_MODEL), description="Base checkpoint folder.")
+    family: str | None = Field(None, description="Model family (default: from the checkpoint).")
+    engine: str = Field("vllm", description="Inference engine: vllm (production) or "
+                        "transformers.")
+    registry: str | None = Field(None, description="Adapter registry (folder or s3://) to "
+                                 "follow: its production adapter is served by default and "
+                                 "swapped in within poll_s of a promotion or rollback.")
+    adapters_dir: str | None = Field(None, description="Folder of adapter folders, when there "
+                                     "is no registry; requests name them by folder name.")
+    poll_s: float = Field(1.0, gt=0, description="How often the registry pointer is read.")
+    api_keys_env: str = Field("GROUNDLABEL_API_KEYS", description="Environment variable with "
+                              "comma-separated API keys; unset or empty = no authentication.")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Larger request bodies "
+                                "are refused with 413.")
+    max_image_pixels: int = Field(16_000_000, ge=1, description="Decoded images above this "
+                                  "many pixels are refused with 413.")
+    max_text_chars: int = Field(1000, ge=1, description="Longest referring expression.")
+    allowed_uri_prefixes: list[str] = Field(default_factory=list, description="Image URIs must "
+                                            "start with one of these (e.g. s3://bucket/images/"
+                                            "); empty = image URIs are refused, base64 only.")
+    max_batch_size: int = Field(32, ge=1, description="Requests batched into one engine call.")
+    batch_wait_ms: float = Field(10.0, ge=0, description="How long a batch waits to fill.")
+    max_new_tokens: int = Field(64, ge=1, description="Answer token limit.")
+    num_replicas: int = Field(1, ge=1, description="Serve replicas (one engine each).")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica.")
+    host: str = Field("127.0.0.1", description="HTTP host of Serve's proxy.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of Serve's proxy.")
+    ray_address: str | None = Field(None, description="Ray cluster address (default: local).")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint.")
