@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--labels", type=int, default=625, help="Reviewed labels in the store.")
     ap.add_argument("--minutes", type=float, default=10.0, help="Training time cap.")
     ap.add_argument("--n-eval", type=int, default=200, help="Held-out images per domain.")
+    ap.add_argument("--single", action="store_true",
+                    help="Single-object shifted images (labels and evaluation).")
     ap.add_argument("--out", default="bench/retrain.json")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="Recipe overrides, e.g. rank=8 lr=0.001 freeze_vision=false.")
@@ -39,7 +41,10 @@ def main() -> None:
     from train.retrain import RetrainConfig, retrain
 
     tmp = Path(tempfile.mkdtemp(prefix="gl-bench-retrain-"))
-    data = write_dataset(tmp / "labels", args.labels, "shifted", seed=11)
+    from grounding.synth import SynthConfig
+
+    sc = SynthConfig(min_objects=1, max_objects=1) if args.single else None
+    data = write_dataset(tmp / "labels", args.labels, "shifted", seed=11, cfg=sc)
     import_labels(str(data), "seed", str(tmp / "store"), reviewer="bench")
     overrides = {}
     for kv in args.set:
@@ -53,9 +58,10 @@ def main() -> None:
     wall = time.time() - t0
     adapter = str(Path(tmp / "registry" / "adapters" / res["adapter"]))
     evals = {}
-    for dom in ("shifted", "base"):
+    for dom in ("shifted", "base"):  # "shifted" follows --single
         for name, ad in (("base_model", None), ("adapter", adapter)):
-            m = evaluate_synthetic(SynthEvalConfig(domain=dom, n=args.n_eval, adapter=ad))
+            m = evaluate_synthetic(SynthEvalConfig(domain=dom, n=args.n_eval, adapter=ad),
+                                   synth=sc if dom == "shifted" else None)
             evals[f"{dom}/{name}"] = m["acc@0.5"]
     out = {
         "command": "bench/bench_retrain.py " + " ".join(

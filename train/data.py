@@ -23,10 +23,50 @@ class Example:
     answer: str    # target text, end-of-turn token included
 
 
+_SIDE = re.compile(r"\b(left|right|Left|Right)\b")
+_MIRROR = {"left": "right", "right": "left", "Left": "Right", "Right": "Left"}
+
+
+def augment(img, boxes: list[list[float]], text: str, rng) -> tuple:
+    """Label-preserving augmentation of an ORIGINAL image and its pixel boxes (xyxy):
+
+    * horizontal flip (p=0.5), with "left" and "right" swapped in the expression;
+    * zoom-out (p=0.5): the image on a canvas up to 1.5x larger, filled with its median border
+      colour, at a random offset (objects move; their look does not change).
+    """
+    from PIL import Image, ImageOps
+
+    w, h = img.size
+    if rng.random() < 0.5:
+        img = ImageOps.mirror(img)
+        boxes = [[w - b[2], b[1], w - b[0], b[3]] for b in boxes]
+        text = _SIDE.sub(lambda m: _MIRROR[m.group(1)], text)
+    if rng.random() < 0.5:
+        s = 1 + 0.5 * rng.random()
+        nw, nh = int(w * s), int(h * s)
+        border = [img.getpixel((x, y)) for x in (0, w - 1) for y in (0, h - 1)]
+        fill = tuple(sorted(c[i] for c in border)[len(border) // 2] for i in range(3))
+        canvas = Image.new("RGB", (nw, nh), fill)
+        ox, oy = rng.randint(0, nw - w), rng.randint(0, nh - h)
+        canvas.paste(img, (ox, oy))
+        img = canvas
+        boxes = [[b[0] + ox, b[1] + oy, b[2] + ox, b[3] + oy] for b in boxes]
+    return img, boxes, text
+
+
+def load_item_image(item: dict, storage: dict | None = None):
+    """The item's ORIGINAL image, RGB (raises ImageError)."""
+    from grounding.images import decode, read_bytes
+
+    return decode(read_bytes(item["image"], storage or {}))
+
+
 def make_example(item: dict, engine, family, resize, eos: str = "<|im_end|>",
-                 storage: dict | None = None, coord_step: int = 1) -> Example:
+                 storage: dict | None = None, coord_step: int = 1, image=None,
+                 rng=None) -> Example:
     """An `Example` from a labeled item (`grounding.labels`); raises ImageError / ValueError.
 
+    ``rng`` (a ``random.Random``) turns on `augment`; ``image`` skips loading it again.
     Each box carries the expression as its label, as Qwen answers do. ``coord_step`` rounds
     0-1000 coordinates to the grid a checkpoint was trained on (the bundled tiny model: 10);
     1 keeps them exact.
@@ -34,21 +74,23 @@ def make_example(item: dict, engine, family, resize, eos: str = "<|im_end|>",
     from PIL import Image
 
     from grounding.boxes import Box
-    from grounding.images import decode, read_bytes
 
-    img = decode(read_bytes(item["image"], storage or {}))
+    img = image if image is not None else load_item_image(item, storage)
+    boxes_px, text = item["boxes"], item["text"]
+    if rng is not None:
+        img, boxes_px, text = augment(img, boxes_px, text, rng)
     size = img.size
     rw, rh = resize.resized_size(size)
     if (rw, rh) != size:
         img = img.resize((rw, rh), Image.BICUBIC)
-    boxes = [Box.from_list(b, label=item["text"]) for b in item["boxes"]]
+    boxes = [Box.from_list(b, label=text) for b in boxes_px]
     if coord_step > 1 and family.coords == "norm1000":
         from grounding.boxes import from_norm1000, to_norm1000
 
         boxes = [from_norm1000([round(v / coord_step) * coord_step for v in to_norm1000(b, size)],
                                size, label=b.label) for b in boxes]
     answer = family.render(boxes, size, resize if family.needs_resize else None)
-    return Example(img, engine.chat_prompt(family.prompt(item["text"])), answer + eos)
+    return Example(img, engine.chat_prompt(family.prompt(text)), answer + eos)
 
 
 _LABEL_VALUE = re.compile(r'"label":\s*"((?:[^"\\]|\\.)*)"')

@@ -31,15 +31,17 @@ class SynthEvalConfig(BaseModel):
     batch_size: int = Field(64, ge=1, description="Requests per engine call.")
 
 
-def evaluate_synthetic(cfg: SynthEvalConfig, engine=None) -> dict:
-    """Metrics dict (``acc@0.5``, ``mean_iou``, ``parse_fail_rate``, ``n``, ``chance``)."""
+def evaluate_synthetic(cfg: SynthEvalConfig, engine=None, synth=None) -> dict:
+    """Metrics dict (``acc@0.5``, ``mean_iou``, ``parse_fail_rate``, ``n``, ``chance``).
+
+    ``synth`` (a `grounding.synth.SynthConfig`) changes the set, e.g. single-object images."""
     from grounding.boxes import Box
     from grounding.engines import EngineConfig, load_engine
     from grounding.engines.grounder import Grounder, GroundingRequest
     from grounding.metrics import grounding_metrics
     from grounding.synth import chance_accuracy, iter_samples
 
-    samples = list(iter_samples(cfg.n, cfg.domain, cfg.seed))
+    samples = list(iter_samples(cfg.n, cfg.domain, cfg.seed, synth))
     own = engine is None
     engine = engine or load_engine(EngineConfig(model=cfg.model, engine=cfg.engine))
     name = None

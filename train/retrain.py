@@ -66,6 +66,8 @@ class RetrainConfig(BaseModel):
     coord_step: int | None = Field(None, ge=1, description="Round 0-1000 target coordinates "
                                    "to this grid (default: the checkpoint's groundlabel.json "
                                    "coord_step, else 1 = exact).")
+    augment: bool = Field(True, description="Horizontal flip (left/right swapped in the text) "
+                          "and zoom-out, each with p=0.5, freshly every epoch.")
     mask_label_text: bool = Field(True, description="No loss on the expression Qwen echoes "
                                   "in `\"label\": ...` (new words would swamp the gradient).")
     freeze_vision: bool = Field(True, description="Keep the vision tower frozen (no LoRA on it).")
@@ -102,7 +104,7 @@ def _recipe(cfg: RetrainConfig) -> dict:
     return cfg.model_dump(include={"target_modules", "rank", "alpha", "dropout", "lr",
                                    "warmup_frac", "epochs", "batch_size", "max_minutes",
                                    "min_pixels", "max_pixels", "freeze_vision", "quantize", "coord_step",
-                                   "mask_label_text",
+                                   "mask_label_text", "augment",
                                    "seed", "max_items"})
 
 
@@ -120,7 +122,7 @@ def train_loop(config: dict) -> None:
     from grounding.engines import EngineConfig
     from grounding.engines.hf_engine import HFEngine
     from grounding.families import get_family
-    from train.data import encode, make_example
+    from train.data import encode, load_item_image, make_example
 
     cfg = RetrainConfig(**config["cfg"])
     ctx = ray.train.get_context()
@@ -135,13 +137,22 @@ def train_loop(config: dict) -> None:
     resize = resize_spec(cfg.model, cfg.min_pixels, cfg.max_pixels)
     storage = config.get("storage") or {}
     step = cfg.coord_step or _checkpoint_meta(cfg.model).get("coord_step", 1)
-    examples, skipped = [], 0
+    # Items hold the ORIGINAL images (decoded once); examples are made per step so that each
+    # epoch sees a fresh augmentation.
+    items, images, skipped = [], [], 0
     for it in config["items"][rank::world]:
         try:
-            examples.append(make_example(it, engine, family, resize, storage=storage,
-                                         coord_step=step))
+            images.append(load_item_image(it, storage))
+            items.append(it)
         except ValueError:  # unreadable image since review: skipped, counted
             skipped += 1
+    aug_rng = random.Random(cfg.seed + 7919 * rank)
+
+    def example(i: int):
+        return make_example(items[i], engine, family, resize, coord_step=step, image=images[i],
+                            rng=aug_rng if cfg.augment else None)
+
+    examples = items  # only its length is used below
 
     steps_per_epoch = max(1, math.ceil(len(examples) / cfg.batch_size))
     total = max(1, int(cfg.epochs * steps_per_epoch))
@@ -175,7 +186,7 @@ def train_loop(config: dict) -> None:
             rng = random.Random(cfg.seed * 1000 + epoch)
             rng.shuffle(order)
         idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size] or order[:cfg.batch_size]
-        batch = encode(processor, [examples[i] for i in idx], cfg.mask_label_text)
+        batch = encode(processor, [example(i) for i in idx], cfg.mask_label_text)
         frac = state["step"] / state["total"]
         warm = min(1.0, (state["step"] + 1) / max(1, cfg.warmup_frac * state["total"]))
         for g in opt.param_groups:

@@ -1,0 +1,265 @@
+"""The online endpoint on a real Ray Serve with the vLLM engine: answers, guards, hot-swap under
+load with zero failed requests, refusal of a broken adapter, and a 1,000-request fuzz."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import random
+import threading
+import time
+
+import pytest
+import requests
+from support import bomb_png, free_port
+
+from train.registry import AdapterRegistry
+
+pytestmark = pytest.mark.slow
+KEY = "test-key-1"
+
+
+def _lora(tiny_model, out, seed: int):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    m = AutoModelForImageTextToText.from_pretrained(tiny_model, dtype=torch.float32)
+    get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                 init_lora_weights=False)).save_pretrained(out)
+    return out
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def svc(ray_local, tiny_model, random_adapter, tmp_path_factory):
+    from ray import serve
+
+    from grounding.synth import make_sample
+    from serve.app import build_app
+    from serve.config import ServeConfig
+
+    tmp = tmp_path_factory.mktemp("serve")
+    reg = AdapterRegistry(str(tmp / "registry"))
+    a = reg.register(random_adapter, {"note": "A"}, name="adapter-a")
+    b = reg.register(_lora(tiny_model, tmp / "b", 7), {"note": "B"}, name="adapter-b")
+    (tmp / "imgs").mkdir()
+    sample = make_sample(3, "base", 0)
+    sample.image.save(tmp / "imgs" / "one.png")
+    os.environ["GL_TEST_KEYS"] = f"{KEY},other-key"
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    cfg = ServeConfig(registry=str(tmp / "registry"), poll_s=0.5, api_keys_env="GL_TEST_KEYS",
+                      allowed_uri_prefixes=[str(tmp / "imgs") + "/"], max_body_bytes=2_000_000,
+                      max_image_pixels=4_000_000, port=port)
+    serve.run(build_app(cfg), name="groundlabel-test", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    yield {"url": url, "reg": reg, "a": a, "b": b, "tmp": tmp, "sample": sample,
+           "b64": base64.b64encode(_png(sample.image)).decode()}
+    serve.delete("groundlabel-test")
+    serve.shutdown()
+
+
+def _post(svc, body=None, key=KEY, raw=None, headers=None):
+    h = {"X-API-Key": key} if key else {}
+    h.update(headers or {})
+    if raw is not None:
+        return requests.post(f"{svc['url']}/v1/ground", data=raw, headers=h, timeout=120)
+    return requests.post(f"{svc['url']}/v1/ground", json=body, headers=h, timeout=120)
+
+
+def test_answers_base64_and_uri(svc):
+    s = svc["sample"]
+    r = _post(svc, {"image": svc["b64"], "text": s.text})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["image_size"] == list(s.image.size) and out["adapter"] is None
+    assert out["boxes"] and out["status"] in ("ok", "clipped")
+    b = out["boxes"][0]
+    assert 0 <= b["x1"] <= b["x2"] <= s.image.size[0] and 0 < b["score"] <= 1
+    r2 = _post(svc, {"image": str(svc["tmp"] / "imgs" / "one.png"), "text": s.text})
+    assert r2.status_code == 200 and r2.json()["boxes"] == out["boxes"]
+    r3 = _post(svc, {"image": "data:image/png;base64," + svc["b64"], "text": s.text,
+                     "family": "qwen3_vl"})
+    assert r3.status_code == 200
+    m = requests.get(f"{svc['url']}/v1/models", timeout=30).json()
+    assert m["family"] == "qwen3_vl" and {x["name"] for x in m["registry"]} >= {"adapter-a"}
+    assert requests.get(f"{svc['url']}/healthz", timeout=30).json() == {"status": "ok"}
+    assert requests.get(f"{svc['url']}/readyz", timeout=30).status_code == 200
+    assert "groundlabel_requests_total" in requests.get(f"{svc['url']}/metrics", timeout=30).text
+    spec = requests.get(f"{svc['url']}/openapi.json", timeout=30).json()
+    assert "/v1/ground" in spec["paths"]
+    assert requests.get(f"{svc['url']}/docs", timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize("case", [
+    "no_key", "wrong_key", "bearer_ok", "too_big", "bomb", "uri_outside", "uri_metadata",
+    "uri_dotdot", "empty_text", "bad_json", "extra_field", "unknown_adapter", "corrupt",
+    "wrong_family", "no_route"])
+def test_guards(svc, case):
+    t = svc["sample"].text
+    img = svc["b64"]
+    allowed = str(svc["tmp"] / "imgs") + "/"
+    want = {"no_key": 401, "wrong_key": 401, "bearer_ok": 200, "too_big": 413, "bomb": 413,
+            "uri_outside": 403, "uri_metadata": 403, "uri_dotdot": 403, "empty_text": 422,
+            "bad_json": 400, "extra_field": 422, "unknown_adapter": 404, "corrupt": 422,
+            "wrong_family": 422, "no_route": 404}[case]
+    if case == "no_key":
+        r = _post(svc, {"image": img, "text": t}, key=None)
+    elif case == "wrong_key":
+        r = _post(svc, {"image": img, "text": t}, key="nope")
+    elif case == "bearer_ok":
+        r = _post(svc, {"image": img, "text": t}, key=None,
+                  headers={"Authorization": "Bearer other-key"})
+    elif case == "too_big":
+        r = _post(svc, {"image": "A" * 3_000_000, "text": t})
+    elif case == "bomb":
+        r = _post(svc, {"image": base64.b64encode(bomb_png()).decode(), "text": t})
+    elif case == "uri_outside":
+        r = _post(svc, {"image": "/etc/passwd", "text": t})
+    elif case == "uri_metadata":
+        r = _post(svc, {"image": "http://169.254.169.254/latest/meta-data/", "text": t})
+    elif case == "uri_dotdot":
+        r = _post(svc, {"image": allowed + "../../etc/passwd", "text": t})
+    elif case == "empty_text":
+        r = _post(svc, {"image": img, "text": "   "})
+    elif case == "bad_json":
+        r = _post(svc, raw=b"{not json", headers={"content-type": "application/json"})
+    elif case == "extra_field":
+        r = _post(svc, {"image": img, "text": t, "evil": 1})
+    elif case == "unknown_adapter":
+        r = _post(svc, {"image": img, "text": t, "adapter": "no-such-adapter"})
+    elif case == "corrupt":
+        r = _post(svc, {"image": base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"x" * 200).decode(),
+                        "text": t})
+    elif case == "wrong_family":
+        r = _post(svc, {"image": img, "text": t, "family": "florence2"})
+    else:
+        r = requests.get(f"{svc['url']}/v2/nothing", timeout=30)
+    assert r.status_code == want, (case, r.status_code, r.text)
+    if want != 200:
+        err = r.json()["error"]
+        assert err["code"] and err["message"], r.text
+
+
+def _expected(svc, adapter):
+    r = _post(svc, {"image": svc["b64"], "text": svc["sample"].text, "adapter": adapter})
+    assert r.status_code == 200, r.text
+    assert r.json()["adapter"] == adapter
+    return r.json()["raw_text"]
+
+
+def test_hot_swap_under_load_fails_nothing(svc):
+    reg = svc["reg"]
+    want = {None: _expected(svc, None), "adapter-a": _expected(svc, "adapter-a"),
+            "adapter-b": _expected(svc, "adapter-b")}
+    assert len(set(want.values())) == 3  # three distinguishable answers
+    log, stop = [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            t = time.time()
+            try:
+                r = _post(svc, {"image": svc["b64"], "text": svc["sample"].text})
+                log.append((t, r.status_code, r.json().get("adapter"), r.json().get("raw_text")))
+            except Exception as e:  # noqa: BLE001 - a failed request is what we count
+                log.append((t, repr(e), None, None))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for th in threads:
+        th.start()
+    time.sleep(3)
+    switches = {}
+    for action in ["adapter-a", "adapter-b", "rollback"]:
+        t0 = time.time()
+        target = reg.rollback() if action == "rollback" else (reg.promote(action) and action)
+        while time.time() - t0 < 30:
+            seen = [x for x in log if x[0] > t0 and x[2] == target]
+            if seen:
+                switches[action] = round(seen[0][0] - t0, 2)
+                break
+            time.sleep(0.1)
+        time.sleep(2)
+    stop.set()
+    for th in threads:
+        th.join(60)
+    failed = [x for x in log if x[1] != 200]
+    mixed = [x for x in log if x[1] == 200 and want[x[2]] != x[3]]
+    report = {"requests": len(log), "failed": len(failed), "mixed": len(mixed),
+              "switch_s": switches}
+    print("\nhot-swap:", json.dumps(report))
+    (svc["tmp"] / "hotswap.json").write_text(json.dumps(report))
+    assert not failed and not mixed, report
+    assert set(switches) == {"adapter-a", "adapter-b", "rollback"}, report
+    assert all(v < 10 for v in switches.values()), report
+    assert reg.production() == "adapter-a"  # rolled back from b
+
+
+def test_broken_adapter_is_refused_and_the_old_one_keeps_serving(svc, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    reg = svc["reg"]
+    before = reg.production()
+    broken = tmp_path / "broken"
+    shutil.copytree(svc["tmp"] / "registry" / "adapters" / "adapter-b", broken)
+    (broken / "meta.json").unlink()
+    w = load_file(broken / "adapter_model.safetensors")
+    save_file({k: torch.zeros(3, 5) for k in w}, broken / "adapter_model.safetensors")
+    name = reg.register(broken, {"note": "wrong shapes"}, name="adapter-broken")
+    reg.promote(name)
+    time.sleep(4)
+    r = _post(svc, {"image": svc["b64"], "text": svc["sample"].text})
+    assert r.status_code == 200 and r.json()["adapter"] == before, r.text
+    models = requests.get(f"{svc['url']}/v1/models", timeout=30).json()
+    assert models["production"] == before and "adapter-broken" in models["refused"]
+    r = _post(svc, {"image": svc["b64"], "text": "x", "adapter": "adapter-broken"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_adapter"
+    reg.rollback()
+
+
+def test_fuzz_1000_malformed_requests_no_5xx(svc):
+    rng = random.Random(0)
+    junk_values = [None, 0, -1, 1e308, "", " ", "x" * 5000, [], {}, [1, 2], {"a": 1}, True,
+                   "\x00\xff", "data:image/png;base64,!!!", "s3://other-bucket/x.png",
+                   "file:///etc/shadow", "gopher://x", "../../x", "%2e%2e/x", "A" * 70,
+                   "/9j/" + "A" * 100, "iVBORw0KGgo" + "=" * 10]
+    statuses = []
+    for _ in range(1000):
+        kind = rng.randrange(6)
+        headers = {"X-API-Key": KEY}
+        if kind == 0:
+            body = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 300)))
+            r = _post(svc, raw=body, headers={"content-type": rng.choice(
+                ["application/json", "text/plain", "application/octet-stream", ""])})
+        elif kind == 1:
+            obj = {k: rng.choice(junk_values) for k in rng.sample(
+                ["image", "text", "adapter", "family", "extra"], rng.randrange(0, 5))}
+            r = _post(svc, obj)
+        elif kind == 2:
+            r = _post(svc, rng.choice(junk_values))
+        elif kind == 3:
+            r = _post(svc, {"image": rng.choice(junk_values), "text": "the red circle"})
+        elif kind == 4:
+            r = _post(svc, {"image": svc["b64"][: rng.randrange(1, 400)], "text": "x"})
+        else:
+            method = rng.choice(["GET", "PUT", "DELETE", "PATCH", "POST"])
+            path = rng.choice(["/v1/ground", "/v1/models", "/", "/v1/ground/x", "/%00",
+                               "/v1/" + "a" * 300])
+            r = requests.request(method, svc["url"] + path, headers=headers,
+                                 data=b"{}" if method != "GET" else None, timeout=60)
+        statuses.append(r.status_code)
+    assert not [s for s in statuses if s >= 500], sorted(set(statuses))
+    assert requests.get(f"{svc['url']}/healthz", timeout=30).status_code == 200
+    assert _post(svc, {"image": svc["b64"], "text": svc["sample"].text}).status_code == 200
+    print("\nfuzz statuses:", {s: statuses.count(s) for s in sorted(set(statuses))})
