@@ -38,10 +38,11 @@ def test_hit_rule():
     assert hit([Box.from_list([100, 100, 140, 140])], [[0, 0, 5, 5], [100, 100, 140, 141]])
 
 
-def _store_with(tmp_path, n: int, name="store", seed=11):
-    from grounding.synth import write_dataset
+def _store_with(tmp_path, n: int, name="store", seed=11, single=False):
+    from grounding.synth import SynthConfig, write_dataset
 
-    data = write_dataset(tmp_path / f"synth-{seed}", n, "shifted", seed=seed)
+    sc = SynthConfig(min_objects=1, max_objects=1) if single else None
+    data = write_dataset(tmp_path / f"synth-{seed}", n, "shifted", seed=seed, cfg=sc)
     store = str(tmp_path / name)
     import_labels(str(data), "seed", store, reviewer="test")
     return store
@@ -68,14 +69,17 @@ def test_retrain_refuses_too_few_labels(tmp_path):
         retrain(RetrainConfig(store=store, registry=str(tmp_path / "reg"), holdout_frac=0.01))
 
 
-RECIPE = {"rank": 16, "alpha": 32, "lr": 2e-3, "epochs": 4, "batch_size": 8, "max_minutes": 3.0}
+# The default recipe, with a short cap. Labels: single-object shifted images, where the unseen
+# colours hurt localisation and one retraining clearly lifts it (0.64 -> 0.90 measured); on
+# multi-object shifted images the lift is small (bench/RESULTS.md).
+RECIPE = {"max_minutes": 3.0}
 
 
 @pytest.fixture(scope="module")
 def scheduled(tmp_path_factory, ray_local):
     """A store of reviewed shifted-domain labels; the scheduler's first tick retrains."""
     tmp = tmp_path_factory.mktemp("retrain")
-    store = _store_with(tmp, 300)
+    store = _store_with(tmp, 300, single=True)
     reg = str(tmp / "registry")
     logs: list[str] = []
     from train.schedule import run
@@ -95,7 +99,7 @@ def test_scheduled_retrain_lifts_accuracy_and_promotes(scheduled):
     gate = res["gate"]
     # a clear lift on held-out reviewed labels of the shifted domain, through vLLM
     assert gate["candidate"]["n"] >= 50
-    assert gate["candidate"]["acc@0.5"] >= gate["production"]["acc@0.5"] + 0.1, gate
+    assert gate["candidate"]["acc@0.5"] >= gate["production"]["acc@0.5"] + 0.15, gate
     assert res["decision"] == "promoted"
     reg = AdapterRegistry(scheduled["registry"])
     assert reg.production() == res["adapter"]
