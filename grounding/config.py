@@ -38,7 +38,8 @@ def add_model_args(parser: argparse.ArgumentParser, model: type[BaseModel],
         required = f.is_required()
         kw: dict[str, Any] = {"help": f.description or ""}
         if not required:
-            kw["help"] += f" (default: {f.default!r})"
+            default = f.default_factory() if f.default_factory is not None else f.default
+            kw["help"] += f" (default: {default!r})"
         kw["default"] = argparse.SUPPRESS  # unset flags do not override --config values
         origin = typing.get_origin(tp)
         if tp is bool:

@@ -84,6 +84,8 @@ class RetrainConfig(BaseModel):
     cpus_per_worker: int = Field(2, ge=1, description="CPUs per worker (torch threads).")
     storage_path: str = Field("runs/retrain", description="Ray Train storage for checkpoints "
                               "(folder or s3://).")
+    checkpoint_every_s: float = Field(60.0, gt=0, description="Seconds between checkpoints "
+                                      "(adapter + optimizer) in the Ray Train storage.")
     run_name: str | None = Field(None, description="Ray Train run name; the same name resumes "
                                  "(default: from store, version and recipe).")
     ray_address: str | None = Field(None, description="Ray cluster address (default: local).")
@@ -158,7 +160,7 @@ def train_loop(config: dict) -> None:
     total = max(1, int(cfg.epochs * steps_per_epoch))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=0.0)
-    state = {"step": 0, "train_s": 0.0, "total": total}
+    state = {"step": 0, "train_s": 0.0, "total": total, "resumed_from_step": None}
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:  # resume: adapter weights, optimizer, step counter
         with ckpt.as_directory() as d:
@@ -168,7 +170,7 @@ def train_loop(config: dict) -> None:
             set_peft_model_state_dict(model, load_file(f"{d}/adapter/adapter_model.safetensors"))
             extra = torch.load(f"{d}/trainer_state.pt", weights_only=False)
             opt.load_state_dict(extra["optimizer"])
-            state = extra["state"]
+            state = dict(extra["state"], resumed_from_step=extra["state"]["step"])
     if world > 1:
         import ray.train.torch
 
@@ -204,7 +206,7 @@ def train_loop(config: dict) -> None:
             per_step = state["train_s"] / 20
             state["total"] = min(state["total"], max(21, int(budget / per_step)))
         done = state["step"] >= state["total"] or state["train_s"] >= budget
-        if done or time.time() - last_ckpt > 60:
+        if done or time.time() - last_ckpt > cfg.checkpoint_every_s:
             import resource
 
             peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -212,7 +214,8 @@ def train_loop(config: dict) -> None:
                                               "epoch": state["step"] / steps_per_epoch,
                                               "train_s": round(state["train_s"], 1),
                                               "examples": len(examples), "skipped": skipped,
-                                              "worker_peak_rss_mb": round(peak_mb)})
+                                              "worker_peak_rss_mb": round(peak_mb),
+                                              "resumed_from_step": state["resumed_from_step"]})
             last_ckpt = time.time()
         if done:
             break

@@ -140,3 +140,42 @@ def test_label_job_names_the_registered_adapter(scheduled, ray_local):
     prod = AdapterRegistry(scheduled["registry"]).production()
     assert s["rows"] == 8 and {r["adapter"] for r in rows} == {prod}
     assert all(r["error_code"] is None for r in rows)
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_from_its_checkpoint(tmp_path):
+    """SIGKILL the whole retrain (driver, Ray, the worker) after its first checkpoint; the same
+    command resumes from it (Ray Train storage, same run name) instead of starting over."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from train.retrain import RetrainConfig, retrain
+
+    store = _store_with(tmp_path, 60, single=True)
+    args = {"store": store, "registry": str(tmp_path / "reg"), "run_name": "resume-me",
+            "storage_path": str(tmp_path / "ray-train"), "epochs": 40, "batch_size": 4,
+            "checkpoint_every_s": 2, "max_minutes": 5, "holdout_frac": 0.2}
+    argv = [sys.executable, "-m", "grounding.cli", "retrain"]
+    for k, v in args.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    proc = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not list((tmp_path / "ray-train").rglob("checkpoint_*/trainer_state.pt")):
+            assert proc.poll() is None, "retrain ended before its first checkpoint"
+            assert time.time() < deadline, "no checkpoint within 300 s"
+            time.sleep(1)
+        time.sleep(1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert AdapterRegistry(args["registry"]).list() == []  # killed before registering
+    res = retrain(RetrainConfig(**args))
+    m = res["train_metrics"]
+    assert m["resumed_from_step"] and m["resumed_from_step"] > 0, m
+    assert m["step"] > m["resumed_from_step"]
+    assert AdapterRegistry(args["registry"]).list()[0]["name"] == res["adapter"]
