@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -43,7 +44,7 @@ def _now() -> str:
 class AdapterRegistry:
     """Adapters and the production pointer at ``uri`` (``s3://bucket/prefix`` or a folder)."""
 
-    def __init__(self, uri: str, opts: StorageOptions | None = None, lease_s: float = 900.0):
+    def __init__(self, uri: str, opts: StorageOptions | None = None, lease_s: float = 120.0):
         self.uri = uri.rstrip("/")
         self.opts = opts or StorageOptions()
         self.fs, self.root = filesystem(self.uri, self.opts)
@@ -215,34 +216,67 @@ class AdapterRegistry:
     # -- lock ----------------------------------------------------------------------------
     @contextmanager
     def lock(self, wait_s: float = 0.0):
-        """Hold the registry lock (exclusive create of ``_lock``). A lock older than the lease
-        belongs to a crashed holder and is taken over. Raises RegistryError if held."""
+        """Hold the registry lock (exclusive create of ``_lock``) for the ``with`` block.
+
+        The holder renews its lease every ``lease_s / 3`` from a background thread, so a long
+        retrain keeps it, while a crashed holder's lock expires within ``lease_s``; a holder on
+        this host whose process is gone is recognised at once. Raises RegistryError if held.
+        """
         path = self._p("_lock")
-        me = {"owner": f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
-              "until": time.time() + self.lease_s}
+        me = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.fs.makedirs(self.root, exist_ok=True)
         deadline = time.time() + wait_s
         while True:
             try:
-                self.fs.pipe_file(path, json.dumps(me).encode(), mode="create")
+                self.fs.pipe_file(path, self._lease(me), mode="create")
                 break
             except FileExistsError:
                 try:
                     held = json.loads(self.fs.cat_file(path))
                 except (FileNotFoundError, ValueError):
                     continue  # released (or being written) meanwhile: try again
-                if held.get("until", 0) < time.time():
-                    self.fs.rm(path)  # expired lease: its holder crashed
+                if held.get("until", 0) < time.time() or _dead_here(held.get("owner", "")):
+                    self.fs.rm(path)  # its holder crashed
                     continue
                 if time.time() >= deadline:
                     raise RegistryError(f"registry {self.uri} is locked by {held['owner']} "
                                         f"(another retrain or promotion is running)") from None
                 time.sleep(0.5)
+        stop = threading.Event()
+
+        def renew():
+            while not stop.wait(self.lease_s / 3):
+                try:
+                    if json.loads(self.fs.cat_file(path)).get("owner") == me:
+                        self.fs.pipe_file(path, self._lease(me))
+                except (FileNotFoundError, ValueError, OSError):
+                    return
+
+        threading.Thread(target=renew, daemon=True, name="registry-lease").start()
         try:
             yield
         finally:
+            stop.set()
             try:
-                if json.loads(self.fs.cat_file(path)).get("owner") == me["owner"]:
+                if json.loads(self.fs.cat_file(path)).get("owner") == me:
                     self.fs.rm(path)
             except FileNotFoundError:
                 pass
+
+    def _lease(self, owner: str) -> bytes:
+        return json.dumps({"owner": owner, "until": time.time() + self.lease_s}).encode()
+
+
+def _dead_here(owner: str) -> bool:
+    """True when ``owner`` (host:pid:tag) is a process of this host that no longer exists."""
+    host, _, rest = owner.partition(":")
+    pid = rest.split(":", 1)[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+        return False
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False

@@ -399,7 +399,7 @@ def retrain(cfg: RetrainConfig) -> dict:
     if not held or (not train_items and not cfg.candidate):
         raise StoreError(f"version {version} has {len(items)} usable labels: too few to train "
                          f"and hold out {cfg.holdout_frac:.0%}")
-    registry = AdapterRegistry(cfg.registry, opts, lease_s=cfg.max_minutes * 60 + 3600)
+    registry = AdapterRegistry(cfg.registry, opts)
     t0 = time.time()
     # The lock is held for the whole run: two retrains never overlap, and production cannot
     # change between the gate's measurement and the promotion.

@@ -111,3 +111,41 @@ def test_expired_lock_of_a_crashed_holder_is_taken_over(tmp_path):
     name = reg.register(_adapter(tmp_path / "a", 1), {})
     reg.promote(name)
     assert reg.production() == name and not (tmp_path / "reg" / "_lock").exists()
+
+
+def test_lock_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
+    import socket
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    reg = AdapterRegistry(str(tmp_path / "reg"))
+    (tmp_path / "reg").mkdir()
+    (tmp_path / "reg" / "_lock").write_text(json.dumps(
+        {"owner": f"{socket.gethostname()}:{dead.pid}:x", "until": time.time() + 3600}))
+    name = reg.register(_adapter(tmp_path / "a", 1), {})
+    reg.promote(name)
+    assert reg.production() == name
+
+
+def test_a_long_holder_keeps_its_lock_by_renewing_the_lease(tmp_path):
+    import threading
+
+    reg = AdapterRegistry(str(tmp_path / "reg"), lease_s=0.6)
+    name = reg.register(_adapter(tmp_path / "a", 1), {})
+    held, done = threading.Event(), threading.Event()
+
+    def hold():
+        with reg.lock():
+            held.set()
+            done.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait(10)
+    time.sleep(1.5)  # well past one lease: still held, because it was renewed
+    with pytest.raises(RegistryError, match="locked by"):
+        AdapterRegistry(str(tmp_path / "reg"), lease_s=0.6).promote(name)
+    done.set()
+    t.join()
+    reg.promote(name)
