@@ -38,7 +38,7 @@ class ImageError(ValueError):
 
 _B64 = re.compile(r"[A-Za-z0-9+/=\s]+")
 # Base64 of common image files starts with these (JPEG's "/9j/" looks like an absolute path).
-_B64_MAGIC = ("/9j/", "iVBORw0KGgo", "R0lGOD", "UklGR", "Qk", "SUkq", "TU0A", "AAAA")
+_B64_MAGIC = ("/9j/", "iVBORw0KGg", "R0lGOD", "UklGR", "Qk", "SUkq", "TU0A", "AAAA")
 
 
 def is_base64_image(ref: str) -> bool:

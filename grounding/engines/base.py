@@ -96,6 +96,50 @@ def check_adapter_dir(path: str | Path) -> Path:
     return p
 
 
+def _weight_shapes(folder: Path, pattern: str) -> dict[str, list[int]]:
+    from safetensors import safe_open
+
+    shapes: dict[str, list[int]] = {}
+    for f in sorted(folder.glob(pattern)):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():  # noqa: SIM118 - safe_open is not a mapping
+                shapes[k] = list(st.get_slice(k).get_shape())
+    return shapes
+
+
+def check_adapter_fits(adapter: str | Path, model: str | Path, max_rank: int | None = None) -> None:
+    """Check a LoRA adapter against the base checkpoint's weight shapes without loading either:
+    every ``lora_A`` must be ``(r, in)`` and every ``lora_B`` ``(out, r)`` of a weight the model
+    has. Raises ValueError naming the first mismatch (an adapter for another model, or corrupt
+    weights, that an engine might otherwise load silently)."""
+    a, m = Path(adapter), Path(model)
+    base = _weight_shapes(m, "*.safetensors")
+    if not base:
+        return  # no safetensors to compare with (e.g. .bin checkpoints): structural check only
+    lora = _weight_shapes(a, "adapter_model.safetensors")
+    if not lora:
+        raise ValueError(f"adapter {a} has no LoRA weights")
+    for key, shape in lora.items():
+        if ".lora_A." not in key and ".lora_B." not in key:
+            continue
+        module = key.split(".lora_")[0]
+        name = module.removeprefix("base_model.model.") + ".weight"
+        target = base.get(name) or next((v for k, v in base.items() if k.endswith(name)), None)
+        if target is None or len(target) != 2 or len(shape) != 2:
+            raise ValueError(f"adapter {a}: {module} is not a linear layer of {m.name}")
+        out_f, in_f = target
+        if ".lora_A." in key and shape[1] != in_f:
+            raise ValueError(f"adapter {a}: {key} has shape {shape}, the model's layer takes "
+                             f"{in_f} inputs (expected [r, {in_f}])")
+        if ".lora_B." in key and shape[0] != out_f:
+            raise ValueError(f"adapter {a}: {key} has shape {shape}, the model's layer gives "
+                             f"{out_f} outputs (expected [{out_f}, r])")
+        r = shape[0] if ".lora_A." in key else shape[1]
+        if max_rank is not None and r > max_rank:
+            raise ValueError(f"adapter {a} has rank {r}, this engine allows at most {max_rank} "
+                             f"(raise max_lora_rank)")
+
+
 class Engine(ABC):
     """Batch generation over (prompt, image, adapter) requests, greedy decoding."""
 
@@ -115,6 +159,8 @@ class Engine(ABC):
         another folder would serve stale weights, so it is refused.
         """
         path = str(check_adapter_dir(path))
+        check_adapter_fits(path, self.cfg.model,
+                           self.cfg.max_lora_rank if self.cfg.engine == "vllm" else None)
         if name in self._adapters and self._adapters[name] != path:
             raise ValueError(f"adapter name {name!r} is already bound to {self._adapters[name]}; "
                              "adapter names are never reused, register a new name")

@@ -98,3 +98,29 @@ def test_corrupt_adapter_folders_are_refused(vllm_engine, random_adapter, tmp_pa
         (d / "adapter_config.json").write_text("{not json")
     with pytest.raises(ValueError):
         vllm_engine.add_adapter(f"broken-{broken}", d)
+
+
+def test_adapter_shapes_are_checked_against_the_model(tiny_model, random_adapter, tmp_path):
+    import shutil
+
+    import pytest
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from grounding.engines.base import check_adapter_fits
+
+    check_adapter_fits(random_adapter, tiny_model, max_rank=16)
+    with pytest.raises(ValueError, match="rank 8, this engine allows at most 4"):
+        check_adapter_fits(random_adapter, tiny_model, max_rank=4)
+    bad = tmp_path / "bad"
+    shutil.copytree(random_adapter, bad)
+    w = load_file(bad / "adapter_model.safetensors")
+    save_file({k: torch.zeros(3, 5) for k in w}, bad / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"expected \[r, 256\]"):
+        check_adapter_fits(bad, tiny_model)
+    other = tmp_path / "other"
+    shutil.copytree(random_adapter, other)
+    save_file({k.replace("q_proj", "nope_proj"): v for k, v in w.items()},
+              other / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="is not a linear layer"):
+        check_adapter_fits(other, tiny_model)
