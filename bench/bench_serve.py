@@ -63,6 +63,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, default=32, help="Concurrent clients.")
     ap.add_argument("--seconds", type=float, default=40.0, help="Load time per configuration.")
+    ap.add_argument("--wait-ms", type=float, default=10.0, help="Batch wait (batched run).")
+    ap.add_argument("--replica-cpus", type=float, default=1.0,
+                    help="CPUs (= engine threads) of the replica, both runs.")
     ap.add_argument("--out", default="bench/serve.json")
     args = ap.parse_args()
 
@@ -82,10 +85,12 @@ def main() -> None:
     port = 8123
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}/v1/ground"
-    out = {"command": f"bench/bench_serve.py --clients {args.clients} --seconds {args.seconds}",
+    out = {"command": f"bench/bench_serve.py --clients {args.clients} --seconds {args.seconds}"
+                      f" --wait-ms {args.wait_ms} --replica-cpus {args.replica_cpus}",
            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
     for name, batch in (("one_at_a_time", 1), ("batched", 32)):
-        serve.run(build_app(ServeConfig(max_batch_size=batch, batch_wait_ms=10, port=port)),
+        serve.run(build_app(ServeConfig(max_batch_size=batch, batch_wait_ms=args.wait_ms,
+                                        num_cpus=args.replica_cpus, port=port)),
                   name="bench", route_prefix="/")
         load(url, bodies, 4, 5)  # warm-up: engine compiled paths, caches
         out[name] = load(url, bodies, args.clients, args.seconds)

@@ -370,6 +370,8 @@ def build_app(args: dict | ServeConfig | None = None):
     cfg = args if isinstance(args, ServeConfig) else ServeConfig(**(args or {}))
     dep = GroundingService.options(
         num_replicas=cfg.num_replicas,
+        # Serve lets 5 requests into a replica by default: too few to fill a batch.
+        max_ongoing_requests=max(8, 2 * cfg.max_batch_size),
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus,
                            "runtime_env": {"env_vars": {
                                "OMP_NUM_THREADS": str(max(1, int(cfg.num_cpus))),
