@@ -73,3 +73,39 @@ tiny-model: $(STAMP)
 
 clean:
 	rm -rf demo-out runs .pytest_cache
+
+# ---- A real Ray cluster, by address (cluster/README.md). RAY_ADDRESS=http://HEAD:8265 and the
+# cluster's RAY_AUTH_TOKEN come from your environment; nothing secret is in this file.
+INPUT   ?= s3://groundlabel/input/
+OUTPUT  ?= s3://groundlabel/labels/run-1
+STORE   ?= s3://groundlabel/reviewed
+REGISTRY ?= s3://groundlabel/adapters
+MODEL   ?= /models/Qwen2.5-VL-7B-Instruct
+NUM_GPUS ?= 8
+RUNTIME_ENV ?= cluster/runtime-env.yaml
+
+.PHONY: check-address submit-label submit-retrain deploy-serve package-code
+check-address:
+	@test -n "$(RAY_ADDRESS)" || (echo "set RAY_ADDRESS=http://HEAD:8265" && exit 2)
+
+submit-label: check-address $(STAMP)
+	.venv/bin/ray job submit --address $(RAY_ADDRESS) --working-dir . \
+	  --runtime-env $(RUNTIME_ENV) -- \
+	  python -m grounding.cli label --input $(INPUT) --output $(OUTPUT) --model $(MODEL) \
+	  --num-actors $(NUM_GPUS) --gpus-per-actor 1 --cpus-per-actor 4 \
+	  --actor-resources '{"inference": 1}' --batch-size 64 --rows-per-part 4096 --no-progress
+
+submit-retrain: check-address $(STAMP)
+	.venv/bin/ray job submit --address $(RAY_ADDRESS) --working-dir . \
+	  --runtime-env $(RUNTIME_ENV) -- \
+	  python -m grounding.cli retrain --store $(STORE) --registry $(REGISTRY) --model $(MODEL) \
+	  --num-workers $(NUM_GPUS) --use-gpu --storage-path s3://groundlabel/ray-train
+
+deploy-serve: check-address $(STAMP)
+	.venv/bin/serve deploy cluster/serve-config.yaml --address $(RAY_ADDRESS)
+
+# The code as a zip in object storage, for KubeRay RayJobs (runtimeEnvYAML working_dir).
+package-code:
+	git archive --format=zip -o /tmp/groundlabel.zip HEAD
+	.venv/bin/python -c "import fsspec,sys; fsspec.filesystem('s3').put('/tmp/groundlabel.zip', sys.argv[1])" \
+	  s3://groundlabel/code/groundlabel.zip

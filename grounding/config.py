@@ -30,6 +30,18 @@ def _unwrap(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not JSON: {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
 def add_model_args(parser: argparse.ArgumentParser, model: type[BaseModel],
                    positional: tuple[str, ...] = ()) -> None:
     """Add one flag per field of ``model`` (``positional`` names become positional args)."""
@@ -52,6 +64,9 @@ def add_model_args(parser: argparse.ArgumentParser, model: type[BaseModel],
             kw["type"] = inner if inner in (int, float, str) else str
         elif tp in (int, float, str):
             kw["type"] = tp
+        elif origin is dict or tp is dict:
+            kw["type"] = _json_object
+            kw["metavar"] = "JSON"
         else:
             kw["type"] = str
         if name in positional:

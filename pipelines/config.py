@@ -29,6 +29,9 @@ class LabelJobConfig(BaseModel):
                                  "adapter names (and `production`) resolve there; each actor "
                                  "downloads what its rows name.")
     num_actors: int = Field(1, ge=1, description="Inference actors (one engine each).")
+    actor_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each inference actor needs, "
+        "e.g. {\"inference\": 1} to place engines on the nodes that offer it.")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per inference actor.")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per inference actor (0 on CPU).")
     batch_size: int = Field(16, ge=1, description="Rows per inference call.")

@@ -163,6 +163,7 @@ def label(cfg: LabelJobConfig) -> dict:
         Infer, batch_size=cfg.batch_size, batch_format="pyarrow",
         compute=ActorPoolStrategy(size=cfg.num_actors),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
+        resources=cfg.actor_resources or None,
         fn_constructor_kwargs={"engine_json": engine_cfg.model_dump_json(), "family": family,
                                "adapters": adapters, "default_adapter": default_adapter,
                                "registry": cfg.registry, "storage_json": storage_json},

@@ -32,7 +32,8 @@ def test_retrain_cronjob_runs_a_valid_schedule_check():
 
     doc = yaml.safe_load((CLUSTER / "retrain-cronjob.yaml").read_text())
     cmd = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"]
-    argv = cmd[cmd.index("--") + 2:]  # after "-- groundlabel"
+    argv = cmd[cmd.index("--") + 4:]  # after "-- python -m grounding.cli"
+    assert cmd[cmd.index("--") + 1:cmd.index("--") + 4] == ["python", "-m", "grounding.cli"]
     args = build_parser().parse_args(argv)
     assert args.verb == "schedule" and args.once is True
     assert doc["spec"]["concurrencyPolicy"] == "Forbid"
