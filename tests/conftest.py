@@ -113,3 +113,10 @@ def ray_local(s3_endpoint, tmp_path_factory):
              _temp_dir=str(tmp_path_factory.mktemp("ray")))
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synth_shard(tmp_path_factory) -> Path:
+    from grounding.synth import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("synth"), 12, "base", seed=0)
