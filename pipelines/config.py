@@ -39,6 +39,10 @@ class LabelJobConfig(BaseModel):
     rows_per_part: int = Field(64, ge=1, description="Rows per output Parquet part: the unit of "
                                "progress a crash can lose (smaller = finer resume, more files).")
     max_new_tokens: int = Field(64, ge=1, description="Answer token limit per row.")
+    max_model_len: int | None = Field(None, ge=64, description="Longest prompt + answer in "
+                                      "tokens (default: the engine's 1024, enough for the tiny "
+                                      "model; a real Qwen2.5-VL on 1024x768 images needs ~1100 "
+                                      "visual + text tokens: use 4096).")
     min_pixels: int | None = Field(None, description="Override the processor's min pixels.")
     max_pixels: int | None = Field(None, description="Override the processor's max pixels.")
     max_image_bytes: int = Field(50 * 1024 * 1024, description="Larger images are error rows.")

@@ -146,6 +146,8 @@ def label(cfg: LabelJobConfig) -> dict:
     DataContext.get_current().enable_progress_bars = cfg.progress
     engine_cfg = EngineConfig(model=cfg.model, engine=cfg.engine, family=family,
                               max_new_tokens=cfg.max_new_tokens, min_pixels=cfg.min_pixels,
+                              **({"max_model_len": cfg.max_model_len} if cfg.max_model_len
+                                 else {}),
                               max_pixels=cfg.max_pixels)
     storage_json = opts.model_dump_json()
     items = [{"path": uri, "shard": rel, "done": done.get(rel, [])} for uri, rel in shards]

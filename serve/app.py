@@ -122,7 +122,9 @@ class GroundingService:
         family = self.cfg.family or detect_family(self.cfg.model)
         self.engine = load_engine(EngineConfig(model=self.cfg.model, engine=self.cfg.engine,
                                                family=family,
-                                               max_new_tokens=self.cfg.max_new_tokens))
+                                               max_new_tokens=self.cfg.max_new_tokens,
+                                               **({"max_model_len": self.cfg.max_model_len}
+                                                  if self.cfg.max_model_len else {})))
         self.grounder = Grounder(self.engine, family)
         self.family = family
         self.gen_lock = threading.Lock()  # one engine call at a time (vLLM is not re-entrant)

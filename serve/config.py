@@ -34,6 +34,9 @@ class ServeConfig(BaseModel):
     max_batch_size: int = Field(32, ge=1, description="Requests batched into one engine call.")
     batch_wait_ms: float = Field(10.0, ge=0, description="How long a batch waits to fill.")
     max_new_tokens: int = Field(64, ge=1, description="Answer token limit.")
+    max_model_len: int | None = Field(None, ge=64, description="Longest prompt + answer in "
+                                      "tokens (default: the engine's 1024; a real Qwen2.5-VL "
+                                      "on large images needs 4096).")
     num_replicas: int = Field(1, ge=1, description="Serve replicas (one engine each).")
     num_cpus: float = Field(1.0, gt=0, description="CPUs per replica.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica.")

@@ -93,3 +93,17 @@ def test_checked_in_job_specs_load():
     assert specs
     for spec in specs:
         LabelJobConfig.model_validate(yaml.safe_load(spec.read_text()))
+
+
+def test_engine_length_limit_is_a_job_and_serve_setting():
+    from grounding.cli import build_parser
+    from grounding.config import model_from_args
+    from pipelines.config import LabelJobConfig
+    from serve.config import ServeConfig
+
+    a = build_parser().parse_args(["label", "--input", "x", "--output", "y",
+                                   "--max-model-len", "4096"])
+    assert model_from_args(LabelJobConfig, a).max_model_len == 4096
+    assert LabelJobConfig(input="x", output="y").max_model_len is None
+    a = build_parser().parse_args(["serve", "--max-model-len", "4096"])
+    assert model_from_args(ServeConfig, a).max_model_len == 4096
