@@ -153,6 +153,21 @@ def resolve(ref: str | None, base_dir: str, proto: str) -> str | None:
     return f"{base.rstrip('/')}/{ref}"
 
 
+def jsonl_objects(fs, path: str, rejects: list[dict]):
+    """``(where, object)`` per non-empty JSONL line; a line that is not JSON becomes a reject."""
+    import json
+
+    with fs.open(path, "rt", encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"line {i}", json.loads(line)
+            except json.JSONDecodeError as e:
+                rejects.append({"where": f"line {i}", "problems": [f"not JSON: {e.msg}"],
+                                "row": line.rstrip("\n")})
+
+
 def base_of(fs, path: str) -> tuple[str, str]:
     proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return (path.rsplit("/", 1)[0] if "/" in path else "."), proto

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 
-from grounding.convert import ReadResult, base_of, resolve
+from grounding.convert import ReadResult, base_of, jsonl_objects, resolve
 from grounding.labels import LINEAGE, item
 
 SCALE = {"real": None, "norm1": 1.0, "norm1000": 1000.0}
@@ -64,21 +64,12 @@ def _str(v) -> str | None:
 def read(fs, path: str) -> ReadResult:
     base_dir, proto = base_of(fs, path)
     items, rejects = [], []
-    with fs.open(path, "rt", encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                rejects.append({"where": f"line {i}", "problems": [f"not JSON: {e.msg}"],
-                                "row": line.rstrip("\n")})
-                continue
-            rec, problems = parse_row(obj, f"line {i}", base_dir, proto)
-            if problems:
-                rejects.append({"where": f"line {i}", "problems": problems, "row": obj})
-            else:
-                items.append(rec)
+    for where, obj in jsonl_objects(fs, path, rejects):
+        rec, problems = parse_row(obj, where, base_dir, proto)
+        if problems:
+            rejects.append({"where": where, "problems": problems, "row": obj})
+        else:
+            items.append(rec)
     return ReadResult(items, rejects)
 
 

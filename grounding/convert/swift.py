@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 
-from grounding.convert import ReadResult, base_of, fill_sizes, resolve
+from grounding.convert import ReadResult, base_of, fill_sizes, jsonl_objects, resolve
 from grounding.labels import item
 
 PROMPT = "Find <ref-object>"
@@ -54,22 +54,12 @@ def _pairs(obj: dict) -> list[tuple[str, list]]:
 def read(fs, path: str) -> ReadResult:
     base_dir, proto = base_of(fs, path)
     items, rejects = [], []
-    with fs.open(path, "rt", encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"line {i}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                rejects.append({"where": where, "problems": [f"not JSON: {e.msg}"],
-                                "row": line.rstrip("\n")})
-                continue
-            problems, found = _parse(obj, base_dir, proto)
-            if problems:
-                rejects.append({"where": where, "problems": problems, "row": obj})
-            else:
-                items.extend(found)
+    for where, obj in jsonl_objects(fs, path, rejects):
+        problems, found = _parse(obj, base_dir, proto)
+        if problems:
+            rejects.append({"where": where, "problems": problems, "row": obj})
+        else:
+            items.extend(found)
     norm = [it for it in items if it.pop("_norm1", False)]
     problems = fill_sizes(norm)
     for it in norm:
