@@ -91,14 +91,14 @@ check-address:
 submit-label: check-address $(STAMP)
 	.venv/bin/ray job submit --address $(RAY_ADDRESS) --working-dir . \
 	  --runtime-env $(RUNTIME_ENV) -- \
-	  python -m grounding.cli label --input $(INPUT) --output $(OUTPUT) --model $(MODEL) \
+	  python -m groundlabel label --input $(INPUT) --output $(OUTPUT) --model $(MODEL) \
 	  --num-actors $(NUM_GPUS) --gpus-per-actor 1 --cpus-per-actor 4 \
 	  --actor-resources '{"inference": 1}' --batch-size 64 --rows-per-part 4096 --no-progress
 
 submit-retrain: check-address $(STAMP)
 	.venv/bin/ray job submit --address $(RAY_ADDRESS) --working-dir . \
 	  --runtime-env $(RUNTIME_ENV) -- \
-	  python -m grounding.cli retrain --store $(STORE) --registry $(REGISTRY) --model $(MODEL) \
+	  python -m groundlabel retrain --store $(STORE) --registry $(REGISTRY) --model $(MODEL) \
 	  --num-workers $(NUM_GPUS) --use-gpu --storage-path s3://groundlabel/ray-train
 
 deploy-serve: check-address $(STAMP)

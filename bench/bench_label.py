@@ -83,7 +83,7 @@ def job_seconds(data: Path, out: Path, actors: int, batch: int) -> float:
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "grounding.cli", "label", "--input", str(data), "--output",
+    cmd = [sys.executable, "-m", "groundlabel", "label", "--input", str(data), "--output",
            str(out), "--num-actors", str(actors), "--batch-size", str(batch), "--no-progress"]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True)

@@ -36,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from grounding.synth import write_dataset
-    from pipelines.review import import_labels
+    from pipelines.review import ImportConfig, import_labels
     from train.evaluate import SynthEvalConfig, evaluate_synthetic
     from train.retrain import RetrainConfig, retrain
 
@@ -45,7 +45,8 @@ def main() -> None:
 
     sc = SynthConfig(min_objects=1, max_objects=1) if args.single else None
     data = write_dataset(tmp / "labels", args.labels, "shifted", seed=11, cfg=sc)
-    import_labels(str(data), "seed", str(tmp / "store"), reviewer="bench")
+    import_labels(ImportConfig(input=str(data), from_fmt="seed", store=str(tmp / "store"),
+                               reviewer="bench"))
     overrides = {}
     for kv in args.set:
         k, v = kv.split("=", 1)

@@ -24,6 +24,8 @@ import binascii
 import io
 import re
 
+from grounding.storage import StorageOptions
+
 MAX_BYTES = 50 * 1024 * 1024
 MAX_PIXELS = 64_000_000  # decoded pixels; beyond this a file is treated as a decompression bomb
 
@@ -55,10 +57,10 @@ def is_uri(ref: str) -> bool:
     return "://" in ref[:16] or ref.startswith("/") or ref.startswith("./")
 
 
-def read_bytes(ref: str | bytes, storage_options: dict | None = None,
+def read_bytes(ref: str | bytes, storage: StorageOptions | None = None,
                max_bytes: int = MAX_BYTES) -> bytes:
     """Bytes of an image given as raw bytes, a ``data:`` URI, base64 text, a local path or an
-    fsspec URI (``s3://bucket/key``, ``file://...``)."""
+    fsspec URI (``s3://bucket/key``, ``file://...``, reached with ``storage``)."""
     if isinstance(ref, bytes | bytearray | memoryview):
         data = bytes(ref)
     elif not isinstance(ref, str):
@@ -66,7 +68,7 @@ def read_bytes(ref: str | bytes, storage_options: dict | None = None,
     elif ref.startswith("data:"):
         data = _b64(ref.split(",", 1)[-1])
     elif is_uri(ref):
-        data = _fetch(ref, storage_options or {}, max_bytes)
+        data = _fetch(ref, (storage or StorageOptions()).fsspec_kwargs(ref), max_bytes)
     else:
         data = _b64(ref)
     if not data:
@@ -164,7 +166,7 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
-def load_image(ref: str | bytes, storage_options: dict | None = None,
+def load_image(ref: str | bytes, storage: StorageOptions | None = None,
                max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS):
     """`read_bytes` + `decode`: an RGB PIL image or an `ImageError`."""
-    return decode(read_bytes(ref, storage_options, max_bytes), max_pixels)
+    return decode(read_bytes(ref, storage, max_bytes), max_pixels)

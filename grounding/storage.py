@@ -1,8 +1,11 @@
 """Object storage through fsspec: ``s3://`` via s3fs (any S3-compatible endpoint) and local paths.
 
-One function gives the filesystem for a URI; the same ``StorageOptions`` travel to every Ray
-worker, so they reach the same endpoint with credentials from the environment (never from
-files in the repository).
+The one place for storage: `StorageOptions` is the settings group every verb that touches
+storage composes (``--s3-endpoint-url``, ``--s3-region``, ``--s3-anon``, declared here once), and
+`filesystem` is the one function that turns a URI into a filesystem. The same options object
+travels to every Ray worker, so they reach the same endpoint; credentials come from the
+environment (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE`` or an instance
+role), never from flags or files in the repository.
 """
 
 from __future__ import annotations
@@ -11,23 +14,25 @@ from pydantic import BaseModel, Field
 
 
 class StorageOptions(BaseModel):
-    """How to reach object storage. Credentials come from the environment
-    (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` or an instance role)."""
+    """Storage: how to reach object storage (s3:// URIs); local paths need nothing."""
 
-    endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, moto, R2 ...); "
-                                     "None means AWS.")
-    region: str | None = Field(None, description="S3 region.")
-    anon: bool = Field(False, description="Anonymous access (public buckets).")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint for s3:// "
+                                        "URIs (MinIO, moto, R2 ...); default: AWS. Credentials "
+                                        "come from AWS_* environment variables or a role.")
+    s3_region: str | None = Field(None, description="S3 region (default: from the environment "
+                                  "or the endpoint).")
+    s3_anon: bool = Field(False, description="Anonymous S3 access (public buckets).")
 
     def fsspec_kwargs(self, uri: str) -> dict:
-        if not uri.startswith(("s3://", "s3a://")):
+        """Keyword arguments for ``fsspec.open``/``url_to_fs`` of ``uri`` (none for local)."""
+        if not isinstance(uri, str) or not uri.startswith(("s3://", "s3a://")):
             return {}
-        kw: dict = {"anon": self.anon}
+        kw: dict = {"anon": self.s3_anon}
         client: dict = {}
-        if self.endpoint_url:
-            client["endpoint_url"] = self.endpoint_url
-        if self.region:
-            client["region_name"] = self.region
+        if self.s3_endpoint_url:
+            client["endpoint_url"] = self.s3_endpoint_url
+        if self.s3_region:
+            client["region_name"] = self.s3_region
         if client:
             kw["client_kwargs"] = client
         return kw

@@ -1,26 +1,27 @@
-"""Settings of a bulk labeling job: the same object from the CLI, a YAML spec or Python."""
+"""Settings of a bulk labeling job: the same object from the CLI, a YAML spec or Python.
+
+The storage, Ray and engine settings are the shared groups of `grounding.settings` (flat:
+``--s3-region``, ``--ray-address``, ``--model``, ``--max-pixels`` ...); the rest is the job's own.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from pydantic import Field, model_validator
 
-from pydantic import BaseModel, Field, model_validator
+from grounding.engines.base import EngineConfig
+from grounding.settings import JobOutputURI, RaySettings, Settings
+from grounding.storage import StorageOptions
 
-from grounding.paths import DEFAULT_MODEL
 
-
-class LabelJobConfig(BaseModel):
+class LabelJobConfig(Settings):
     """``groundlabel label``: image-text rows in, boxes (Parquet) out, every row exactly once."""
 
     input: str = Field(description="Input shard file or folder/prefix: local path or s3:// URI. "
                        "Shards are seed JSONL, ms-swift grounding JSONL or Parquet.")
-    output: str = Field(description="Output folder/prefix (local or s3://). Parts go to "
-                        "OUTPUT/parts/; a rerun resumes and never duplicates a row.")
-    model: str = Field(str(DEFAULT_MODEL), description="Checkpoint folder (default: the bundled "
-                       "tiny Qwen3-VL).")
-    family: str | None = Field(None, description="Model family; None detects it from the "
-                               "checkpoint.")
-    engine: Literal["vllm", "transformers"] = Field("vllm", description="Inference engine.")
+    output: JobOutputURI = Field(description="Output folder/prefix (local or s3://). Parts go "
+                                 "to OUTPUT/parts/; a rerun resumes and never duplicates a row.")
+    inference: EngineConfig = Field(default_factory=EngineConfig,
+                                    description="The model and engine every actor runs.")
     adapter: str | None = Field(None, description="Default LoRA adapter name for rows without "
                                 "an `adapter` column value (None = base model).")
     adapters_dir: str | None = Field(None, description="Folder whose subfolders are LoRA adapters,"
@@ -38,37 +39,18 @@ class LabelJobConfig(BaseModel):
     fetch_batch_size: int = Field(32, ge=1, description="Rows per image fetch/decode task.")
     rows_per_part: int = Field(64, ge=1, description="Rows per output Parquet part: the unit of "
                                "progress a crash can lose (smaller = finer resume, more files).")
-    max_new_tokens: int = Field(64, ge=1, description="Answer token limit per row.")
-    max_model_len: int | None = Field(None, ge=64, description="Longest prompt + answer in "
-                                      "tokens (default: the engine's 1024, enough for the tiny "
-                                      "model; a real Qwen2.5-VL on 1024x768 images needs ~1100 "
-                                      "visual + text tokens: use 4096).")
-    min_pixels: int | None = Field(None, description="Override the processor's min pixels.")
-    max_pixels: int | None = Field(None, description="Override the processor's max pixels.")
     max_image_bytes: int = Field(50 * 1024 * 1024, description="Larger images are error rows.")
     max_image_pixels: int = Field(64_000_000, description="Decoded pixels above this are refused "
                                   "as decompression bombs.")
-    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto); "
-                                        "credentials come from AWS_* environment variables.")
-    s3_region: str | None = Field(None, description="S3 region.")
-    ray_address: str | None = Field(None, description="Ray cluster address; None starts a local "
-                                    "Ray (or joins the one a Ray job runs in).")
-    ray_num_cpus: int | None = Field(None, description="CPUs a local Ray may schedule (default: "
-                                     "max(4, cores); vLLM actors use one thread each).")
+    storage: StorageOptions = Field(default_factory=StorageOptions,
+                                    description="Object storage for input, output and images.")
+    ray: RaySettings = Field(default_factory=RaySettings, description="The Ray cluster.")
     job_id: str | None = Field(None, description="Job id; default: reuse the output's, or new.")
     limit: int | None = Field(None, ge=1, description="Label at most this many rows (testing).")
     progress: bool = Field(True, description="Show Ray Data progress bars.")
 
     @model_validator(mode="after")
     def _check(self) -> LabelJobConfig:
-        if self.min_pixels and self.max_pixels and self.max_pixels < self.min_pixels:
-            raise ValueError(f"`--max-pixels` must be >= `--min-pixels` (got {self.max_pixels} < "
-                             f"{self.min_pixels})")
         if self.input.rstrip("/") == self.output.rstrip("/"):
             raise ValueError("`--output` must differ from `--input`")
         return self
-
-    def storage(self):
-        from grounding.storage import StorageOptions
-
-        return StorageOptions(endpoint_url=self.s3_endpoint_url, region=self.s3_region)

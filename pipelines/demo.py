@@ -15,27 +15,27 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from grounding.paths import DEFAULT_MODEL
+from grounding.engines.base import EngineConfig
+from grounding.settings import Settings
 
 
-class DemoConfig(BaseModel):
+class DemoConfig(Settings):
     """Settings of ``groundlabel demo``."""
 
-    model: str = Field(str(DEFAULT_MODEL), description="Checkpoint folder (default: the bundled "
-                       "tiny Qwen3-VL).")
+    inference: EngineConfig = Field(default_factory=EngineConfig,
+                                    description="The model and engine to run.")
     out: str = Field("demo-out", description="Folder for the PNGs and results.jsonl.")
     n: int = Field(8, ge=1, le=500, description="Number of synthetic images to label.")
     domain: Literal["base", "shifted"] = Field("base", description="Synthetic domain.")
     seed: int = Field(0, description="Synthetic set seed (0 = the held-out evaluation set).")
-    engine: Literal["vllm", "transformers"] = Field("vllm", description="Inference engine.")
 
 
 def run(cfg: DemoConfig) -> dict:
     from grounding.boxes import Box
     from grounding.draw import draw_boxes
-    from grounding.engines import EngineConfig, load_engine
+    from grounding.engines import load_engine
     from grounding.engines.grounder import Grounder, GroundingRequest
     from grounding.metrics import grounding_metrics
     from grounding.synth import iter_samples
@@ -43,7 +43,7 @@ def run(cfg: DemoConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     samples = list(iter_samples(cfg.n, cfg.domain, cfg.seed))
-    engine = load_engine(EngineConfig(model=cfg.model, engine=cfg.engine))
+    engine = load_engine(cfg.inference)
     grounder = Grounder(engine)
     results = grounder.ground([GroundingRequest(s.image, s.text) for s in samples])
     pairs = []
@@ -63,7 +63,7 @@ def run(cfg: DemoConfig) -> dict:
             print(f"{mark} iou={iou:.2f} score={(r.score or 0):.2f}  {s.text!r}  -> {r.raw_text}")
     m = grounding_metrics(pairs)
     print(f"\nAcc@0.5 = {m['acc@0.5']:.3f}  mean IoU = {m['mean_iou']:.3f}  "
-          f"parse failures = {m['parse_fail_rate']:.3f}  (n={m['n']}, engine={cfg.engine})")
+          f"parse failures = {m['parse_fail_rate']:.3f}  (n={m['n']}, engine={cfg.inference.engine})")
     print(f"PNGs (red = predicted, green = true) and results.jsonl in {out.resolve()}")
     (out / "metrics.json").write_text(json.dumps(m, indent=2))
     engine.close()

@@ -18,8 +18,9 @@ Layout (``OUT`` defaults to ``{output}/_report``; local paths and ``s3://`` alik
 
 Thumbnails are drawn at a readable size and then shrunk to at most 320 px on the long side.
 They are saved as PNG from a fresh RGB image: no EXIF/GPS, ICC or text chunk of a source image
-reaches the report, and no source bytes are copied. The page uses no scripts and no external
-URLs; every text from the data is HTML-escaped.
+reaches the report, and no source bytes are copied. The page (``templates/report.html.j2``,
+rendered by jinja2 with autoescaping) uses no scripts and no external URLs; every text from the
+data is HTML-escaped, once.
 
 Run::
 
@@ -28,11 +29,14 @@ Run::
 
 from __future__ import annotations
 
+import functools
 import io
-import json
-from html import escape
 
+from pydantic import Field
+
+from grounding.settings import JobOutputURI, Settings, StoreVersion
 from grounding.storage import StorageOptions, filesystem, join
+from pipelines.output import JobOutput
 
 THUMB_MAX = 320      # long side of a thumbnail, pixels
 DRAW_MAX = 640       # larger images are shrunk to this before drawing, so lines stay visible
@@ -41,23 +45,29 @@ LOW_STATUS = ("unparseable", "empty")
 COLUMNS = ["row_id", "image", "text", "boxes", "score", "status", "error_code", "error",
            "width", "height", "gold", "model", "adapter", "family", "prompt_version", "job_id"]
 
-CSS = """
-body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222}
-h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px}
-table{border-collapse:collapse;margin:4px 0}
-td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
-th{background:#f4f4f4} td.n{text-align:right;font-variant-numeric:tabular-nums}
-code{font-size:12px;background:#f6f6f6;padding:0 3px}
-.muted{color:#777} .legend span{display:inline-block;margin-right:18px}
-.sw{display:inline-block;width:14px;height:10px;border:3px solid;vertical-align:middle;
-margin-right:4px}
-.grid{display:flex;flex-wrap:wrap;gap:14px}
-figure{margin:0;width:320px;border:1px solid #ddd;padding:6px;background:#fafafa}
-figure img{display:block;max-width:320px;height:auto}
-figcaption{font-size:12px;margin-top:4px;word-wrap:break-word}
-.ph{width:300px;height:120px;display:flex;align-items:center;justify-content:center;
-text-align:center;background:#eee;color:#666;font-size:12px;padding:10px;box-sizing:border-box}
-"""
+class ReportConfig(Settings):
+    """``groundlabel report``: one HTML page of a job output."""
+
+    output: JobOutputURI = Field(description="Job output folder (local or s3://), or one "
+                                 "Parquet file.", json_schema_extra={"positional": True})
+    out: str | None = Field(None, description="Folder for report.html and thumbs/ (default: "
+                            "OUTPUT/_report).")
+    n: int = Field(24, ge=0, description="Number of least confident rows to draw.")
+    store: str | None = Field(None, description="Reviewed-label store: draw its reviewed boxes "
+                              "(green) instead of the input's true boxes.")
+    version: StoreVersion = None
+    storage: StorageOptions = Field(default_factory=StorageOptions, description="Object storage.")
+
+
+def report(cfg: ReportConfig) -> str:
+    """Write the report of ``cfg.output``; returns the path of report.html."""
+    reviewed = None
+    if cfg.store:
+        from grounding.store import ReviewStore
+
+        snap = ReviewStore(cfg.store, cfg.storage).snapshot(cfg.version, ("accept", "correct"))
+        reviewed = {r["row_id"]: r["boxes"] for r in snap.to_pylist() if r["row_id"]}
+    return write_report(cfg.output, cfg.out, cfg.storage, n_thumbs=cfg.n, reviewed=reviewed)
 
 
 def write_report(output: str, out_dir: str | None = None, opts: StorageOptions | None = None,
@@ -71,16 +81,14 @@ def write_report(output: str, out_dir: str | None = None, opts: StorageOptions |
 
     opts = opts or StorageOptions()
     reviewed = reviewed or {}
-    if out_dir is None:
-        fs, path = filesystem(output, opts)
-        if fs.isfile(path):  # one Parquet file: its report goes next to it
-            out_dir = output.removesuffix(".parquet") + "_report"
-        else:
-            out_dir = join(output, "_report")
-    summary = summarize(output, opts, write=False)
-    table = _read(output, opts)
-    info = _read_json(join(output, "_job.json"), opts)            # job id, model, prompt ...
-    info["last_run"] = _read_json(join(output, "_summary.json"), opts)  # rows/s of the last run
+    job = JobOutput(output, opts)
+    if out_dir is None:  # one Parquet file: its report goes next to it
+        out_dir = (output.removesuffix(".parquet") + "_report" if job.is_file()
+                   else job.uri_of("_report"))
+    summary = summarize(job, write=False)
+    table = job.read(COLUMNS)
+    info = job.job_record()                 # job id, model, prompt ...
+    info["last_run"] = job.summary()        # rows/s of the last run
 
     fs, root = filesystem(out_dir, opts)
     thumbs_dir = f"{root.rstrip('/')}/thumbs"
@@ -114,22 +122,6 @@ def write_report(output: str, out_dir: str | None = None, opts: StorageOptions |
 
 
 # ---------------------------------------------------------------------------------- data
-
-
-def _read(output: str, opts: StorageOptions):
-    from pipelines.summary import read_output
-
-    return read_output(output, opts, COLUMNS)
-
-
-def _read_json(uri: str, opts: StorageOptions) -> dict:
-    fs, path = filesystem(uri, opts)
-    try:
-        with fs.open(path, "r") as f:
-            d = json.load(f)
-    except (FileNotFoundError, ValueError):
-        return {}
-    return d if isinstance(d, dict) else {}
 
 
 def _lineage(table) -> dict[str, list[str]]:
@@ -213,8 +205,7 @@ def _thumbnail(row: dict, green: list, opts: StorageOptions) -> tuple[bytes, tup
     if not ref:
         raise ImageError("inline", "the image was inline in the input; the output keeps no "
                                    "image bytes")
-    storage = opts.fsspec_kwargs(ref)
-    img = load_image(ref, storage)
+    img = load_image(ref, opts)
     pred, gold = _boxes(row.get("boxes")), _boxes(green)
     long_side = max(img.size)
     if long_side > DRAW_MAX:  # draw on a smaller copy: 2-3 px lines must survive the shrink
@@ -242,6 +233,10 @@ def _why(e: Exception) -> str:
 
 
 # ---------------------------------------------------------------------------------- HTML
+# The page is ``templates/report.html.j2``: the functions below only build its view data (plain
+# strings and numbers, never markup); the template lays them out and escapes every one of them.
+
+TEMPLATE = "report.html.j2"
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -252,30 +247,17 @@ def _fmt(v, digits: int = 3) -> str:
     return str(v)
 
 
-def _card(row: dict, src: str | None, size, why: str | None, green: str | None) -> str:
-    cap = (f"<b>{escape(row.get('text') or '')}</b><br>"
-           f"score {escape(_fmt(row.get('score')))} &middot; {escape(row.get('status') or '-')}"
-           f" &middot; <code>{escape(row['row_id'])}</code>")
-    if green:
-        cap += f"<br><span class='muted'>green: {escape(green)} box</span>"
-    if src:
-        w, h = size
-        body = (f'<img src="{escape(src)}" width="{w}" height="{h}" '
-                f'alt="{escape(row.get("text") or "")}">')
-    else:
-        body = f'<div class="ph">{escape(why or "image not shown")}</div>'
-    return f"<figure>{body}<figcaption>{cap}</figcaption></figure>"
+def _card(row: dict, src: str | None, size, why: str | None, green: str | None) -> dict:
+    """One thumbnail card: the image (``src``, ``size``) or why it is not shown, and caption."""
+    w, h = size if src else (None, None)
+    return {"text": row.get("text") or "", "score": _fmt(row.get("score")),
+            "status": row.get("status") or "-", "row_id": row["row_id"], "green": green,
+            "src": src, "width": w, "height": h, "why": why or "image not shown"}
 
 
-def _kv(rows: list[tuple[str, str]]) -> str:
-    return "<table>" + "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>"
-                               for k, v in rows) + "</table>"
-
-
-def _page(output: str, s: dict, info: dict, lin: dict, examples: list[dict],
-          cards: list[str], n_thumbs: int) -> str:
-    from pipelines.schema import ERROR_CODES
-
+def _job_rows(output: str, s: dict, info: dict, lin: dict) -> list[tuple[str, str]]:
+    """The job table: counts from the summary, rows/s of the last run, lineage of the rows
+    (else of ``_job.json``)."""
     last = info.get("last_run") or {}
 
     def one(col: str, fallback=None, none: str = "-") -> str:
@@ -297,52 +279,55 @@ def _page(output: str, s: dict, info: dict, lin: dict, examples: list[dict],
     ]
     if last.get("seconds") is not None:
         job.insert(6, ("seconds (last run)", _fmt(last.get("seconds"), 1)))
+    return job
 
-    m = s.get("metrics")
-    if m:
-        metrics = _kv([("rows with a true box", _fmt(m["n"])),
-                       ("Acc@0.5", _fmt(m.get("acc@0.5"))),
-                       ("mean IoU", _fmt(m.get("mean_iou"))),
-                       ("parse-failure rate", _fmt(m.get("parse_fail_rate")))])
-    else:
-        metrics = "<p class='muted'>No row carries a true box: no accuracy to show.</p>"
 
-    status = "<table><tr><th>status</th><th>rows</th></tr>" + "".join(
-        f"<tr><td>{escape(str(k))}</td><td class='n'>{v}</td></tr>"
-        for k, v in sorted(s["status"].items(), key=lambda kv: (-kv[1], str(kv[0])))) + "</table>"
+def _metric_rows(m: dict | None) -> list[tuple[str, str]]:
+    """The metrics table; empty when no row carries a true box."""
+    if not m:
+        return []
+    return [("rows with a true box", _fmt(m["n"])),
+            ("Acc@0.5", _fmt(m.get("acc@0.5"))),
+            ("mean IoU", _fmt(m.get("mean_iou"))),
+            ("parse-failure rate", _fmt(m.get("parse_fail_rate")))]
 
-    if s["errors"]:
-        errors = ("<table><tr><th>error_code</th><th>rows</th><th>meaning</th></tr>" + "".join(
-            f"<tr><td><code>{escape(k)}</code></td><td class='n'>{v}</td>"
-            f"<td>{escape(ERROR_CODES.get(k, 'unknown code'))}</td></tr>"
-            for k, v in sorted(s["errors"].items(), key=lambda kv: (-kv[1], kv[0])))
-            + "</table>")
-        errors += (f"<h3>Examples (up to {MAX_ERROR_EXAMPLES})</h3>"
-                   "<table class='examples'><tr><th>row_id</th><th>code</th><th>message</th></tr>"
-                   + "".join(f"<tr><td><code>{escape(r['row_id'])}</code></td>"
-                             f"<td><code>{escape(r['error_code'])}</code></td>"
-                             f"<td>{escape((r['error'] or '')[:300])}</td></tr>"
-                             for r in examples) + "</table>")
-    else:
-        errors = "<p class='muted'>No error rows.</p>"
 
-    legend = ("<p class='legend'><span><i class='sw' style='border-color:rgb(230,30,30)'></i>"
-              "red: the model's predicted box, with its score</span>"
-              "<span><i class='sw' style='border-color:rgb(20,170,60)'></i>green: the reviewed "
-              "label where one was given, else the row's true box from the input</span></p>")
-    thumbs = (f"<p class='muted'>The {len(cards)} least confident labeled rows (of at most "
-              f"{n_thumbs}): <code>unparseable</code> and <code>empty</code> first, then "
-              "lowest score.</p>" + legend + "<div class='grid'>" + "".join(cards) + "</div>"
-              if cards else "<p class='muted'>No labeled rows.</p>")
+def _status_rows(status: dict) -> list[tuple[str, int]]:
+    """(status, rows), most rows first."""
+    return [(str(k), v) for k, v in sorted(status.items(), key=lambda kv: (-kv[1], str(kv[0])))]
 
-    return (
-        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-        f"<title>groundlabel report: {escape(output)}</title><style>{CSS}</style></head><body>"
-        f"<h1>groundlabel report</h1><p class='muted'>{escape(output)}</p>"
-        f"<h2>Job</h2>{_kv(job)}"
-        f"<h2>Metrics</h2>{metrics}"
-        f"<h2>Status</h2>{status}"
-        f"<h2>Errors</h2>{errors}"
-        f"<h2>Least confident rows</h2>{thumbs}"
-        "</body></html>\n")
+
+def _error_rows(errors: dict) -> list[dict]:
+    """(code, rows, meaning) of every error code, most rows first."""
+    from pipelines.schema import ERROR_CODES
+
+    return [{"code": k, "rows": v, "meaning": ERROR_CODES.get(k, "unknown code")}
+            for k, v in sorted(errors.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
+def _example_rows(examples: list[dict]) -> list[dict]:
+    """The example error rows, messages cut to 300 characters."""
+    return [{"row_id": r["row_id"], "code": r["error_code"], "message": (r["error"] or "")[:300]}
+            for r in examples]
+
+
+def _page(output: str, s: dict, info: dict, lin: dict, examples: list[dict],
+          cards: list[dict], n_thumbs: int) -> str:
+    return _render(TEMPLATE, output=output, job=_job_rows(output, s, info, lin),
+                   metrics=_metric_rows(s.get("metrics")), statuses=_status_rows(s["status"]),
+                   errors=_error_rows(s["errors"]), examples=_example_rows(examples),
+                   max_examples=MAX_ERROR_EXAMPLES, cards=cards, n_thumbs=n_thumbs)
+
+
+def _render(name: str, **view) -> str:
+    return _environment().get_template(name).render(**view)
+
+
+@functools.cache
+def _environment():
+    """The jinja2 environment of ``pipelines/templates`` (autoescaped; a missing name fails)."""
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+
+    return Environment(loader=PackageLoader("pipelines", "templates"), autoescape=True,
+                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                       keep_trailing_newline=True)

@@ -15,9 +15,136 @@ any format. Image bytes never leave unless ``embed_images`` is asked for.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
+from typing import Literal
 
+from pydantic import BaseModel, Field
+
+from grounding.settings import EmbedImages, JobOutputURI, Settings, StoreURI, StoreVersion
 from grounding.storage import StorageOptions, filesystem, join
+from pipelines.output import JobOutput
+
+FORMATS = "seed, swift, coco, parquet, labelstudio"
+LabelFormat = Literal["seed", "swift", "coco", "parquet", "labelstudio"]
+
+
+class TaskImages(BaseModel):
+    """Task images: how Label Studio reaches each image."""
+
+    image_root: str | None = Field(None, description="Image path prefix to rewrite for Label "
+                                   "Studio ...")
+    image_url_prefix: str | None = Field(None, description="... into this URL prefix (e.g. "
+                                         "/data/local-files/?d=).")
+    embed_images: EmbedImages = False
+
+
+class ExportConfig(Settings):
+    """``groundlabel export``: labels from a store, a job or a file, in another format."""
+
+    source: str = Field(description="Reviewed-label store, job output folder, or label file.",
+                        json_schema_extra={"positional": True})
+    to: LabelFormat = Field(description="Output format.", json_schema_extra={"metavar": "FORMAT"})
+    out: str = Field(description="Output file (local or s3://).")
+    from_fmt: LabelFormat | None = Field(None, description="Format of a label-file SOURCE.",
+                                         json_schema_extra={"flag": "--from",
+                                                            "metavar": "FORMAT"})
+    version: StoreVersion = None
+    embed_images: EmbedImages = False
+    storage: StorageOptions = Field(default_factory=StorageOptions, description="Object storage.")
+
+
+class ImportConfig(Settings):
+    """``groundlabel import``: people's boxes from a label file into the store, one version."""
+
+    input: str = Field(description="Label file (local or s3://).",
+                       json_schema_extra={"positional": True})
+    from_fmt: LabelFormat = Field(description="Its format. Label Studio exports carry their own "
+                                  "decisions.", json_schema_extra={"flag": "--from",
+                                                                   "metavar": "FORMAT"})
+    store: StoreURI
+    decision: Literal["accept", "correct", "reject"] = Field(
+        "correct", description="Decision recorded for formats without one.")
+    reviewer: str | None = Field(None, description="Who reviewed them (recorded with each "
+                                 "decision).")
+    labels: str | None = Field(None, description="Comma-separated labels the Label Studio "
+                               "project knows (default: target).")
+    skip_invalid: bool = Field(False, description="Import the valid rows and write the invalid "
+                               "ones, with their problems, to --rejects (default: refuse the "
+                               "whole file).")
+    rejects: str | None = Field(None, description="Where invalid rows go (default: "
+                                "INPUT.rejects.jsonl).")
+    storage: StorageOptions = Field(default_factory=StorageOptions, description="Object storage.")
+
+    def label_set(self) -> set[str] | None:
+        return {x.strip() for x in self.labels.split(",") if x.strip()} if self.labels else None
+
+
+class ReviewExportConfig(Settings):
+    """``groundlabel review export``: a job's predictions as Label Studio tasks."""
+
+    output: JobOutputURI = Field(json_schema_extra={"positional": True})
+    tasks: str = Field(description="Tasks JSON file to write.")
+    model_version: str | None = Field(None, description="model_version of the predictions "
+                                      "(default: model/adapter/prompt version of each row).")
+    images: TaskImages = Field(default_factory=TaskImages, description="Task images.")
+    storage: StorageOptions = Field(default_factory=StorageOptions, description="Object storage.")
+
+
+class LabelStudio(BaseModel):
+    """Label Studio: where it is; the token comes from the environment, never a flag."""
+
+    url: str = Field(description="Label Studio address, e.g. http://ls:8080.")
+    token_env: str = Field("LABEL_STUDIO_API_KEY", description="Environment variable holding "
+                           "the Label Studio API token (kept out of flags and shell history).")
+
+    def token(self) -> str:
+        token = os.environ.get(self.token_env)
+        if not token:
+            raise FileNotFoundError(f"set {self.token_env} to a Label Studio API token "
+                                    "(Account & Settings; kept out of flags and shell history)")
+        return token
+
+
+class ReviewPushConfig(Settings):
+    """``groundlabel review push``: a Label Studio project from a job's predictions."""
+
+    output: JobOutputURI = Field(json_schema_extra={"positional": True})
+    label_studio: LabelStudio
+    title: str | None = Field(None, description="Project title (default: groundlabel JOB_ID).")
+    project: int | None = Field(None, description="Add the tasks to this existing project "
+                                "instead.")
+    images: TaskImages = Field(default_factory=TaskImages, description="Task images.")
+    storage: StorageOptions = Field(default_factory=StorageOptions, description="Object storage.")
+
+
+class ReviewPullConfig(Settings):
+    """``groundlabel review pull``: a Label Studio project's reviews into the store."""
+
+    label_studio: LabelStudio
+    project: int = Field(description="Project id.")
+    store: StoreURI
+    export: str | None = Field(None, description="Where to keep the raw export (default: "
+                               "STORE/exports/).")
+    labels: str | None = Field(None, description="Comma-separated labels the project knows "
+                               "(default: target).")
+    skip_invalid: bool = Field(False, description="Import valid tasks; write invalid ones next "
+                               "to the export.")
+    storage: StorageOptions = Field(default_factory=StorageOptions, description="Object storage.")
+
+
+class ReviewLogConfig(Settings):
+    """``groundlabel review log``: the store's versions."""
+
+    store: StoreURI = Field(json_schema_extra={"positional": True})
+    storage: StorageOptions = Field(default_factory=StorageOptions, description="Object storage.")
+
+
+def review_log(cfg: ReviewLogConfig) -> list[dict]:
+    """What each commit of the store added, oldest first."""
+    from grounding.store import ReviewStore
+
+    return ReviewStore(cfg.store, cfg.storage).versions()
 
 
 def source_kind(uri: str, opts: StorageOptions | None = None) -> str:
@@ -45,9 +172,8 @@ def guess_format(uri: str) -> str:
 def job_items(output: str, opts: StorageOptions | None = None) -> list[dict]:
     """Predictions of a job output as labeled items (error rows are left out)."""
     from grounding.labels import from_job_rows
-    from pipelines.summary import read_output
 
-    return from_job_rows(read_output(output, opts).to_pylist())
+    return from_job_rows(JobOutput(output, opts).read().to_pylist())
 
 
 def load_items(source: str, fmt: str | None = None, opts: StorageOptions | None = None,
@@ -69,15 +195,13 @@ def load_items(source: str, fmt: str | None = None, opts: StorageOptions | None 
     return items, res.rejects, f"{fmt} file {source}"
 
 
-def export_labels(source: str, to: str, out: str, opts: StorageOptions | None = None,
-                  from_fmt: str | None = None, version: int | None = None,
-                  embed_images: bool = False) -> dict:
-    """Convert labels from any source to ``to`` format at ``out``."""
+def export_labels(cfg: ExportConfig) -> dict:
+    """Convert labels from any source to ``cfg.to`` format at ``cfg.out``."""
     from grounding.convert import write_labels
 
-    items, rejects, what = load_items(source, from_fmt, opts, version)
-    write_labels(items, out, to, opts, embed_images=embed_images)
-    return {"from": what, "to": to, "out": out, "items": len(items),
+    items, rejects, what = load_items(cfg.source, cfg.from_fmt, cfg.storage, cfg.version)
+    write_labels(items, cfg.out, cfg.to, cfg.storage, embed_images=cfg.embed_images)
+    return {"from": what, "to": cfg.to, "out": cfg.out, "items": len(items),
             "boxes": sum(len(it["boxes"]) for it in items)}
 
 
@@ -88,10 +212,7 @@ def _save_rejects(rejects: list[dict], uri: str, opts: StorageOptions | None) ->
             f.write(json.dumps(r, default=str) + "\n")
 
 
-def import_labels(input_uri: str, fmt: str, store: str, opts: StorageOptions | None = None,
-                  decision: str = "correct", reviewer: str | None = None,
-                  skip_invalid: bool = False, rejects_uri: str | None = None,
-                  labels: set[str] | None = None) -> dict:
+def import_labels(cfg: ImportConfig) -> dict:
     """Labels of a file into the store as one new version.
 
     Label Studio exports carry their own decisions (accept / correct / reject, reviewer and
@@ -102,6 +223,9 @@ def import_labels(input_uri: str, fmt: str, store: str, opts: StorageOptions | N
     from grounding.convert import read_labels
     from grounding.store import ReviewStore, decision_record
 
+    input_uri, fmt, store, opts = cfg.input, cfg.from_fmt, cfg.store, cfg.storage
+    decision, reviewer, skip_invalid = cfg.decision, cfg.reviewer, cfg.skip_invalid
+    labels = cfg.label_set()
     kw = {"labels": labels} if fmt == "labelstudio" and labels else {}
     res = read_labels(input_uri, fmt, opts, skip_invalid=skip_invalid, **kw)
     records, unreviewed = [], 0
@@ -118,7 +242,7 @@ def import_labels(input_uri: str, fmt: str, store: str, opts: StorageOptions | N
            "records": len(records), "unreviewed": unreviewed, "rejected_rows": len(res.rejects),
            "decisions": dict(Counter(r["decision"] for r in records))}
     if res.rejects:
-        rejects_uri = rejects_uri or input_uri.rsplit(".", 1)[0] + ".rejects.jsonl"
+        rejects_uri = cfg.rejects or input_uri.rsplit(".", 1)[0] + ".rejects.jsonl"
         _save_rejects(res.rejects, rejects_uri, opts)
         out["rejects"] = rejects_uri
     if records:
@@ -127,9 +251,7 @@ def import_labels(input_uri: str, fmt: str, store: str, opts: StorageOptions | N
     return out
 
 
-def export_tasks(output: str, tasks_uri: str, opts: StorageOptions | None = None,
-                 model_version: str | None = None, image_root: str | None = None,
-                 image_url_prefix: str | None = None, embed_images: bool = False) -> dict:
+def export_tasks(cfg: ReviewExportConfig) -> dict:
     """A job's predictions as Label Studio tasks (least-confident first) at ``tasks_uri``,
     with the project's labeling config written next to it (``label_config.xml``).
 
@@ -140,6 +262,9 @@ def export_tasks(output: str, tasks_uri: str, opts: StorageOptions | None = None
     from grounding.convert import embed_all, fill_sizes
     from grounding.convert.labelstudio import LABEL_CONFIG, write
 
+    output, tasks_uri, opts = cfg.output, cfg.tasks, cfg.storage
+    image_root, image_url_prefix = cfg.images.image_root, cfg.images.image_url_prefix
+    embed_images = cfg.images.embed_images
     items = job_items(output, opts)
     problems = fill_sizes(items, opts)
     if problems:
@@ -159,7 +284,7 @@ def export_tasks(output: str, tasks_uri: str, opts: StorageOptions | None = None
     fs, path = filesystem(tasks_uri, opts)
     parent = path.rsplit("/", 1)[0]
     fs.makedirs(parent, exist_ok=True)
-    write(items, fs, path, model_version=model_version, image_url=url)
+    write(items, fs, path, model_version=cfg.model_version, image_url=url)
     with fs.open(join(parent, "label_config.xml"), "wt") as f:
         f.write(LABEL_CONFIG)
     return {"job": output, "tasks": tasks_uri, "n": len(items),
@@ -187,54 +312,48 @@ def _ls_call(s, method: str, url: str, ok=(200, 201), **kw):
     return r.json()
 
 
-def push_to_label_studio(output: str, url: str, token: str, title: str | None = None,
-                         project: int | None = None, opts: StorageOptions | None = None,
-                         **task_kw) -> dict:
+def push_to_label_studio(cfg: ReviewPushConfig) -> dict:
     """Create a Label Studio project (or use ``project``) and import a job's predictions as
     tasks, least-confident first (Label Studio's REST API: ``/api/projects``,
-    ``/api/projects/{id}/import``). ``task_kw`` go to `export_tasks` (image URL rewriting)."""
+    ``/api/projects/{id}/import``)."""
     import tempfile
 
     from grounding.convert.labelstudio import LABEL_CONFIG
 
-    url = url.rstrip("/")
+    url, token, project = cfg.label_studio.url.rstrip("/"), cfg.label_studio.token(), cfg.project
     with tempfile.TemporaryDirectory() as d:
-        export_tasks(output, f"{d}/tasks.json", opts, **task_kw)
+        export_tasks(ReviewExportConfig(output=cfg.output, tasks=f"{d}/tasks.json",
+                                        images=cfg.images, storage=cfg.storage))
         with open(f"{d}/tasks.json") as f:
             tasks = json.load(f)
     with _ls_session(url, token) as s:
         if project is None:
-            job = json.loads(_read_text(join(output, "_job.json"), opts) or "{}")
-            title = title or f"groundlabel {job.get('job_id') or output}"
+            job = JobOutput(cfg.output, cfg.storage).job_record()
+            title = cfg.title or f"groundlabel {job.get('job_id') or cfg.output}"
             project = _ls_call(s, "POST", f"{url}/api/projects",
                                json={"title": title[:50], "label_config": LABEL_CONFIG})["id"]
         res = _ls_call(s, "POST", f"{url}/api/projects/{project}/import", json=tasks)
     return {"project": project, "tasks": res.get("task_count", len(tasks)), "url": url}
 
 
-def _read_text(uri: str, opts: StorageOptions | None) -> str | None:
-    fs, path = filesystem(uri, opts)
-    return fs.cat_file(path).decode() if fs.exists(path) else None
-
-
-def pull_from_label_studio(url: str, token: str, project: int, store: str,
-                           export_uri: str | None = None, opts: StorageOptions | None = None,
-                           **import_kw) -> dict:
+def pull_from_label_studio(cfg: ReviewPullConfig) -> dict:
     """Download a project's JSON export (annotated tasks) and import its review decisions into
     the store. The raw export is kept at ``export_uri`` (default: next to the store, under
     ``exports/``) so every version can be traced back to what Label Studio said."""
-    url = url.rstrip("/")
-    with _ls_session(url, token) as s:
+    url, project, store, opts = cfg.label_studio.url.rstrip("/"), cfg.project, cfg.store, cfg.storage
+    with _ls_session(url, cfg.label_studio.token()) as s:
         tasks = _ls_call(s, "GET", f"{url}/api/projects/{project}/export",
                          params={"exportType": "JSON"})
     import datetime as dt
 
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
-    export_uri = export_uri or join(store, "exports", f"labelstudio-{project}-{stamp}.json")
+    export_uri = cfg.export or join(store, "exports", f"labelstudio-{project}-{stamp}.json")
     fs, path = filesystem(export_uri, opts)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(path, "wt") as f:
         json.dump(tasks, f)
-    res = import_labels(export_uri, "labelstudio", store, opts, **import_kw)
+    res = import_labels(ImportConfig(input=export_uri, from_fmt="labelstudio", store=store,
+                                     labels=cfg.labels, skip_invalid=cfg.skip_invalid,
+                                     storage=opts))
     res["project"] = project
     return res

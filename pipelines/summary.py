@@ -1,36 +1,31 @@
 """What a job produced: rows, errors by code, speed, and (with true boxes) Acc@0.5.
 
 Used at the end of every job and by ``groundlabel eval``. Reads only a few columns of the
-Parquet parts.
+Parquet parts, through `pipelines.output.JobOutput`.
+
+    groundlabel eval --pred runs/label-1                          # the output's gold column
+    groundlabel eval --pred runs/label-1 --gold data/synth/data.jsonl
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
-from grounding.storage import StorageOptions, filesystem, join
+from pydantic import Field
+
+from grounding.settings import Settings
+from grounding.storage import StorageOptions
+from pipelines.output import JobOutput
 
 
-def read_output(output: str, opts: StorageOptions | None = None, columns: list[str] | None = None):
-    """All parts of a job output (or one Parquet file) as one pyarrow table."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+class EvalConfig(Settings):
+    """``groundlabel eval``: Acc@0.5, mean IoU and parse failures of a labeled output."""
 
-    from pipelines import schema
-    from pipelines.stages.write import list_parts
-
-    opts = opts or StorageOptions()
-    fs, path = filesystem(output, opts)
-    files = [path] if fs.isfile(path) else list_parts(output, opts)
-    tables = []
-    for p in files:
-        with fs.open(p, "rb") as f:
-            tables.append(pq.read_table(f, columns=columns))
-    if not tables:
-        sch = schema.OUTPUT if columns is None else pa.schema([schema.OUTPUT.field(c) for c in columns])
-        return sch.empty_table()
-    return pa.concat_tables(tables)
+    pred: str = Field(description="Job output folder (or one Parquet file).")
+    gold: str | None = Field(None, description="Input shards with true boxes (default: the "
+                             "output's own gold column, carried from the job input).")
+    storage: StorageOptions = Field(default_factory=StorageOptions,
+                                    description="Object storage.")
 
 
 def metrics_from_rows(rows: list[dict], gold_by_key: dict | None = None) -> dict | None:
@@ -49,13 +44,14 @@ def metrics_from_rows(rows: list[dict], gold_by_key: dict | None = None) -> dict
     return grounding_metrics(pairs) if pairs else None
 
 
-def summarize(output: str, opts: StorageOptions, elapsed: float | None = None,
-              rows_before: int = 0, write: bool = True) -> dict:
-    t = read_output(output, opts, ["row_id", "source_id", "status", "error_code", "boxes", "gold"])
+def summarize(output: JobOutput, elapsed: float | None = None, rows_before: int = 0,
+              write: bool = True) -> dict:
+    """Counts (and metrics) of everything in ``output``; written to ``_summary.json``."""
+    t = output.read(["row_id", "source_id", "status", "error_code", "boxes", "gold"])
     rows = t.to_pylist()
     ids = [r["row_id"] for r in rows]
     out = {
-        "output": output,
+        "output": output.uri,
         "rows": len(rows),
         "unique_rows": len(set(ids)),
         "labeled": sum(r["error_code"] is None for r in rows),
@@ -70,42 +66,46 @@ def summarize(output: str, opts: StorageOptions, elapsed: float | None = None,
     if m:
         out["metrics"] = m
     if write:
-        fs, path = filesystem(join(output, "_summary.json"), opts)
-        with fs.open(path, "w") as f:
-            json.dump(out, f, indent=2)
+        output.write_summary(out)
     return out
 
 
-def evaluate(pred: str, gold: str | None = None, opts: StorageOptions | None = None) -> dict:
+def _gold_boxes(gold: str, storage: StorageOptions, size: dict) -> dict:
+    """``{source_id or row_id: [x1, y1, x2, y2] in original pixels}`` from input shards."""
+    from grounding.formats import read_shard
+    from grounding.storage import filesystem
+    from pipelines.stages.read import list_shards
+
+    out = {}
+    for uri, rel in list_shards(gold, storage):
+        fs, path = filesystem(uri, storage)
+        for g in read_shard(fs, path, rel):
+            if g["gold"] is None or g["error_code"]:
+                continue
+            box = g["gold"]
+            if g["gold_type"] in ("norm1", "norm1000"):
+                w, h = size.get(g["row_id"]) or (None, None)
+                if w is None:
+                    continue
+                k = 1.0 if g["gold_type"] == "norm1" else 1000.0
+                box = [box[0] * w / k, box[1] * h / k, box[2] * w / k, box[3] * h / k]
+            out[g["source_id"] or g["row_id"]] = box
+    return out
+
+
+def evaluate(cfg: EvalConfig) -> dict:
     """Acc@0.5, mean IoU and parse-failure rate of a labeled output.
 
     True boxes come from ``gold`` (input shards in any input format, matched on the row's
     ``id`` if it has one, else on ``row_id``) or, without ``gold``, from the output's own
     ``gold`` column (the input's boxes carried through the job).
     """
-    from grounding.formats import read_shard
-    from pipelines.label import list_shards
-
-    opts = opts or StorageOptions()
-    rows = read_output(pred, opts, ["row_id", "source_id", "boxes", "gold", "width",
-                                    "height"]).to_pylist()
+    rows = JobOutput(cfg.pred, cfg.storage).read(
+        ["row_id", "source_id", "boxes", "gold", "width", "height"]).to_pylist()
     gold_by_key = None
-    if gold:
+    if cfg.gold:
         size = {r["row_id"]: (r["width"], r["height"]) for r in rows}
-        gold_by_key = {}
-        for uri, rel in list_shards(gold, opts):
-            fs, path = filesystem(uri, opts)
-            for g in read_shard(fs, path, rel):
-                if g["gold"] is None or g["error_code"]:
-                    continue
-                box = g["gold"]
-                if g["gold_type"] in ("norm1", "norm1000"):
-                    w, h = size.get(g["row_id"]) or (None, None)
-                    if w is None:
-                        continue
-                    k = 1.0 if g["gold_type"] == "norm1" else 1000.0
-                    box = [box[0] * w / k, box[1] * h / k, box[2] * w / k, box[3] * h / k]
-                gold_by_key[g["source_id"] or g["row_id"]] = box
+        gold_by_key = _gold_boxes(cfg.gold, cfg.storage, size)
         rows = [r for r in rows if (r["source_id"] or r["row_id"]) in gold_by_key]
     m = metrics_from_rows(rows, gold_by_key) or {"n": 0}
-    return dict(m, pred=pred, gold=gold or "(the output's gold column)")
+    return dict(m, pred=cfg.pred, gold=cfg.gold or "(the output's gold column)")

@@ -112,19 +112,15 @@ _IMAGE_STATUS = {"too_large": 413, "missing": 422, "fetch_failed": 422, "empty_i
 @serve.deployment
 @serve.ingress(api)
 class GroundingService:
-    def __init__(self, cfg_json: str):
+    def __init__(self, cfg: ServeConfig):
         from grounding.checkpoint import detect_family
-        from grounding.engines import EngineConfig, load_engine
+        from grounding.engines import load_engine
         from grounding.engines.grounder import Grounder
 
-        self.cfg = ServeConfig.model_validate_json(cfg_json)
+        self.cfg = cfg
         self.ready = False
-        family = self.cfg.family or detect_family(self.cfg.model)
-        self.engine = load_engine(EngineConfig(model=self.cfg.model, engine=self.cfg.engine,
-                                               family=family,
-                                               max_new_tokens=self.cfg.max_new_tokens,
-                                               **({"max_model_len": self.cfg.max_model_len}
-                                                  if self.cfg.max_model_len else {})))
+        family = cfg.inference.family or detect_family(cfg.inference.model)
+        self.engine = load_engine(cfg.inference.model_copy(update={"family": family}))
         self.grounder = Grounder(self.engine, family)
         self.family = family
         self.gen_lock = threading.Lock()  # one engine call at a time (vLLM is not re-entrant)
@@ -137,11 +133,9 @@ class GroundingService:
         self._metrics()
         self.registry = None
         if self.cfg.registry:
-            from grounding.storage import StorageOptions
-            from train.registry import AdapterRegistry
+            from grounding.registry import AdapterRegistry
 
-            self.registry = AdapterRegistry(
-                self.cfg.registry, StorageOptions(endpoint_url=self.cfg.s3_endpoint_url))
+            self.registry = AdapterRegistry(self.cfg.registry, self.cfg.storage)
             self._follow_once()
             threading.Thread(target=self._watch, daemon=True, name="registry-watch").start()
         elif self.cfg.adapters_dir:
@@ -191,7 +185,7 @@ class GroundingService:
             return False
 
     def _from_registry(self, name: str) -> bool:
-        from train.registry import RegistryError
+        from grounding.registry import RegistryError
 
         if name in self.engine.adapters:
             return True
@@ -298,10 +292,7 @@ class GroundingService:
                                    f"the allowed prefixes ({allowed})")
                 if ".." in ref.split("?")[0]:
                     raise ApiError(403, "uri_not_allowed", "'..' is not allowed in image URIs")
-            from grounding.storage import StorageOptions
-
-            opts = StorageOptions(endpoint_url=self.cfg.s3_endpoint_url).fsspec_kwargs(ref)
-            data = read_bytes(ref, opts, max_bytes=self.cfg.max_body_bytes)
+            data = read_bytes(ref, self.cfg.storage, max_bytes=self.cfg.max_body_bytes)
             return decode(data, self.cfg.max_image_pixels)
         except ImageError as e:
             raise ApiError(_IMAGE_STATUS.get(e.code, 422), e.code, str(e)) from None
@@ -333,13 +324,13 @@ class GroundingService:
         self.m_latency.observe(ms / 1000)
         return {"boxes": [{"x1": b.x1, "y1": b.y1, "x2": b.x2, "y2": b.y2, "score": b.score}
                           for b in res.boxes],
-                "status": res.status, "image_size": list(img.size), "model": self.cfg.model,
+                "status": res.status, "image_size": list(img.size), "model": self.cfg.inference.model,
                 "adapter": adapter, "raw_text": res.raw_text, "latency_ms": round(ms, 1)}
 
     @api.get("/v1/models")
     async def models(self):
         """The base model, the production adapter, and the adapters this replica can serve."""
-        out = {"model": self.cfg.model, "family": self.family, "production": self.production,
+        out = {"model": self.cfg.inference.model, "family": self.family, "production": self.production,
                "loaded_adapters": sorted(self.engine.adapters), "refused": self.refused}
         if self.registry is not None:
             reg = await asyncio.to_thread(self.registry.list)
@@ -380,4 +371,4 @@ def build_app(args: dict | ServeConfig | None = None):
                                **({cfg.api_keys_env: os.environ[cfg.api_keys_env]}
                                   if os.environ.get(cfg.api_keys_env) else {})}}},
     )
-    return dep.bind(cfg.model_dump_json())
+    return dep.bind(cfg)

@@ -3,18 +3,18 @@ config, see cluster/serve-config.yaml)."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from grounding.paths import DEFAULT_MODEL
+from grounding.engines.base import EngineConfig
+from grounding.settings import RaySettings, Settings
+from grounding.storage import StorageOptions
 
 
-class ServeConfig(BaseModel):
+class ServeConfig(Settings):
     """The endpoint: model, adapters, guards, batching."""
 
-    model: str = Field(str(DEFAULT_MODEL), description="Base checkpoint folder.")
-    family: str | None = Field(None, description="Model family (default: from the checkpoint).")
-    engine: str = Field("vllm", description="Inference engine: vllm (production) or "
-                        "transformers.")
+    inference: EngineConfig = Field(default_factory=EngineConfig,
+                                    description="The model and engine each replica runs.")
     registry: str | None = Field(None, description="Adapter registry (folder or s3://) to "
                                  "follow: its production adapter is served by default and "
                                  "swapped in within poll_s of a promotion or rollback.")
@@ -33,14 +33,11 @@ class ServeConfig(BaseModel):
                                             "); empty = image URIs are refused, base64 only.")
     max_batch_size: int = Field(32, ge=1, description="Requests batched into one engine call.")
     batch_wait_ms: float = Field(10.0, ge=0, description="How long a batch waits to fill.")
-    max_new_tokens: int = Field(64, ge=1, description="Answer token limit.")
-    max_model_len: int | None = Field(None, ge=64, description="Longest prompt + answer in "
-                                      "tokens (default: the engine's 1024; a real Qwen2.5-VL "
-                                      "on large images needs 4096).")
     num_replicas: int = Field(1, ge=1, description="Serve replicas (one engine each).")
     num_cpus: float = Field(1.0, gt=0, description="CPUs per replica.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica.")
     host: str = Field("127.0.0.1", description="HTTP host of Serve's proxy.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of Serve's proxy.")
-    ray_address: str | None = Field(None, description="Ray cluster address (default: local).")
-    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint.")
+    storage: StorageOptions = Field(default_factory=StorageOptions,
+                                    description="Object storage for the registry and images.")
+    ray: RaySettings = Field(default_factory=RaySettings, description="The Ray cluster.")

@@ -3,6 +3,12 @@ field (6 fields). Each field: ``*``, ``N``, ``A-B``, ``*/S``, ``A-B/S`` and comm
 Day of week 0-6 is Sunday-Saturday (7 is Sunday too). As in cron, when both day fields are
 restricted a time matches either of them. Times are UTC.
 
+Parsing and matching are `croniter`'s (``day_or=True``, ``second_at_beginning=True``; a 5-field
+expression runs at second 0), so its extensions (month and weekday names, ``L``, ``15W``,
+``5#2``, wrapping ranges such as ``FRI-MON``) are read too. This module keeps the field count
+to 5 or 6, reads an equal range ``A-A`` (or ``A-A/S``) as ``A`` (croniter would take the whole
+field), and turns croniter's errors into a `CronError` that names the expression and field.
+
     >>> from datetime import datetime, UTC
     >>> Cron("0 3 * * *").next_after(datetime(2026, 11, 25, 12, 0, tzinfo=UTC))
     datetime.datetime(2026, 11, 26, 3, 0, tzinfo=datetime.timezone.utc)
@@ -11,35 +17,62 @@ restricted a time matches either of them. Times are UTC.
 from __future__ import annotations
 
 import datetime as dt
+import re
 
+# (name, lowest, highest) of the 6 fields, seconds first
 _FIELDS = [("second", 0, 59), ("minute", 0, 59), ("hour", 0, 23), ("day", 1, 31),
            ("month", 1, 12), ("weekday", 0, 7)]
+_SYNTAX = "expected *, N, A-B, */S, A-B/S or comma lists of those"
+_EQUAL_RANGE = re.compile(r"([^-/,]+)-\1(?:/\d+)?", re.IGNORECASE)
+
+
+def _field(text: str) -> str:
+    """``text`` with every equal range ``A-A`` / ``A-A/S`` of its comma list written ``A``."""
+    return ",".join(m.group(1) if (m := _EQUAL_RANGE.fullmatch(item)) else item
+                    for item in text.split(","))
 
 
 class CronError(ValueError):
     """A cron expression that cannot be read (the message says which field and why)."""
 
 
-def _field(text: str, name: str, lo: int, hi: int) -> set[int]:
-    out: set[int] = set()
-    for part in text.split(","):
-        rng, _, step_s = part.partition("/")
+def _expand(fields: list[str]):
+    """croniter's expansion of the 6 fields (seconds first); its error is a ValueError."""
+    from croniter import croniter
+
+    return croniter.expand(" ".join(fields), second_at_beginning=True)
+
+
+def _days(fields: list[str]) -> list[str]:
+    """``fields`` with both day fields ``*`` where one restricted day field names every day.
+
+    By the rule above such an expression runs every day, but croniter reads a full day field
+    as ``*`` when the other one has a ``*`` in it (``*/3``) and then requires both.
+    """
+    expanded, nth = _expand(fields)
+    dom, dow = expanded[2], expanded[4]  # croniter's order: min hour dom month dow second
+    full_dom = fields[3] not in ("*", "?") and (dom == ["*"] or set(range(1, 32)) <= set(dom))
+    full_dow = fields[5] not in ("*", "?") and not nth and (
+        dow == ["*"] or set(range(7)) <= set(dow))
+    if full_dom or full_dow:
+        return [*fields[:3], "*", fields[4], "*"]
+    return fields
+
+
+def _invalid(expr: str, raw: list[str], fields: list[str], err: ValueError) -> CronError:
+    """A `CronError` naming the first field that croniter rejects on its own.
+
+    ``raw`` are the 6 fields as written, ``fields`` the same as given to croniter.
+    """
+    for i, (name, lo, hi) in enumerate(_FIELDS):
+        probe = ["*"] * len(_FIELDS)
+        probe[i] = fields[i]
         try:
-            step = int(step_s) if step_s else 1
-            if rng == "*":
-                a, b = lo, hi
-            elif "-" in rng:
-                a, b = (int(x) for x in rng.split("-", 1))
-            else:
-                a = b = int(rng)
-                if step_s:
-                    b = hi
+            _expand(probe)
         except ValueError:
-            raise CronError(f"{name} field {text!r}: expected *, N, A-B, */S or lists") from None
-        if step < 1 or not (lo <= a <= hi and lo <= b <= hi) or a > b:
-            raise CronError(f"{name} field {text!r}: values must lie in {lo}-{hi}")
-        out.update(range(a, b + 1, step))
-    return out
+            return CronError(f"cron {expr!r}: {name} field {raw[i]!r}: {_SYNTAX}, with "
+                             f"values in {lo}-{hi}")
+    return CronError(f"cron {expr!r}: {err}")  # fields fine alone, not together
 
 
 class Cron:
@@ -50,45 +83,29 @@ class Cron:
         if len(parts) not in (5, 6):
             raise CronError(f"cron {expr!r}: expected 5 fields (min hour dom month dow) or 6 "
                             f"(with seconds first), got {len(parts)}")
-        if len(parts) == 5:
-            parts = ["0", *parts]
         self.expr = expr
-        sets = [_field(p, n, lo, hi) for p, (n, lo, hi) in zip(parts, _FIELDS, strict=True)]
-        self.second, self.minute, self.hour, self.day, self.month, wd = sets
-        self.weekday = {d % 7 for d in wd}
-        self.any_day = parts[3] == "*"
-        self.any_weekday = parts[5] == "*"
-
-    def _day_ok(self, t: dt.datetime) -> bool:
-        dom = t.day in self.day
-        dow = (t.isoweekday() % 7) in self.weekday
-        if self.any_day or self.any_weekday:
-            return dom and dow
-        return dom or dow
+        raw = ["0", *parts] if len(parts) == 5 else parts  # a 5-field cron runs at second 0
+        fields = [_field(p) for p in raw]
+        try:
+            fields = _days(fields)
+        except ValueError as e:
+            raise _invalid(expr, raw, fields, e) from e
+        self._croniter_expr = " ".join(fields)
 
     def matches(self, t: dt.datetime) -> bool:
-        return (t.month in self.month and self._day_ok(t) and t.hour in self.hour
-                and t.minute in self.minute and t.second in self.second)
+        """Whether ``t`` (to the second) is one of the expression's times."""
+        from croniter import croniter
+
+        return croniter.match(self._croniter_expr, t.replace(microsecond=0), day_or=True,
+                              second_at_beginning=True, precision_in_seconds=1)
 
     def next_after(self, t: dt.datetime) -> dt.datetime:
-        """The first matching time strictly after ``t`` (searched within 5 years)."""
-        t = t.astimezone(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=1)
-        end = t + dt.timedelta(days=366 * 5)
-        while t < end:
-            if t.month not in self.month:
-                t = (t.replace(day=1, hour=0, minute=0, second=0) + dt.timedelta(days=32)).replace(day=1)
-                continue
-            if not self._day_ok(t):
-                t = t.replace(hour=0, minute=0, second=0) + dt.timedelta(days=1)
-                continue
-            if t.hour not in self.hour:
-                t = t.replace(minute=0, second=0) + dt.timedelta(hours=1)
-                continue
-            if t.minute not in self.minute:
-                t = t.replace(second=0) + dt.timedelta(minutes=1)
-                continue
-            if t.second not in self.second:
-                t += dt.timedelta(seconds=1)
-                continue
-            return t
-        raise CronError(f"cron {self.expr!r} never matches")
+        """The first matching time strictly after ``t``, in UTC."""
+        from croniter import CroniterBadDateError, croniter
+
+        it = croniter(self._croniter_expr, t.astimezone(dt.UTC), ret_type=dt.datetime,
+                      day_or=True, second_at_beginning=True)
+        try:
+            return it.get_next()
+        except CroniterBadDateError:
+            raise CronError(f"cron {self.expr!r} never matches") from None

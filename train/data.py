@@ -15,6 +15,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from grounding.storage import StorageOptions
+
 
 @dataclass
 class Example:
@@ -54,15 +56,15 @@ def augment(img, boxes: list[list[float]], text: str, rng) -> tuple:
     return img, boxes, text
 
 
-def load_item_image(item: dict, storage: dict | None = None):
+def load_item_image(item: dict, storage: StorageOptions | None = None):
     """The item's ORIGINAL image, RGB (raises ImageError)."""
     from grounding.images import decode, read_bytes
 
-    return decode(read_bytes(item["image"], storage or {}))
+    return decode(read_bytes(item["image"], storage))
 
 
 def make_example(item: dict, engine, family, resize, eos: str = "<|im_end|>",
-                 storage: dict | None = None, coord_step: int = 1, image=None,
+                 storage: StorageOptions | None = None, coord_step: int = 1, image=None,
                  rng=None) -> Example:
     """An `Example` from a labeled item (`grounding.labels`); raises ImageError / ValueError.
 

@@ -14,20 +14,21 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from grounding.paths import DEFAULT_MODEL
+from grounding.engines.base import EngineConfig
+from grounding.settings import Settings
 
 
-class SynthEvalConfig(BaseModel):
+class SynthEvalConfig(Settings):
     """Settings of ``groundlabel eval-synth``."""
 
-    model: str = Field(str(DEFAULT_MODEL), description="Checkpoint folder.")
+    inference: EngineConfig = Field(default_factory=EngineConfig,
+                                    description="The model and engine to evaluate.")
     adapter: str | None = Field(None, description="LoRA adapter folder to evaluate (optional).")
     domain: Literal["base", "shifted"] = Field("base", description="Synthetic domain.")
     n: int = Field(200, ge=1, description="Held-out samples.")
     seed: int = Field(0, description="Set seed (0 = the held-out set; training uses others).")
-    engine: Literal["vllm", "transformers"] = Field("vllm", description="Inference engine.")
     batch_size: int = Field(64, ge=1, description="Requests per engine call.")
 
 
@@ -36,14 +37,14 @@ def evaluate_synthetic(cfg: SynthEvalConfig, engine=None, synth=None) -> dict:
 
     ``synth`` (a `grounding.synth.SynthConfig`) changes the set, e.g. single-object images."""
     from grounding.boxes import Box
-    from grounding.engines import EngineConfig, load_engine
+    from grounding.engines import load_engine
     from grounding.engines.grounder import Grounder, GroundingRequest
     from grounding.metrics import grounding_metrics
     from grounding.synth import chance_accuracy, iter_samples
 
     samples = list(iter_samples(cfg.n, cfg.domain, cfg.seed, synth))
     own = engine is None
-    engine = engine or load_engine(EngineConfig(model=cfg.model, engine=cfg.engine))
+    engine = engine or load_engine(cfg.inference)
     name = None
     if cfg.adapter:
         name = "eval-" + cfg.adapter.rstrip("/").replace("/", "_")
@@ -58,7 +59,7 @@ def evaluate_synthetic(cfg: SynthEvalConfig, engine=None, synth=None) -> dict:
                   for s, r in zip(chunk, res, strict=True)]
     m = grounding_metrics(pairs)
     m.update(chance=chance_accuracy(samples), domain=cfg.domain, seed=cfg.seed,
-             engine=cfg.engine, model=cfg.model, adapter=cfg.adapter)
+             engine=cfg.inference.engine, model=cfg.inference.model, adapter=cfg.adapter)
     if own:
         engine.close()
     return m

@@ -15,12 +15,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from grounding.paths import DEFAULT_MODEL
+from grounding.settings import Settings
+from grounding.storage import StorageOptions
 
 
-class MergeConfig(BaseModel):
+class MergeConfig(Settings):
     """Settings of ``groundlabel merge``."""
 
     out: str = Field(description="Folder for the merged checkpoint.")
@@ -31,7 +33,8 @@ class MergeConfig(BaseModel):
     model: str = Field(str(DEFAULT_MODEL), description="Base checkpoint the adapter was "
                        "trained on.")
     dtype: str = Field("bfloat16", description="dtype of the saved weights.")
-    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint.")
+    storage: StorageOptions = Field(default_factory=StorageOptions,
+                                    description="Object storage for the registry.")
 
 
 def merge(cfg: MergeConfig) -> str:
@@ -43,12 +46,11 @@ def merge(cfg: MergeConfig) -> str:
 
     adapter = cfg.adapter
     if adapter is None:
-        from grounding.storage import StorageOptions
-        from train.registry import AdapterRegistry, RegistryError
+        from grounding.registry import AdapterRegistry, RegistryError
 
         if not cfg.registry:
             raise ValueError("give --adapter DIR, or --registry URI [--name NAME]")
-        reg = AdapterRegistry(cfg.registry, StorageOptions(endpoint_url=cfg.s3_endpoint_url))
+        reg = AdapterRegistry(cfg.registry, cfg.storage)
         name = cfg.name or reg.production()
         if name is None:
             raise RegistryError(f"{cfg.registry} has no production adapter; pass --name")

@@ -31,9 +31,11 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from grounding.paths import DEFAULT_MODEL
+from grounding.engines.base import EngineConfig
+from grounding.settings import RaySettings, RegistryURI, Settings, StoreURI
+from grounding.storage import StorageOptions
 
 # The language model's linear layers (Qwen2/2.5/3-VL naming). vLLM applies LoRA to these; the
 # vision tower stays frozen unless ``freeze_vision`` is off.
@@ -41,14 +43,16 @@ LM_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj
 VISION_LINEAR = r".*visual.*\.(qkv|proj|linear_fc1|linear_fc2)"
 
 
-class RetrainConfig(BaseModel):
+class RetrainConfig(Settings):
     """Settings of ``groundlabel retrain`` (ms-swift-like LoRA settings included)."""
 
-    store: str = Field(description="Reviewed-label store (folder or s3://).")
-    registry: str = Field(description="Adapter registry (folder or s3://).")
-    version: int | None = Field(None, description="Store version to train on (default: newest).")
-    model: str = Field(str(DEFAULT_MODEL), description="Base checkpoint (kept frozen).")
-    family: str | None = Field(None, description="Model family (default: from the checkpoint).")
+    store: StoreURI
+    registry: RegistryURI
+    version: int | None = Field(None, ge=1, description="Store version to train on (default: "
+                                "newest).")
+    inference: EngineConfig = Field(default_factory=EngineConfig, description="The base "
+                                    "checkpoint (kept frozen; its pixels settings are used for "
+                                    "training too) and the engine of the gate.")
     candidate: str | None = Field(None, description="Gate this adapter folder instead of "
                                   "training one.")
     target_modules: str = Field(LM_LINEAR, description="Regex of the modules LoRA adapts.")
@@ -61,8 +65,6 @@ class RetrainConfig(BaseModel):
     batch_size: int = Field(8, ge=1, description="Items per optimizer step (per worker).")
     max_minutes: float = Field(10.0, gt=0, description="Training time cap; the schedule "
                                "(cosine) is fitted to the steps that fit.")
-    min_pixels: int | None = Field(None, description="Processor min pixels (default: checkpoint).")
-    max_pixels: int | None = Field(None, description="Processor max pixels (default: checkpoint).")
     coord_step: int | None = Field(None, ge=1, description="Round 0-1000 target coordinates "
                                    "to this grid (default: the checkpoint's groundlabel.json "
                                    "coord_step, else 1 = exact).")
@@ -88,8 +90,9 @@ class RetrainConfig(BaseModel):
                                       "(adapter + optimizer) in the Ray Train storage.")
     run_name: str | None = Field(None, description="Ray Train run name; the same name resumes "
                                  "(default: from store, version and recipe).")
-    ray_address: str | None = Field(None, description="Ray cluster address (default: local).")
-    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint.")
+    storage: StorageOptions = Field(default_factory=StorageOptions, description="Object "
+                                    "storage for the store, registry, images and checkpoints.")
+    ray: RaySettings = Field(default_factory=RaySettings, description="The Ray cluster.")
     eval_batch_size: int = Field(32, ge=1, description="Requests per vLLM call in the gate.")
 
 
@@ -103,11 +106,12 @@ def split(items: list[dict], holdout_frac: float) -> tuple[list[dict], list[dict
 
 
 def _recipe(cfg: RetrainConfig) -> dict:
-    return cfg.model_dump(include={"target_modules", "rank", "alpha", "dropout", "lr",
-                                   "warmup_frac", "epochs", "batch_size", "max_minutes",
-                                   "min_pixels", "max_pixels", "freeze_vision", "quantize", "coord_step",
-                                   "mask_label_text", "augment",
-                                   "seed", "max_items"})
+    recipe = cfg.model_dump(include={"target_modules", "rank", "alpha", "dropout", "lr",
+                                     "warmup_frac", "epochs", "batch_size", "max_minutes",
+                                     "freeze_vision", "quantize", "coord_step",
+                                     "mask_label_text", "augment", "seed", "max_items"})
+    recipe.update(min_pixels=cfg.inference.min_pixels, max_pixels=cfg.inference.max_pixels)
+    return recipe
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +125,6 @@ def train_loop(config: dict) -> None:
     import torch
 
     from grounding.checkpoint import detect_family, resize_spec
-    from grounding.engines import EngineConfig
     from grounding.engines.hf_engine import HFEngine
     from grounding.families import get_family
     from train.data import encode, load_item_image, make_example
@@ -132,19 +135,18 @@ def train_loop(config: dict) -> None:
     torch.set_num_threads(cfg.cpus_per_worker)
     torch.manual_seed(cfg.seed)
     model, processor = _load_for_training(cfg)
-    engine = HFEngine(EngineConfig(model=cfg.model, engine="transformers",
-                                   min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels),
-                      model=model, processor=processor)
-    family = get_family(cfg.family or detect_family(cfg.model))
-    resize = resize_spec(cfg.model, cfg.min_pixels, cfg.max_pixels)
-    storage = config.get("storage") or {}
-    step = cfg.coord_step or _checkpoint_meta(cfg.model).get("coord_step", 1)
+    inf = cfg.inference
+    engine = HFEngine(inf.model_copy(update={"engine": "transformers"}), model=model,
+                      processor=processor)
+    family = get_family(inf.family or detect_family(inf.model))
+    resize = resize_spec(inf.model, inf.min_pixels, inf.max_pixels)
+    step = cfg.coord_step or _checkpoint_meta(inf.model).get("coord_step", 1)
     # Items hold the ORIGINAL images (decoded once); examples are made per step so that each
     # epoch sees a fresh augmentation.
     items, images, skipped = [], [], 0
     for it in config["items"][rank::world]:
         try:
-            images.append(load_item_image(it, storage))
+            images.append(load_item_image(it, cfg.storage))
             items.append(it)
         except ValueError:  # unreadable image since review: skipped, counted
             skipped += 1
@@ -231,8 +233,9 @@ def _load_for_training(cfg: RetrainConfig):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    kw = {k: v for k, v in (("min_pixels", cfg.min_pixels), ("max_pixels", cfg.max_pixels)) if v}
-    processor = AutoProcessor.from_pretrained(cfg.model, **kw)
+    inf = cfg.inference
+    kw = {k: v for k, v in (("min_pixels", inf.min_pixels), ("max_pixels", inf.max_pixels)) if v}
+    processor = AutoProcessor.from_pretrained(inf.model, **kw)
     quant = cfg.quantize == "nf4" or (cfg.quantize == "auto" and torch.cuda.is_available())
     load_kw: dict = {"dtype": torch.bfloat16 if torch.cuda.is_available() else torch.float32}
     if quant:
@@ -242,7 +245,7 @@ def _load_for_training(cfg: RetrainConfig):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
         load_kw["device_map"] = {"": torch.cuda.current_device()}
-    model = AutoModelForImageTextToText.from_pretrained(cfg.model, **load_kw)
+    model = AutoModelForImageTextToText.from_pretrained(inf.model, **load_kw)
     if quant:
         from peft import prepare_model_for_kbit_training
 
@@ -276,28 +279,20 @@ def _report(model, opt, state: dict, rank: int, metrics: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 def fit(cfg: RetrainConfig, items: list[dict], run_name: str) -> tuple[str, dict]:
     """Run the TorchTrainer; returns (local adapter folder, last metrics)."""
-    import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from grounding.storage import StorageOptions, arrow_filesystem
+    from grounding.storage import arrow_filesystem
 
-    opts = StorageOptions(endpoint_url=cfg.s3_endpoint_url)
-    if not ray.is_initialized():
-        import os
-
-        if cfg.ray_address:
-            ray.init(address=cfg.ray_address)
-        else:  # never attach by accident to another Ray on this machine
-            ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1),
-                     include_dashboard=False, log_to_driver=False)
+    # RAY_ADDRESS (a cluster, or the Ray job this runs in) else a private local Ray: a retrain
+    # sent with `ray job submit` must reach the cluster's GPU workers.
+    cfg.ray.connect(log_to_driver=False)
     storage_fs, storage_path = None, str(Path(cfg.storage_path).resolve())
     if "://" in cfg.storage_path:
-        storage_fs, storage_path = arrow_filesystem(cfg.storage_path, opts)
+        storage_fs, storage_path = arrow_filesystem(cfg.storage_path, cfg.storage)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.model_dump(), "items": items,
-                           "storage": opts.fsspec_kwargs("s3://x")},
+        train_loop_config={"cfg": cfg.model_dump(), "items": items},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name=run_name, storage_path=storage_path,
@@ -328,7 +323,7 @@ def hit(pred: list, gold: list[list[float]]) -> bool:
 
 
 def evaluate_items(engine, items: list[dict], adapter: str | None, batch_size: int = 32,
-                   storage: dict | None = None) -> dict:
+                   storage: StorageOptions | None = None) -> dict:
     """Acc@0.5 of ``adapter`` (None = base model) on labeled items, through ``engine``."""
     from grounding.engines.grounder import Grounder, GroundingRequest
     from grounding.images import decode, read_bytes
@@ -339,7 +334,7 @@ def evaluate_items(engine, items: list[dict], adapter: str | None, batch_size: i
         chunk, reqs = [], []
         for it in items[i:i + batch_size]:
             try:
-                img = decode(read_bytes(it["image"], storage or {}))
+                img = decode(read_bytes(it["image"], storage))
             except ValueError:
                 unreadable += 1
                 continue
@@ -354,15 +349,13 @@ def evaluate_items(engine, items: list[dict], adapter: str | None, batch_size: i
 def gate(cfg: RetrainConfig, adapter_dir: str, held: list[dict], production: str | None,
          registry) -> dict:
     """Held-out Acc@0.5 of the new adapter and of production (or the base), through vLLM."""
-    from grounding.engines import EngineConfig, load_engine
-    from grounding.storage import StorageOptions
+    from grounding.engines import load_engine
 
-    storage = StorageOptions(endpoint_url=cfg.s3_endpoint_url).fsspec_kwargs("s3://x")
+    storage = cfg.storage
     rank = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("r", 16)
-    engine = load_engine(EngineConfig(model=cfg.model, engine="vllm", family=cfg.family,
-                                      min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
-                                      max_lora_rank=max(16, int(rank)),
-                                      vision_lora=not cfg.freeze_vision))
+    engine = load_engine(cfg.inference.model_copy(update={
+        "max_lora_rank": max(cfg.inference.max_lora_rank, int(rank)),
+        "vision_lora": not cfg.freeze_vision}))
     try:
         # Names never reused: vLLM caches adapters by name.
         new = f"candidate-{Path(adapter_dir).name}-{time.time_ns()}"
@@ -383,11 +376,10 @@ def gate(cfg: RetrainConfig, adapter_dir: str, held: list[dict], production: str
 
 def retrain(cfg: RetrainConfig) -> dict:
     """Snapshot -> train (Ray Train) -> gate (vLLM) -> register -> promote or refuse."""
-    from grounding.storage import StorageOptions
+    from grounding.registry import AdapterRegistry
     from grounding.store import ReviewStore, StoreError
-    from train.registry import AdapterRegistry
 
-    opts = StorageOptions(endpoint_url=cfg.s3_endpoint_url)
+    opts = cfg.storage
     store = ReviewStore(cfg.store, opts)
     version = cfg.version or store.latest()
     if not version:
@@ -406,7 +398,7 @@ def retrain(cfg: RetrainConfig) -> dict:
     with registry.lock():
         recipe = _recipe(cfg)
         run_name = cfg.run_name or "retrain-" + hashlib.sha256(json.dumps(
-            [cfg.store, version, cfg.model, recipe], sort_keys=True).encode()).hexdigest()[:12]
+            [cfg.store, version, cfg.inference.model, recipe], sort_keys=True).encode()).hexdigest()[:12]
         if cfg.candidate:
             adapter_dir, train_metrics = cfg.candidate, {"trained": False}
         else:
@@ -414,7 +406,7 @@ def retrain(cfg: RetrainConfig) -> dict:
         train_s = time.time() - t0
         production = registry.production()
         verdict = gate(cfg, adapter_dir, held, production, registry)
-        meta = {"base_model": cfg.model, "store": cfg.store, "snapshot_version": version,
+        meta = {"base_model": cfg.inference.model, "store": cfg.store, "snapshot_version": version,
                 "train_items": len(train_items), "heldout_items": len(held),
                 "recipe": recipe, "run_name": run_name, "train_metrics": train_metrics,
                 "gate": verdict, "seconds": round(train_s, 1)}

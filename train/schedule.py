@@ -55,12 +55,11 @@ def new_labels(store, since_version: int) -> tuple[int, int]:
 
 def check(cfg: ScheduleConfig, log=print) -> dict:
     """One tick: retrain if enough new labels (and nobody else is retraining)."""
-    from grounding.storage import StorageOptions
+    from grounding.registry import AdapterRegistry, RegistryError
     from grounding.store import ReviewStore
-    from train.registry import AdapterRegistry, RegistryError
     from train.retrain import retrain
 
-    opts = StorageOptions(endpoint_url=cfg.s3_endpoint_url)
+    opts = cfg.storage
     registry = AdapterRegistry(cfg.registry, opts)
     since = last_trained_version(registry)
     n, latest = new_labels(ReviewStore(cfg.store, opts), since)
@@ -70,8 +69,8 @@ def check(cfg: ScheduleConfig, log=print) -> dict:
         tick["action"] = f"skip: {n} new labels < {cfg.min_new_labels}"
     else:
         try:
-            res = retrain(RetrainConfig(**cfg.model_dump(include=set(RetrainConfig.model_fields))
-                                        | {"version": latest}))
+            res = retrain(RetrainConfig.model_validate(
+                cfg.model_dump(include=set(RetrainConfig.model_fields)) | {"version": latest}))
             tick.update(action="retrained", result=res)
         except RegistryError as e:  # the lock: another retrain is running
             tick["action"] = f"skip: {e}"

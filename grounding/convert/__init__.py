@@ -91,8 +91,7 @@ def embedded(ref: str | None, opts: StorageOptions | None = None) -> str | None:
 
     if not ref or ref.startswith(("data:", "inline:")):
         return ref
-    storage = (opts or StorageOptions()).fsspec_kwargs(ref)
-    img = decode(read_bytes(ref, storage))
+    img = decode(read_bytes(ref, opts))
     buf = io.BytesIO()
     img.convert("RGB").save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -135,8 +134,7 @@ def fill_sizes(items: list[dict], opts: StorageOptions | None = None) -> list[st
 
             from PIL import Image
 
-            storage = (opts or StorageOptions()).fsspec_kwargs(ref)
-            with Image.open(io.BytesIO(read_bytes(ref, storage))) as im:
+            with Image.open(io.BytesIO(read_bytes(ref, opts))) as im:
                 it["width"], it["height"] = im.size
         except (ImageError, OSError) as e:
             problems.append(f"item {it['item_id']} ({ref}): image size unknown: {e}")

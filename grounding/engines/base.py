@@ -15,19 +15,25 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from grounding.paths import DEFAULT_MODEL
+
 
 class EngineConfig(BaseModel):
-    """How to load and run a grounding model. Shared by every engine and every entry point."""
+    """Engine: which model, and how to load and run it. The settings group of every verb that
+    runs a model (label, serve, retrain's gate, eval-synth, demo), and what every engine takes."""
 
-    model: str = Field(description="Checkpoint folder (a Qwen2-VL / Qwen2.5-VL / Qwen3-VL "
-                       "`save_pretrained` folder, or the bundled tiny model).")
+    model: str = Field(str(DEFAULT_MODEL), description="Checkpoint folder (a Qwen2-VL / "
+                       "Qwen2.5-VL / Qwen3-VL `save_pretrained` folder); default: the bundled "
+                       "tiny Qwen3-VL.")
     engine: Literal["vllm", "transformers"] = Field(
         "vllm", description="vllm: the production engine (CPU build here, CUDA on GPU nodes); "
         "transformers: the reference/fallback engine.")
     family: str | None = Field(None, description="Model family for prompt/parse formats; "
                                "None detects it from the checkpoint's architecture.")
     dtype: str = Field("float32", description="Compute dtype (float32 on CPU; bfloat16 on GPU).")
-    max_model_len: int = Field(1024, description="Longest prompt + answer, in tokens.")
+    max_model_len: int = Field(1024, ge=64, description="Longest prompt + answer, in tokens "
+                               "(1024 fits the tiny model; a real Qwen2.5-VL on 1024x768 images "
+                               "needs ~1100 visual + text tokens: use 4096).")
     max_new_tokens: int = Field(64, description="Answer token limit per request.")
     min_pixels: int | None = Field(None, description="Override the processor's min pixels.")
     max_pixels: int | None = Field(None, description="Override the processor's max pixels: "
@@ -40,7 +46,7 @@ class EngineConfig(BaseModel):
     max_loras: int = Field(2, description="Adapters vLLM keeps resident at once.")
     kv_cache_gb: float = Field(1.0, description="vLLM CPU KV-cache size in GiB.")
     gpu_memory_utilization: float = Field(0.85, description="vLLM GPU memory share (GPU only).")
-    seed: int = Field(0, description="Engine seed (decoding is greedy anyway).")
+    engine_seed: int = Field(0, description="Engine seed (decoding is greedy anyway).")
 
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:

@@ -43,7 +43,7 @@ class VLLMEngine(Engine):
             dtype=cfg.dtype,
             max_model_len=cfg.max_model_len,
             limit_mm_per_prompt={"image": 1, "video": 0},
-            seed=cfg.seed,
+            seed=cfg.engine_seed,
             trust_remote_code=True,
             enable_lora=cfg.enable_lora,
         )

@@ -12,31 +12,35 @@ import time
 
 import pyarrow as pa
 
+from grounding.resize import ResizeSpec
+from grounding.storage import StorageOptions
 from pipelines import schema
-from pipelines.stages import Stage
+from pipelines.stages import Stage, StageFn
 
 
-class FetchImages(Stage):
+class FetchImages(StageFn):
     name = "fetch_images"
     needs = ("row_id", "image", "image_bytes", "gold", "gold_type", "error_code")
     after = "stage 'read'"
 
-    def __init__(self, storage_json: str, resize_json: str, max_bytes: int, max_pixels: int):
-        self.storage_json = storage_json
-        self.resize_json = resize_json
+    def __init__(self, storage: StorageOptions, resize: ResizeSpec, max_bytes: int,
+                 max_pixels: int):
+        self.storage = storage
+        self.resize = resize
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from grounding.resize import ResizeSpec
-        from grounding.storage import StorageOptions
+    @classmethod
+    def stage(cls, storage: StorageOptions, resize: ResizeSpec, max_bytes: int, max_pixels: int,
+              batch_size: int) -> Stage:
+        return Stage(cls, {"storage": storage, "resize": resize, "max_bytes": max_bytes,
+                           "max_pixels": max_pixels}, batch_size=batch_size)
 
-        opts = StorageOptions.model_validate_json(self.storage_json)
-        resize = ResizeSpec.model_validate_json(self.resize_json)
-        out = [self._one(row, opts, resize) for row in self.check(batch)]
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = [self._one(row) for row in self.check(batch)]
         return schema.table(out, schema.FETCHED)
 
-    def _one(self, row: dict, opts, resize) -> dict:
+    def _one(self, row: dict) -> dict:
         from PIL import Image
 
         from grounding.images import ImageError, decode, read_bytes
@@ -49,8 +53,7 @@ class FetchImages(Stage):
         t0 = time.perf_counter()
         try:
             ref = row["image_bytes"] if row["image_bytes"] is not None else row["image"]
-            storage = opts.fsspec_kwargs(ref) if isinstance(ref, str) else {}
-            data = read_bytes(ref, storage, self.max_bytes)
+            data = read_bytes(ref, self.storage, self.max_bytes)
             if not isinstance(ref, str) or is_inline(ref):
                 # Privacy: inline images (bytes, base64, data: URIs) leave this stage as their
                 # hash, so no image bytes reach the output, exports or logs.
@@ -68,7 +71,7 @@ class FetchImages(Stage):
         elif gold is not None and row["gold_type"] == "norm1000":
             gold = [gold[0] * w / 1000, gold[1] * h / 1000, gold[2] * w / 1000, gold[3] * h / 1000]
         try:
-            rw, rh = resize.resized_size((w, h))
+            rw, rh = self.resize.resized_size((w, h))
         except ValueError as e:  # e.g. aspect ratio over 200
             row.update(error_code="too_large", error=f"image cannot be resized for the model: {e}")
             return row

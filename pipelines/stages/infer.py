@@ -11,44 +11,58 @@ import time
 
 import pyarrow as pa
 
+from grounding.engines.base import EngineConfig
+from grounding.storage import StorageOptions
 from pipelines import schema
-from pipelines.stages import Stage
+from pipelines.stages import Stage, StageFn
 
 
-class Infer(Stage):
+class Infer(StageFn):
     name = "infer"
     needs = ("row_id", "text", "adapter", "pixels", "in_width", "in_height", "error_code")
     after = "stage 'fetch_images'"
 
-    def __init__(self, engine_json: str, family: str, adapters: dict[str, str],
+    def __init__(self, engine: EngineConfig, adapters: dict[str, str],
                  default_adapter: str | None, registry: str | None = None,
-                 storage_json: str | None = None):
-        from grounding.engines import EngineConfig, load_engine
+                 storage: StorageOptions | None = None):
+        from grounding.engines import load_engine
         from grounding.engines.grounder import Grounder
 
-        self.engine = load_engine(EngineConfig.model_validate_json(engine_json))
+        self.engine = load_engine(engine)
         self.bad_adapters: dict[str, str] = {}
         for name, path in adapters.items():
             try:
                 self.engine.add_adapter(name, path)
             except ValueError as e:  # a corrupt adapter fails its rows, not the job
                 self.bad_adapters[name] = str(e)
-        self.grounder = Grounder(self.engine, family)
+        self.grounder = Grounder(self.engine, engine.family)
         self.default_adapter = default_adapter
         self.registry = None
         if registry:
-            from grounding.storage import StorageOptions
-            from train.registry import AdapterRegistry
+            from grounding.registry import AdapterRegistry
 
-            self.registry = AdapterRegistry(registry, StorageOptions.model_validate_json(
-                storage_json or "{}"))
+            self.registry = AdapterRegistry(registry, storage)
+
+    @classmethod
+    def stage(cls, engine: EngineConfig, adapters: dict[str, str], default_adapter: str | None,
+              registry: str | None, storage: StorageOptions, *, actors: int, batch_size: int,
+              cpus: float, gpus: float, resources: dict[str, float]) -> Stage:
+        return Stage(
+            cls, {"engine": engine, "adapters": adapters, "default_adapter": default_adapter,
+                  "registry": registry, "storage": storage},
+            batch_size=batch_size, actors=actors,
+            map_batches={
+                "num_cpus": cpus, "num_gpus": gpus or None, "resources": resources or None,
+                # one OpenMP thread per engine: oversubscribed cores made CPU inference 10-30x
+                # slower
+                "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cpus)))}}})
 
     def _resolve(self, name: str) -> None:
         """Fetch an adapter a row names from the registry, once per actor (names are
         immutable, so a downloaded copy never goes stale)."""
         import tempfile
 
-        from train.registry import RegistryError
+        from grounding.registry import RegistryError
 
         if name in self.engine.adapters or name in self.bad_adapters or self.registry is None:
             return

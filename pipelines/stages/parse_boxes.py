@@ -9,26 +9,31 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from grounding.resize import ResizeSpec
 from pipelines import schema
-from pipelines.stages import Stage
+from pipelines.stages import Stage, StageFn
 
 
-class ParseBoxes(Stage):
+class ParseBoxes(StageFn):
     name = "parse_boxes"
     needs = ("row_id", "raw_text", "tokens", "logprobs", "width", "height", "error_code")
     after = "stage 'infer'"
 
-    def __init__(self, family: str, resize_json: str, lineage: dict):
+    def __init__(self, family: str, resize: ResizeSpec, lineage: dict):
         self.family = family
-        self.resize_json = resize_json
+        self.resize = resize
         self.lineage = lineage
+
+    @classmethod
+    def stage(cls, family: str, resize: ResizeSpec, lineage: dict, batch_size: int) -> Stage:
+        # batch_size = rows per output part: each parse batch is written as one Parquet part
+        return Stage(cls, {"family": family, "resize": resize, "lineage": lineage},
+                     batch_size=batch_size)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from grounding.engines import Generation
         from grounding.engines.grounder import BoxReader
-        from grounding.resize import ResizeSpec
-
-        reader = BoxReader(self.family, ResizeSpec.model_validate_json(self.resize_json))
+        reader = BoxReader(self.family, self.resize)
         rows = self.check(batch)
         for row in rows:
             row.update(self.lineage)

@@ -8,27 +8,49 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from grounding.formats import INPUT_EXTS
+from grounding.storage import StorageOptions, filesystem
 from pipelines import schema
-from pipelines.stages import Stage
+from pipelines.stages import Stage, StageFn
 
 
-class ReadShards(Stage):
+def list_shards(uri: str, storage: StorageOptions) -> list[tuple[str, str]]:
+    """``(full URI, name relative to the input)`` of every input shard under ``uri``."""
+    fs, path = filesystem(uri, storage)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"input not found: {uri}")
+    scheme = uri.split("://", 1)[0] + "://" if "://" in uri else ""
+    if fs.isfile(path):
+        return [(uri, path.rsplit("/", 1)[-1])]
+    files = sorted(p for p in fs.find(path) if p.endswith(INPUT_EXTS) and "/_" not in p)
+    if not files:
+        raise ValueError(f"no input shards ({', '.join(INPUT_EXTS)}) under {uri}")
+    return [(scheme + p if scheme else p, p[len(path):].lstrip("/")) for p in files]
+
+
+class ReadShards(StageFn):
     name = "read"
     needs = ("path", "shard", "done")
     after = "the shard listing"
 
-    def __init__(self, storage_json: str, limit: int | None = None):
-        self.storage_json = storage_json
+    def __init__(self, storage: StorageOptions, limit: int | None = None):
+        self.storage = storage
         self.limit = limit
+
+    @classmethod
+    def stage(cls, storage: StorageOptions, limit: int | None, rows_per_block: int) -> Stage:
+        # A shard is one block; cut it into batch-sized blocks so that images are fetched in
+        # parallel, the actors stream, and parts are written (committed) as rows finish rather
+        # than when a whole shard is done.
+        return Stage(cls, {"storage": storage, "limit": limit}, batch_size=1,
+                     rows_per_block=rows_per_block)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from grounding.formats import read_shard
-        from grounding.storage import StorageOptions, filesystem
 
-        opts = StorageOptions.model_validate_json(self.storage_json)
         rows = []
         for item in self.check(batch):
-            fs, path = filesystem(item["path"], opts)
+            fs, path = filesystem(item["path"], self.storage)
             done = set(item["done"] or ())
             for i, row in enumerate(read_shard(fs, path, item["shard"])):
                 if self.limit is not None and i >= self.limit:

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from grounding.cli import build_parser
-from grounding.config import model_from_args
+from groundlabel.cli import build_parser
+from groundlabel.flags import model_from_args
 
 CLUSTER = Path(__file__).resolve().parents[2] / "cluster"
 
@@ -28,7 +28,7 @@ def _load(name: str) -> dict:
 
 
 def _cli(argv: list[str]):
-    """Parse a `python -m grounding.cli VERB ...` command with our parser and config model."""
+    """Parse a `python -m groundlabel VERB ...` command with our parser and config model."""
     from pipelines.config import LabelJobConfig
     from train.schedule import ScheduleConfig
 
@@ -39,7 +39,7 @@ def _cli(argv: list[str]):
 
 def _entrypoint(cmd: str) -> list[str]:
     parts = shlex.split(cmd)
-    assert parts[:3] == ["python", "-m", "grounding.cli"], parts[:3]
+    assert parts[:3] == ["python", "-m", "groundlabel"], parts[:3]
     return parts[3:]
 
 

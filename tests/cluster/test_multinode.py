@@ -85,7 +85,7 @@ def test_label_job_runs_on_both_nodes(synth_shard, tmp_path):
 
         out = tmp_path / "out"
         cmd = [RAY, "job", "submit", "--address", addr, "--", sys.executable, "-m",
-               "grounding.cli", "label", "--input", str(synth_shard), "--output", str(out),
+               "groundlabel.cli", "label", "--input", str(synth_shard), "--output", str(out),
                "--actor-resources", '{"inference": 1}', "--cpus-per-actor", "1",
                "--fetch-batch-size", "2", "--batch-size", "4", "--rows-per-part", "4",
                "--no-progress"]

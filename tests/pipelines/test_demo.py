@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 def test_demo_labels_scores_and_draws(tmp_path):
     out = tmp_path / "demo"
-    res = subprocess.run([sys.executable, "-m", "grounding.cli", "demo", "--n", "4", "--out",
+    res = subprocess.run([sys.executable, "-m", "groundlabel", "demo", "--n", "4", "--out",
                           str(out)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Acc@0.5 =" in res.stdout

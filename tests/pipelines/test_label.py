@@ -26,9 +26,9 @@ def _job(**kw) -> LabelJobConfig:
 
 
 def _rows(output: str, **kw) -> list[dict]:
-    from pipelines.summary import read_output
+    from pipelines.output import JobOutput
 
-    return read_output(output, **kw).to_pylist()
+    return JobOutput(output, kw.get("opts")).read().to_pylist()
 
 
 def test_local_job_labels_every_row_and_eval_agrees(ray_local, synth_shard, tmp_path):
@@ -46,7 +46,7 @@ def test_local_job_labels_every_row_and_eval_agrees(ray_local, synth_shard, tmp_
         for b in row["boxes"]:
             assert 0 <= b["x1"] <= b["x2"] <= row["width"] and 0 < b["score"] <= 1
     # `groundlabel eval` on the output, with the input as gold, reports the job's numbers
-    res = subprocess.run([sys.executable, "-m", "grounding.cli", "eval", "--pred", str(out),
+    res = subprocess.run([sys.executable, "-m", "groundlabel", "eval", "--pred", str(out),
                           "--gold", str(synth_shard)], capture_output=True, text=True, check=True)
     ev = json.loads(res.stdout)
     assert ev["n"] == 12 and ev["acc@0.5"] == pytest.approx(s["metrics"]["acc@0.5"])
@@ -80,7 +80,7 @@ def test_job_reads_and_writes_s3(ray_local, s3_endpoint, synth_shard):
     assert s["rows"] == s["unique_rows"] == 13 and s["errors"] == {"missing": 1}
     from grounding.storage import StorageOptions
 
-    rows = _rows("s3://gl-s3-job/out", opts=StorageOptions(endpoint_url=s3_endpoint))
+    rows = _rows("s3://gl-s3-job/out", opts=StorageOptions(s3_endpoint_url=s3_endpoint))
     assert len(rows) == 13 and all(r["image"].startswith("s3://gl-s3-job/images/") for r in rows)
     assert sum(r["error_code"] is None and bool(r["boxes"]) for r in rows) >= 10
 
@@ -192,7 +192,7 @@ def test_killed_job_resumes_without_duplicates(synth_shard, tmp_path):
     n = 160  # enough small batches that the kill lands midway
     data = write_dataset(tmp_path / "data", n, "base", seed=5)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "grounding.cli", "label", "--input", str(data), "--output",
+    cmd = [sys.executable, "-m", "groundlabel", "label", "--input", str(data), "--output",
            str(out), "--batch-size", "2", "--fetch-batch-size", "2", "--rows-per-part", "2",
            "--no-progress"]
     log = (tmp_path / "first-run.log").open("w")
@@ -207,9 +207,9 @@ def test_killed_job_resumes_without_duplicates(synth_shard, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     from grounding.storage import StorageOptions
-    from pipelines.stages.write import committed
+    from pipelines.output import JobOutput
 
-    before = sum(len(v) for v in committed(str(out), StorageOptions()).values())
+    before = sum(len(v) for v in JobOutput(str(out), StorageOptions()).committed().values())
     assert 0 < before < n
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -253,7 +253,7 @@ def test_job_submitted_to_a_running_cluster(synth_shard, tmp_path):
                 time.sleep(1)
         out = tmp_path / "out"
         cmd = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{port}", "--",
-               sys.executable, "-m", "grounding.cli", "label", "--input", str(synth_shard),
+               sys.executable, "-m", "groundlabel", "label", "--input", str(synth_shard),
                "--output", str(out), "--no-progress"]
         for _ in range(20):
             res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

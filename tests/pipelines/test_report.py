@@ -28,6 +28,7 @@ def _imgs(html: str) -> list[str]:
 def test_report_summary_errors_thumbnails_and_no_source_metadata(tmp_path):
     from PIL import Image
 
+    from pipelines.output import JobOutput
     from pipelines.report import write_report
     from pipelines.summary import summarize
 
@@ -43,7 +44,7 @@ def test_report_summary_errors_thumbnails_and_no_source_metadata(tmp_path):
               "<th>labeled</th><td>9</td>", "<th>rows/s (last run)</th><td>3.21</td>",
               "job-abc123", "/models/tiny-qwen3-vl", "qwen3_vl:1a2b3c4d", "none (base model)"):
         assert s in html, s
-    m = summarize(str(out), None, write=False)["metrics"]
+    m = summarize(JobOutput(str(out)), write=False)["metrics"]
     assert m["n"] == 7  # rows with a true box: the 6 ok synthetic ones and the unparseable one
     assert f"<th>Acc@0.5</th><td>{m['acc@0.5']:.3f}</td>" in html
     assert f"<th>parse-failure rate</th><td>{m['parse_fail_rate']:.3f}</td>" in html
@@ -126,7 +127,7 @@ def test_reviewed_box_replaces_the_true_box_in_green(tmp_path):
 
 def test_cli_report_prints_the_path(tmp_path):
     job = fake_job(tmp_path)
-    res = subprocess.run([sys.executable, "-m", "grounding.cli", "report", str(job["out"]),
+    res = subprocess.run([sys.executable, "-m", "groundlabel", "report", str(job["out"]),
                           "--out", str(tmp_path / "r"), "--n", "3"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
@@ -144,7 +145,7 @@ def test_report_of_an_s3_output_is_written_next_to_it(tmp_path, s3_endpoint):
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
     fs.mkdir("gl-report")
     fs.put(str(job["out"]) + "/", "gl-report/out/", recursive=True)
-    path = write_report("s3://gl-report/out", opts=StorageOptions(endpoint_url=s3_endpoint),
+    path = write_report("s3://gl-report/out", opts=StorageOptions(s3_endpoint_url=s3_endpoint),
                         n_thumbs=3)
     assert path == "s3://gl-report/out/_report/report.html"
     html = fs.cat("gl-report/out/_report/report.html").decode()

@@ -39,7 +39,7 @@ def test_parse_stage_turns_text_into_original_pixel_boxes():
 
 
 def test_list_shards_finds_every_format_and_skips_private_files(tmp_path):
-    from pipelines.label import list_shards
+    from pipelines.stages.read import list_shards
 
     for name in ("a.jsonl", "sub/b.parquet", "sub/c.json", "notes.txt", "_job.json"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -51,7 +51,7 @@ def test_list_shards_finds_every_format_and_skips_private_files(tmp_path):
 
 
 def test_committed_reads_ids_and_deletes_partial_parts(tmp_path):
-    from pipelines.stages.write import committed
+    from pipelines.output import JobOutput
 
     parts = tmp_path / "parts"
     parts.mkdir()
@@ -59,19 +59,19 @@ def test_committed_reads_ids_and_deletes_partial_parts(tmp_path):
                                 schema.OUTPUT), parts / "p1.parquet")
     full = (parts / "p1.parquet").read_bytes()
     (parts / "p2.parquet").write_bytes(full[: len(full) // 2])  # killed mid-write
-    assert committed(str(tmp_path), StorageOptions()) == {"s": ["s:0", "s:1"]}
+    assert JobOutput(str(tmp_path), StorageOptions()).committed() == {"s": ["s:0", "s:1"]}
     assert not (parts / "p2.parquet").exists()
 
 
 def test_resuming_with_another_model_is_refused(tmp_path):
-    from pipelines.label import _job_record
+    from pipelines.output import JobOutput
 
-    cfg = LabelJobConfig(input="in", output=str(tmp_path / "o"))
+    out = JobOutput(str(tmp_path / "o"), StorageOptions())
     lineage = {"model": "m1", "family": "qwen3_vl", "prompt_version": "p", "default_adapter": None}
-    rec = _job_record(cfg, StorageOptions(), lineage)
-    assert _job_record(cfg, StorageOptions(), lineage)["job_id"] == rec["job_id"]
+    rec = out.start_job(lineage, None, "in")
+    assert out.start_job(lineage, None, "in")["job_id"] == rec["job_id"]
     with pytest.raises(ValueError, match="model='m1'"):
-        _job_record(cfg, StorageOptions(), dict(lineage, model="m2"))
+        out.start_job(dict(lineage, model="m2"), None, "in")
     assert json.loads((tmp_path / "o" / "_job.json").read_text())["model"] == "m1"
 
 
@@ -96,14 +96,14 @@ def test_checked_in_job_specs_load():
 
 
 def test_engine_length_limit_is_a_job_and_serve_setting():
-    from grounding.cli import build_parser
-    from grounding.config import model_from_args
+    from groundlabel.cli import build_parser
+    from groundlabel.flags import model_from_args
     from pipelines.config import LabelJobConfig
     from serve.config import ServeConfig
 
     a = build_parser().parse_args(["label", "--input", "x", "--output", "y",
                                    "--max-model-len", "4096"])
-    assert model_from_args(LabelJobConfig, a).max_model_len == 4096
-    assert LabelJobConfig(input="x", output="y").max_model_len is None
+    assert model_from_args(LabelJobConfig, a).inference.max_model_len == 4096
+    assert LabelJobConfig(input="x", output="y").inference.max_model_len == 1024  # engine's
     a = build_parser().parse_args(["serve", "--max-model-len", "4096"])
-    assert model_from_args(ServeConfig, a).max_model_len == 4096
+    assert model_from_args(ServeConfig, a).inference.max_model_len == 4096

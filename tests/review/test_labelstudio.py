@@ -11,7 +11,7 @@ import pytest
 from grounding.convert.labelstudio import LABEL_CONFIG, from_percent, to_tasks
 from grounding.labels import LabelFormatError, item
 from grounding.store import ReviewStore
-from pipelines.review import import_labels
+from pipelines.review import ImportConfig, import_labels
 
 W, H = 400, 300
 
@@ -89,7 +89,8 @@ def test_tasks_carry_predictions_least_confident_first():
 def test_export_comes_back_as_review_decisions(tmp_path):
     export = tmp_path / "export.json"
     export.write_text(json.dumps(_export(to_tasks(_items()))))
-    res = import_labels(str(export), "labelstudio", str(tmp_path / "store"))
+    res = import_labels(ImportConfig(input=str(export), from_fmt="labelstudio",
+                                     store=str(tmp_path / "store")))
     assert res["version"] == 1 and res["unreviewed"] == 1
     assert res["decisions"] == {"accept": 1, "correct": 2, "reject": 1}
     st = ReviewStore(str(tmp_path / "store"))
@@ -124,7 +125,8 @@ def _bad_export(tmp_path):
 def test_bad_export_is_refused_whole_with_every_problem(tmp_path):
     p, _ = _bad_export(tmp_path)
     with pytest.raises(LabelFormatError) as e:
-        import_labels(str(p), "labelstudio", str(tmp_path / "store"))
+        import_labels(ImportConfig(input=str(p), from_fmt="labelstudio",
+                                   store=str(tmp_path / "store")))
     msg = str(e.value)
     assert "task 1: unknown label(s) ['cat']; this project knows ['target']" in msg
     assert "task 2: box [360.0, 30.0, 440.0, 90.0] reaches outside the 400x300 image" in msg
@@ -134,8 +136,9 @@ def test_bad_export_is_refused_whole_with_every_problem(tmp_path):
 
 def test_bad_export_skip_invalid_keeps_the_rest_and_the_rejects(tmp_path):
     p, tasks = _bad_export(tmp_path)
-    res = import_labels(str(p), "labelstudio", str(tmp_path / "store"), skip_invalid=True,
-                        labels={"target"})
+    res = import_labels(ImportConfig(input=str(p), from_fmt="labelstudio",
+                                     store=str(tmp_path / "store"), skip_invalid=True,
+                                     labels="target"))
     assert res["rejected_rows"] == 3 and res["version"] == 1
     rejects = [json.loads(x) for x in open(res["rejects"])]
     assert [r["where"] for r in rejects] == ["task 1", "task 2", "task 3"]
@@ -147,5 +150,6 @@ def test_bad_export_skip_invalid_keeps_the_rest_and_the_rejects(tmp_path):
 def test_known_labels_are_configurable(tmp_path):
     p, _ = _bad_export(tmp_path)
     with pytest.raises(LabelFormatError) as e:
-        import_labels(str(p), "labelstudio", str(tmp_path / "s"), labels={"target", "cat"})
+        import_labels(ImportConfig(input=str(p), from_fmt="labelstudio",
+                                   store=str(tmp_path / "s"), labels="target,cat"))
     assert "unknown label" not in str(e.value)

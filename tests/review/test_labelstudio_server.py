@@ -16,8 +16,8 @@ from support import fake_job
 sys.path.insert(0, str(Path(__file__).parent))
 from labelstudio_server import LS_VENV, label_studio_available, start_label_studio  # noqa: E402
 
-from grounding.cli import main  # noqa: E402
 from grounding.store import ReviewStore  # noqa: E402
+from groundlabel.cli import main  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not label_studio_available() and not os.environ.get("GROUNDLABEL_REQUIRE_LABEL_STUDIO"),

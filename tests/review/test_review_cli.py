@@ -11,8 +11,8 @@ import json
 import pytest
 from support import SECRET, fake_job
 
-from grounding.cli import main
 from grounding.store import ReviewStore
+from groundlabel.cli import main
 
 
 def _run(capsys, *argv) -> dict:

@@ -64,7 +64,7 @@ def test_crash_before_commit_is_invisible(tmp_path):
 
 
 def _writer(uri: str, name: str, n: int, endpoint: str | None) -> None:
-    st = ReviewStore(uri, StorageOptions(endpoint_url=endpoint))
+    st = ReviewStore(uri, StorageOptions(s3_endpoint_url=endpoint))
     for i in range(n):
         st.append([_rec(f"{name}-{i}", [1, 2, 3, 4])], source=name)
 
@@ -77,7 +77,7 @@ def _race(uri: str, endpoint: str | None, n: int) -> ReviewStore:
     for p in procs:
         p.join(120)
         assert p.exitcode == 0
-    return ReviewStore(uri, StorageOptions(endpoint_url=endpoint))
+    return ReviewStore(uri, StorageOptions(s3_endpoint_url=endpoint))
 
 
 def test_two_importers_at_once_lose_nothing(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 import requests
 from support import bomb_png, free_port
 
-from train.registry import AdapterRegistry
+from grounding.registry import AdapterRegistry
 
 pytestmark = pytest.mark.slow
 KEY = "test-key-1"

@@ -28,12 +28,12 @@ def test_rayservice_embeds_the_same_app():
 
 
 def test_retrain_cronjob_runs_a_valid_schedule_check():
-    from grounding.cli import build_parser
+    from groundlabel.cli import build_parser
 
     doc = yaml.safe_load((CLUSTER / "retrain-cronjob.yaml").read_text())
     cmd = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"]
-    argv = cmd[cmd.index("--") + 4:]  # after "-- python -m grounding.cli"
-    assert cmd[cmd.index("--") + 1:cmd.index("--") + 4] == ["python", "-m", "grounding.cli"]
+    argv = cmd[cmd.index("--") + 4:]  # after "-- python -m groundlabel"
+    assert cmd[cmd.index("--") + 1:cmd.index("--") + 4] == ["python", "-m", "groundlabel"]
     args = build_parser().parse_args(argv)
     assert args.verb == "schedule" and args.once is True
     assert doc["spec"]["concurrencyPolicy"] == "Forbid"

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 def test_tiny_build_then_train_smoke(tmp_path):
     init, out = tmp_path / "init", tmp_path / "trained"
-    cli = [sys.executable, "-m", "grounding.cli", "tiny"]
+    cli = [sys.executable, "-m", "groundlabel", "tiny"]
     subprocess.run([*cli, "build", "--out", str(init), "--num-layers", "1"], check=True,
                    capture_output=True)
     res = subprocess.run([*cli, "train", "--model", str(init), "--out", str(out),

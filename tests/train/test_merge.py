@@ -47,7 +47,7 @@ def test_merged_checkpoint_matches_base_plus_adapter(merged, hf_engine, random_a
 def test_merged_checkpoint_loads_in_vllm(merged, random_adapter):
     """Through the CLI, in fresh processes: vLLM on the merged folder vs vLLM base + adapter."""
     def run(*args):
-        out = subprocess.run([sys.executable, "-m", "grounding.cli", "eval-synth", "--n", "24",
+        out = subprocess.run([sys.executable, "-m", "groundlabel", "eval-synth", "--n", "24",
                               *args], check=True, capture_output=True, text=True, timeout=600)
         return json.loads(out.stdout)
 

@@ -9,9 +9,9 @@ import json
 import pytest
 
 from grounding.boxes import Box
+from grounding.registry import AdapterRegistry
 from grounding.store import ReviewStore
-from pipelines.review import import_labels
-from train.registry import AdapterRegistry
+from pipelines.review import ImportConfig, import_labels
 from train.retrain import hit, split
 from train.schedule import ScheduleConfig, check, new_labels
 
@@ -44,7 +44,7 @@ def _store_with(tmp_path, n: int, name="store", seed=11, single=False):
     sc = SynthConfig(min_objects=1, max_objects=1) if single else None
     data = write_dataset(tmp_path / f"synth-{seed}", n, "shifted", seed=seed, cfg=sc)
     store = str(tmp_path / name)
-    import_labels(str(data), "seed", store, reviewer="test")
+    import_labels(ImportConfig(input=str(data), from_fmt="seed", store=store, reviewer="test"))
     return store
 
 
@@ -130,13 +130,13 @@ def test_label_job_names_the_registered_adapter(scheduled, ray_local):
     from grounding.synth import write_dataset
     from pipelines.config import LabelJobConfig
     from pipelines.label import label
-    from pipelines.summary import read_output
+    from pipelines.output import JobOutput
 
     data = write_dataset(scheduled["tmp"] / "to-label", 8, "shifted", seed=0)
     out = str(scheduled["tmp"] / "labeled")
     s = label(LabelJobConfig(input=str(data), output=out, registry=scheduled["registry"],
                              adapter="production", progress=False))
-    rows = read_output(out).to_pylist()
+    rows = JobOutput(out).read().to_pylist()
     prod = AdapterRegistry(scheduled["registry"]).production()
     assert s["rows"] == 8 and {r["adapter"] for r in rows} == {prod}
     assert all(r["error_code"] is None for r in rows)
@@ -158,7 +158,7 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path):
     args = {"store": store, "registry": str(tmp_path / "reg"), "run_name": "resume-me",
             "storage_path": str(tmp_path / "ray-train"), "epochs": 40, "batch_size": 4,
             "checkpoint_every_s": 2, "max_minutes": 5, "holdout_frac": 0.2}
-    argv = [sys.executable, "-m", "grounding.cli", "retrain"]
+    argv = [sys.executable, "-m", "groundlabel", "retrain"]
     for k, v in args.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
     proc = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL,

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
+from grounding.registry import AdapterRegistry, RegistryError
 from grounding.storage import StorageOptions
-from train.registry import AdapterRegistry, RegistryError
 
 
 def _adapter(d, seed: int):
@@ -27,7 +27,7 @@ def _registry(kind, tmp_path, s3_endpoint=None) -> AdapterRegistry:
 
     bucket = f"reg-{time.time_ns()}"
     s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}).mkdir(bucket)
-    return AdapterRegistry(f"s3://{bucket}/registry", StorageOptions(endpoint_url=s3_endpoint))
+    return AdapterRegistry(f"s3://{bucket}/registry", StorageOptions(s3_endpoint_url=s3_endpoint))
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -83,7 +83,7 @@ def test_crash_mid_upload_is_invisible(tmp_path):
 
 
 def _hold_lock(uri: str, endpoint, seconds: float, ready) -> None:
-    reg = AdapterRegistry(uri, StorageOptions(endpoint_url=endpoint))
+    reg = AdapterRegistry(uri, StorageOptions(s3_endpoint_url=endpoint))
     with reg.lock():
         ready.set()
         time.sleep(seconds)
@@ -93,7 +93,7 @@ def test_lock_keeps_two_promotions_apart(reg, tmp_path):
     name = reg.register(_adapter(tmp_path / "a", 1), {})
     ctx = mp.get_context("spawn")
     ready = ctx.Event()
-    p = ctx.Process(target=_hold_lock, args=(reg.uri, reg.opts.endpoint_url, 6, ready))
+    p = ctx.Process(target=_hold_lock, args=(reg.uri, reg.opts.s3_endpoint_url, 6, ready))
     p.start()
     assert ready.wait(60)
     with pytest.raises(RegistryError, match="locked by"):

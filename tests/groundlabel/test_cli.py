@@ -8,16 +8,16 @@ import sys
 
 import pytest
 
-from grounding.config import model_from_args
+from groundlabel.flags import model_from_args
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "grounding.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "groundlabel", *args], capture_output=True,
                           text=True, timeout=120)
 
 
 def test_help_imports_no_heavy_packages():
-    code = ("import sys; from grounding.cli import build_parser; build_parser(); "
+    code = ("import sys; from groundlabel.cli import build_parser; build_parser(); "
             "print(sorted(m for m in ('torch', 'vllm', 'ray', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -1,0 +1,181 @@
+"""The thin verbs: each takes its typed config and calls into its package.
+
+Configs of verbs that exist only on the command line (the registry's steps, ``parse``, ``synth``,
+``tiny build``) are declared here; every other config lives beside the code it configures.
+Heavy imports stay inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import Field
+
+from grounding.settings import RegistryURI, Settings
+from grounding.storage import StorageOptions
+from grounding.tinymodel import TinyModelConfig
+
+
+# ---- the loop -------------------------------------------------------------------------------
+def label(cfg) -> int:
+    from pipelines.label import label as run
+
+    summary = run(cfg)
+    return 0 if summary["rows"] == summary["unique_rows"] else 1
+
+
+def serve(cfg) -> None:
+    from serve.run import start
+
+    start(cfg)
+
+
+def schedule(cfg) -> None:
+    from train.schedule import run
+
+    run(cfg)
+
+
+def demo(cfg) -> None:
+    from pipelines.demo import run
+
+    run(cfg)
+
+
+# ---- the adapter registry -------------------------------------------------------------------
+class AdaptersConfig(Settings):
+    """``groundlabel adapters list|history``."""
+
+    registry: RegistryURI
+    storage: StorageOptions = Field(default_factory=StorageOptions, description="Object storage.")
+
+    def open(self):
+        from grounding.registry import AdapterRegistry
+
+        return AdapterRegistry(self.registry, self.storage)
+
+
+class AdapterShowConfig(AdaptersConfig):
+    """``groundlabel adapters show [NAME]``."""
+
+    name: str | None = Field(None, description="Adapter name (default: production).",
+                             json_schema_extra={"positional": True})
+
+
+class AdapterRollbackConfig(AdaptersConfig):
+    """``groundlabel adapters rollback``."""
+
+    reason: str = Field("manual", description="Why (recorded).")
+
+
+class AdapterPromoteConfig(AdapterRollbackConfig):
+    """``groundlabel adapters promote NAME``."""
+
+    name: str = Field(description="Adapter name.", json_schema_extra={"positional": True})
+
+
+def adapters_list(cfg: AdaptersConfig) -> str:
+    reg = cfg.open()
+    prod = reg.production()
+    lines = []
+    for m in reg.list():
+        acc = ((m.get("gate") or {}).get("candidate") or {}).get("acc@0.5")
+        lines.append(f"{'*' if m['name'] == prod else ' '} {m['name']}  labels v"
+                     f"{m.get('snapshot_version')}  acc@0.5 {acc}  {m['registered_at']}")
+    lines.append(f"production: {prod or '(base model)'}")
+    return "\n".join(lines)
+
+
+def adapters_show(cfg: AdapterShowConfig) -> dict:
+    reg = cfg.open()
+    name = cfg.name or reg.production()
+    return reg.show(name) if name else {"production": None}
+
+
+def adapters_promote(cfg: AdapterPromoteConfig) -> str:
+    event = cfg.open().promote(cfg.name, cfg.reason)
+    return json.dumps({"promoted": cfg.name, "event": event})
+
+
+def adapters_rollback(cfg: AdapterRollbackConfig) -> str:
+    return json.dumps({"production": cfg.open().rollback(cfg.reason)})
+
+
+def adapters_history(cfg: AdaptersConfig) -> list[dict]:
+    return cfg.open().events()
+
+
+# ---- tools ----------------------------------------------------------------------------------
+class ParseConfig(Settings):
+    """``groundlabel parse``: raw model text -> boxes in original-image pixels."""
+
+    family: str = Field(description="Model family: qwen2_vl, qwen2_5_vl, qwen3_vl, internvl2, "
+                        "florence2, paligemma.")
+    image_size: tuple[int, int] = Field(description="Original image width and height in pixels.",
+                                        json_schema_extra={"metavar": ("W", "H")})
+    min_pixels: int | None = Field(None, description="Processor min pixels (Qwen2.5-VL resize).")
+    max_pixels: int | None = Field(None, description="Processor max pixels (Qwen2.5-VL resize).")
+    factor: int = Field(28, description="patch_size * merge_size of the processor.")
+    text: str = Field(description="Raw model output ('-' reads standard input).",
+                      json_schema_extra={"positional": True})
+
+
+def parse(cfg: ParseConfig) -> int:
+    import sys
+
+    from grounding.families import get_family
+    from grounding.resize import ResizeSpec
+
+    fam = get_family(cfg.family)
+    w, h = cfg.image_size
+    resize = None
+    if fam.needs_resize or cfg.max_pixels or cfg.min_pixels:
+        resize = ResizeSpec(min_pixels=cfg.min_pixels or 56 * 56,
+                            max_pixels=cfg.max_pixels or 28 * 28 * 1280, factor=cfg.factor)
+    text = cfg.text if cfg.text != "-" else sys.stdin.read()
+    res = fam.parse(text, (w, h), resize)
+    out = {"family": fam.name, "image_size": [w, h], "status": res.status,
+           "clipped": res.clipped, "fixed": res.fixed, "dropped": res.dropped,
+           "message": res.message,
+           "boxes": [b.model_dump(exclude_none=True) for b in res.boxes]}
+    print(json.dumps(out, indent=2))
+    return 0 if res.boxes or res.status == "empty" else 1
+
+
+class SynthConfig(Settings):
+    """``groundlabel synth``: a synthetic grounding set with true boxes."""
+
+    out: str = Field(description="Output folder.")
+    n: int = Field(100, ge=1, description="Number of samples.")
+    domain: Literal["base", "shifted"] = Field("base", description="base: red/green/blue/"
+                                               "yellow; shifted: unseen colours.")
+    seed: int = Field(0, description="Set seed.")
+
+
+def synth(cfg: SynthConfig) -> str:
+    from grounding.synth import write_dataset
+
+    path = write_dataset(cfg.out, cfg.n, cfg.domain, cfg.seed)
+    return f"wrote {cfg.n} {cfg.domain} samples: {path}"
+
+
+class TinyBuildConfig(Settings):
+    """``groundlabel tiny build``."""
+
+    out: str = Field(description="Output folder.")
+    model: TinyModelConfig = Field(default_factory=TinyModelConfig,
+                                   description="The tiny model's architecture.")
+
+
+def tiny_build(cfg: TinyBuildConfig) -> str:
+    from grounding.tinymodel import build
+
+    return f"tiny Qwen3-VL (random weights) written to {build(cfg.out, cfg.model)}"
+
+
+def tiny_train(cfg) -> dict:
+    from train.base import train
+
+    metrics = train(cfg)
+    return {k: metrics[k] for k in ("base", "shifted", "steps", "train_seconds")}
