@@ -59,8 +59,11 @@ test: $(STAMP) browser labelstudio
 test-fast: $(STAMP)
 	.venv/bin/pytest -m "not slow and not gpu" -q
 
+# ruff, and the layer contract (pyproject.toml [tool.importlinter]): imports point down only
+# (groundlabel > pipelines | train | serve > grounding) and no package has an import cycle.
 lint: $(STAMP)
 	.venv/bin/ruff check .
+	.venv/bin/lint-imports
 
 eval: $(STAMP)
 	.venv/bin/groundlabel eval-synth --domain base --n 200

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import io
+from pathlib import Path
 
 from pydantic import Field
 
@@ -325,9 +326,11 @@ def _render(name: str, **view) -> str:
 
 @functools.cache
 def _environment():
-    """The jinja2 environment of ``pipelines/templates`` (autoescaped; a missing name fails)."""
-    from jinja2 import Environment, PackageLoader, StrictUndefined
+    """The jinja2 environment of the ``templates`` folder next to this module (autoescaped; an
+    undefined name fails). A folder, not `PackageLoader`: under pytest ``pipelines`` can be a
+    namespace package whose path is ``tests/pipelines``."""
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-    return Environment(loader=PackageLoader("pipelines", "templates"), autoescape=True,
-                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True,
-                       keep_trailing_newline=True)
+    return Environment(loader=FileSystemLoader(Path(__file__).with_name("templates")),
+                       autoescape=True, undefined=StrictUndefined, trim_blocks=True,
+                       lstrip_blocks=True, keep_trailing_newline=True)

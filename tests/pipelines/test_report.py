@@ -56,7 +56,7 @@ def test_report_summary_errors_thumbnails_and_no_source_metadata(tmp_path):
     for rid in ("data.jsonl:9", "data.jsonl:10", "data.jsonl:11"):
         assert f"<td><code>{rid}</code></td>" in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<script" not in html
-    assert "&lt;b&gt;bold&lt;/b&gt; &amp; &quot;quoted&quot;" in html
+    assert "&lt;b&gt;bold&lt;/b&gt; &amp; &#34;quoted&#34;" in html  # jinja2's autoescape
     assert "http://" not in html and "https://" not in html and "data:" not in html
 
     # 5 least confident labeled rows: unparseable first, then by score; one image is gone
@@ -123,6 +123,30 @@ def test_reviewed_box_replaces_the_true_box_in_green(tmp_path):
     html, im = thumb(None)
     assert im.getpixel((225, 120)) == GOLD and im.getpixel((90, 30)) == (128, 128, 128)
     assert "green: true box" in html
+
+
+def test_data_texts_are_escaped_exactly_once(tmp_path):
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from pipelines.report import write_report
+
+    img = tmp_path / "grey.png"
+    Image.new("RGB", (40, 30), (128, 128, 128)).save(img)
+    rows = [{"row_id": "a<0>", "image": str(img), "text": "<script>alert(1)</script>",
+             "status": "ok", "score": 0.5, "boxes": [out_box([5, 5, 20, 20], 0.5)]},
+            {"row_id": "a:1", "image": str(tmp_path / "gone.png"), "text": "x",
+             "status": "error", "error_code": "missing", "error": "not found: R&D <1>.png"}]
+    (tmp_path / "out" / "parts").mkdir(parents=True)
+    pq.write_table(schema.table(rows, schema.OUTPUT), tmp_path / "out/parts/part-0.parquet")
+    html = Path(write_report(str(tmp_path / "out"), str(tmp_path / "rep"))).read_text()
+
+    # the expression: once in the caption, once in the image's alt text
+    assert html.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 2
+    assert "<script" not in html and "alert(1)</script>" not in html
+    assert "<td>not found: R&amp;D &lt;1&gt;.png</td>" in html
+    assert "<code>a&lt;0&gt;</code>" in html
+    assert "&amp;lt;" not in html and "&amp;amp;" not in html and "&amp;#" not in html
 
 
 def test_cli_report_prints_the_path(tmp_path):
