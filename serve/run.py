@@ -13,11 +13,12 @@ def start(cfg: ServeConfig, blocking: bool = True) -> str:
 
     from serve.app import build_app
 
-    cfg.ray.connect()  # RAY_ADDRESS (a cluster, or the Ray job this runs in), else local
+    cluster = cfg.ray.connect()  # RAY_ADDRESS (a cluster, or the Ray job it runs in), else local
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg), name="groundlabel", route_prefix="/")
     url = f"http://{cfg.host}:{cfg.port}"
-    print(f"[serve] groundlabel answering at {url}/v1/ground (docs: {url}/docs)", flush=True)
+    print(f"[serve] groundlabel answering at {url}/v1/ground (docs: {url}/docs), on the Ray "
+          f"cluster at {cluster}", flush=True)
     if blocking:
         try:
             while True:

@@ -98,3 +98,64 @@ def fake_job(tmp: Path) -> dict:
                                                    "seconds": 3.7}))
     sources = [Path(s["image"]) for s in samples] + [jpg]
     return {"out": out, "exif": exif_block, "sources": sources}
+
+
+# ---- a real Ray cluster as separate `ray start` processes (tests/cluster) --------------------
+def ray_node(args: list[str], env: dict, log: Path):
+    """Start one Ray node (`ray start --block`) in its own process group, with its own ports."""
+    import subprocess
+    import sys
+
+    ray = str(Path(sys.executable).with_name("ray"))
+    # --block keeps each node's processes in its own process group, so a test stops exactly
+    # this cluster (`ray stop` would stop every Ray on the machine).
+    own_ports = [f"--dashboard-agent-listen-port={free_port()}",
+                 f"--dashboard-agent-grpc-port={free_port()}",
+                 f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+    return subprocess.Popen([ray, "start", "--block", "--disable-usage-stats", *own_ports, *args],
+                            env=env, start_new_session=True, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT)
+
+
+def wait_for(pred, what: str, procs, timeout: float = 180) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while not pred():
+        assert all(p.poll() is None for p in procs), f"a process exited while waiting for {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(1)
+
+
+def port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def ray_state(kind: str, dashboard: str, env: dict) -> list[dict]:
+    """``ray.util.state.list_<kind>`` of the cluster at ``dashboard``, in a subprocess: the
+    address (and token) are that cluster's, never the test session's own Ray."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from ray.util import state; "
+            f"print(json.dumps([dict(x.__dict__) for x in state.list_{kind}("
+            f"address={dashboard!r}, limit=10000, detail=True)], default=str))")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120)
+    return json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else []
+
+
+def stop_nodes(procs) -> None:
+    import os
+    import signal
+
+    for p in reversed(procs):
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -87,14 +88,53 @@ def _evaluate(engine, model_dir: str, domain: str, n: int) -> dict:
         engine.model.train()
 
 
+@dataclass
+class _Loop:
+    """Where the training loop stands."""
+
+    t0: float  # time.time() at the start of the budget
+    step: int = 0  # optimizer steps taken
+    best: float = -1.0  # best held-out Acc@0.5 so far (its checkpoint is in ``out``)
+    idx: int = 0  # synthetic samples drawn so far (the next sample's index)
+    ema: float | None = None  # smoothed training loss
+
+
 def train(cfg: BaseTrainConfig) -> dict:
+    from grounding.synth import SynthConfig
+
+    family, processor, model, engine, opt = _setup(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "train_log.jsonl").open("w") as log:
+        single = SynthConfig(min_objects=1, max_objects=1)
+        multi = SynthConfig()
+        budget = cfg.minutes * 60
+        st = _Loop(t0=time.time())
+        while True:
+            elapsed = time.time() - st.t0
+            if elapsed >= budget:
+                break
+            frac = elapsed / budget
+            samples = _next_samples(cfg, st, single if frac < cfg.single_frac else multi)
+            batch = build_batch(engine, family, samples, cfg.coord_step)
+            loss, lr = _step(cfg, model, opt, batch, st.step, frac)
+            st.step += 1
+            st.ema = loss if st.ema is None else 0.98 * st.ema + 0.02 * loss
+            if st.step % 50 == 0:
+                _log(log, {"step": st.step, "t": round(time.time() - st.t0, 1),
+                           "loss": round(st.ema, 4), "lr": lr, "samples": st.idx})
+            _maybe_evaluate(cfg, st, engine, model, processor, out, log)
+    return _final_metrics(cfg, st, engine, model, processor, out)
+
+
+def _setup(cfg: BaseTrainConfig):
+    """Threads and seed, then (family, processor, float32 model in train mode, engine, AdamW)."""
     import torch
     from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
     from grounding.engines import EngineConfig
     from grounding.engines.hf_engine import HFEngine
     from grounding.families import get_family
-    from grounding.synth import SynthConfig, make_sample
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -105,60 +145,78 @@ def train(cfg: BaseTrainConfig) -> dict:
     engine_cfg = EngineConfig(model=cfg.model, engine="transformers", max_new_tokens=48)
     engine = HFEngine(engine_cfg, model=model, processor=processor)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    return family, processor, model, engine, opt
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = (out / "train_log.jsonl").open("w")
-    single = SynthConfig(min_objects=1, max_objects=1)
-    multi = SynthConfig()
-    budget = cfg.minutes * 60
-    t0 = time.time()
-    step, best, idx = 0, -1.0, 0
-    ema = None
-    while True:
-        elapsed = time.time() - t0
-        if elapsed >= budget:
-            break
-        frac = elapsed / budget
-        sc = single if frac < cfg.single_frac else multi
-        samples = [make_sample(idx + j, "base", cfg.seed, sc) for j in range(cfg.batch_size)]
-        idx += cfg.batch_size
-        batch = build_batch(engine, family, samples, cfg.coord_step)
-        warm = min(1.0, (step + 1) / cfg.warmup_steps)
-        lr = cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        loss = model(**batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        if step % 50 == 0:
-            rec = {"step": step, "t": round(time.time() - t0, 1), "loss": round(ema, 4),
-                   "lr": lr, "samples": idx}
-            print(json.dumps(rec), flush=True)
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-        if step % cfg.eval_every == 0:
-            m = _evaluate(engine, cfg.model, "base", cfg.eval_n)
-            rec = {"step": step, "t": round(time.time() - t0, 1), "eval_base": m}
-            print(json.dumps(rec), flush=True)
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            if m["acc@0.5"] >= best:
-                best = m["acc@0.5"]
-                _save(model, processor, out, cfg)
-    # Final evaluation of the best checkpoint on larger held-out sets of both domains.
-    m = _evaluate(engine, cfg.model, "base", cfg.eval_n)
-    if m["acc@0.5"] >= best:
+
+def _next_samples(cfg: BaseTrainConfig, st: _Loop, synth) -> list:
+    """The next ``batch_size`` synthetic samples (indices ``st.idx`` on), advancing ``st.idx``."""
+    from grounding.synth import make_sample
+
+    samples = [make_sample(st.idx + j, "base", cfg.seed, synth) for j in range(cfg.batch_size)]
+    st.idx += cfg.batch_size
+    return samples
+
+
+def _lr(cfg: BaseTrainConfig, step: int, frac: float) -> float:
+    """Linear warm-up over steps, cosine decay to 10% over the fraction of the time budget."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps)
+    return cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _step(cfg: BaseTrainConfig, model, opt, batch, step: int, frac: float) -> tuple[float, float]:
+    """One optimizer step (gradients clipped to norm 1); returns (loss, lr used)."""
+    import torch
+
+    lr = _lr(cfg, step, frac)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    loss = model(**batch).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item(), lr
+
+
+def _log(log, rec: dict) -> None:
+    """Print a record and append it to train_log.jsonl."""
+    print(json.dumps(rec), flush=True)
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+
+
+def _keep_if_best(cfg: BaseTrainConfig, st: _Loop, acc: float, model, processor,
+                  out: Path) -> None:
+    """Save the live model to ``out`` when ``acc`` ties or beats the best so far."""
+    if acc >= st.best:
+        st.best = acc
         _save(model, processor, out, cfg)
+
+
+def _maybe_evaluate(cfg: BaseTrainConfig, st: _Loop, engine, model, processor, out: Path,
+                    log) -> None:
+    """Every ``eval_every`` steps: held-out Acc@0.5, logged, best checkpoint kept."""
+    if st.step % cfg.eval_every != 0:
+        return
+    m = _evaluate(engine, cfg.model, "base", cfg.eval_n)
+    _log(log, {"step": st.step, "t": round(time.time() - st.t0, 1), "eval_base": m})
+    _keep_if_best(cfg, st, m["acc@0.5"], model, processor, out)
+
+
+def _final_metrics(cfg: BaseTrainConfig, st: _Loop, engine, model, processor,
+                   out: Path) -> dict:
+    """Last evaluation (saved if best), then the best checkpoint on larger held-out sets of
+    both domains; written to train_metrics.json, printed and returned."""
+    from grounding.engines import EngineConfig
+    from grounding.engines.hf_engine import HFEngine
+
+    m = _evaluate(engine, cfg.model, "base", cfg.eval_n)
+    _keep_if_best(cfg, st, m["acc@0.5"], model, processor, out)
     best_engine = HFEngine(EngineConfig(model=str(out), engine="transformers", max_new_tokens=48))
     metrics = {
-        "steps": step,
-        "samples_seen": idx,
-        "train_seconds": round(time.time() - t0, 1),
+        "steps": st.step,
+        "samples_seen": st.idx,
+        "train_seconds": round(time.time() - st.t0, 1),
         "base": _evaluate(best_engine, str(out), "base", cfg.final_eval_n),
         "shifted": _evaluate(best_engine, str(out), "shifted", cfg.final_eval_n),
         "recipe": cfg.model_dump(),

@@ -325,7 +325,7 @@ def fit(cfg: RetrainConfig, items: list[dict], run_name: str) -> tuple[str, dict
 
     # RAY_ADDRESS (a cluster, or the Ray job this runs in) else a private local Ray: a retrain
     # sent with `ray job submit` must reach the cluster's GPU workers.
-    cfg.ray.connect(log_to_driver=False)
+    cluster = cfg.ray.connect(log_to_driver=False)
     storage_fs, storage_path = None, str(Path(cfg.storage_path).resolve())
     if "://" in cfg.storage_path:
         storage_fs, storage_path = arrow_filesystem(cfg.storage_path, cfg.storage)
@@ -346,7 +346,7 @@ def fit(cfg: RetrainConfig, items: list[dict], run_name: str) -> tuple[str, dict
         import shutil
 
         shutil.copytree(f"{d}/adapter", out, dirs_exist_ok=True)
-    return out, dict(result.metrics or {})
+    return out, dict(result.metrics or {}, ray_cluster=cluster)
 
 
 def hit(pred: list, gold: list[list[float]]) -> bool:

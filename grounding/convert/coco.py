@@ -19,83 +19,127 @@ from grounding.labels import item, outside
 
 def read(fs, path: str) -> ReadResult:
     base_dir, proto = base_of(fs, path)
+    doc = _load(fs, path)
+    if isinstance(doc, ReadResult):
+        return doc
+    images, rejects = _index_images(doc["images"])
+    cats = _index_categories(doc)
+    groups = _group_annotations(doc, images, cats, rejects)
+    return ReadResult(_items(images, cats, groups, base_dir, proto), rejects)
+
+
+def _reject(where: str, problem: str, row) -> dict:
+    return {"where": where, "problems": [problem], "row": row}
+
+
+def _load(fs, path: str) -> dict | ReadResult:
+    """The top-level JSON object, or a ReadResult refusing the whole file."""
     with fs.open(path, "rt", encoding="utf-8") as f:
         try:
             doc = json.load(f)
         except json.JSONDecodeError as e:
-            return ReadResult([], [{"where": path, "problems": [f"not JSON: {e.msg}"],
-                                    "row": None}])
+            return ReadResult([], [_reject(path, f"not JSON: {e.msg}", None)])
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
-        return ReadResult([], [{"where": path, "problems": ["not a COCO file (no 'images' list)"],
-                                "row": None}])
-    images = {}
-    rejects = []
-    for im in doc["images"]:
-        problems = []
+        return ReadResult([], [_reject(path, "not a COCO file (no 'images' list)", None)])
+    return doc
+
+
+def _index_images(entries: list) -> tuple[dict, list[dict]]:
+    """Usable images by id (in file order), and the rejected image entries."""
+    images, rejects = {}, []
+    for im in entries:
         if not isinstance(im, dict) or "id" not in im:
-            rejects.append({"where": "images[]", "problems": ["image entry without id"], "row": im})
+            rejects.append(_reject("images[]", "image entry without id", im))
             continue
-        if not im.get("file_name"):
-            problems.append("no file_name")
-        if not (isinstance(im.get("width"), int | float) and isinstance(im.get("height"), int | float)):
-            problems.append("width/height missing")
+        problems = _image_problems(im)
         if problems:
             rejects.append({"where": f"image id {im['id']}", "problems": problems, "row": im})
         else:
             images[im["id"]] = im
-    cats = {c["id"]: c.get("name") for c in doc.get("categories") or [] if isinstance(c, dict)}
+    return images, rejects
+
+
+def _image_problems(im: dict) -> list[str]:
+    problems = []
+    if not im.get("file_name"):
+        problems.append("no file_name")
+    if not (isinstance(im.get("width"), int | float) and isinstance(im.get("height"), int | float)):
+        problems.append("width/height missing")
+    return problems
+
+
+def _index_categories(doc: dict) -> dict:
+    """Category names by id."""
+    return {c["id"]: c.get("name") for c in doc.get("categories") or [] if isinstance(c, dict)}
+
+
+def _group_annotations(doc: dict, images: dict, cats: dict, rejects: list[dict]) -> dict:
+    """Boxes (with their scores) per item key: ``(image id, None)`` for a captioned image,
+    ``(image id, category id)`` in plain COCO detection. Bad annotations go to ``rejects``."""
     groups: dict[tuple, list] = {}
+    # Annotations of a rejected image are not reported again as dangling.
     bad_images = {r["row"].get("id") for r in rejects if isinstance(r["row"], dict)}
     for ann in doc.get("annotations") or []:
-        where = f"annotation id {ann.get('id')}" if isinstance(ann, dict) else "annotations[]"
-        if not isinstance(ann, dict):
-            rejects.append({"where": where, "problems": ["not an object"], "row": ann})
-            continue
-        iid = ann.get("image_id")
-        if iid not in images:
-            if iid not in bad_images:
-                rejects.append({"where": where, "problems": [
-                    f"image_id {iid!r} is not in 'images' (dangling reference)"], "row": ann})
-            continue
-        im = images[iid]
-        bbox = ann.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4
-                and all(isinstance(v, int | float) for v in bbox) and bbox[2] >= 0 and bbox[3] >= 0):
-            rejects.append({"where": where, "problems": [
-                f"bbox must be [x, y, width, height] with width, height >= 0, got {bbox!r}"],
-                "row": ann})
-            continue
-        x, y, w, h = (float(v) for v in bbox)
-        box = [x, y, x + w, y + h]
-        if outside(box, im["width"], im["height"]):
-            rejects.append({"where": where, "problems": [
-                f"box {box} reaches outside the {im['width']}x{im['height']} image"], "row": ann})
-            continue
-        if im.get("caption"):
-            key = (iid, None)
-        else:
-            if ann.get("category_id") not in cats:
-                rejects.append({"where": where, "problems": [
-                    f"category_id {ann.get('category_id')!r} is not in 'categories'"], "row": ann})
-                continue
-            key = (iid, ann["category_id"])
-        groups.setdefault(key, []).append((box, ann.get("score")))
+        placed = _place(ann, images, cats, bad_images)
+        if isinstance(placed, dict):
+            rejects.append(placed)
+        elif placed is not None:
+            key, box = placed
+            groups.setdefault(key, []).append((box, ann.get("score")))
+    return groups
+
+
+def _place(ann, images: dict, cats: dict, bad_images: set):
+    """``(key, xyxy box)`` of one annotation, or its reject, or None to skip it silently."""
+    where = f"annotation id {ann.get('id')}" if isinstance(ann, dict) else "annotations[]"
+    if not isinstance(ann, dict):
+        return _reject(where, "not an object", ann)
+    iid = ann.get("image_id")
+    if iid not in images:
+        if iid not in bad_images:
+            return _reject(where, f"image_id {iid!r} is not in 'images' (dangling reference)", ann)
+        return None
+    im = images[iid]
+    bbox = ann.get("bbox")
+    if not (isinstance(bbox, list) and len(bbox) == 4
+            and all(isinstance(v, int | float) for v in bbox) and bbox[2] >= 0 and bbox[3] >= 0):
+        return _reject(where, "bbox must be [x, y, width, height] with width, height >= 0, "
+                       f"got {bbox!r}", ann)
+    x, y, w, h = (float(v) for v in bbox)
+    box = [x, y, x + w, y + h]
+    if outside(box, im["width"], im["height"]):
+        return _reject(where, f"box {box} reaches outside the {im['width']}x{im['height']} image",
+                       ann)
+    if im.get("caption"):
+        return (iid, None), box
+    if ann.get("category_id") not in cats:
+        return _reject(where, f"category_id {ann.get('category_id')!r} is not in 'categories'",
+                       ann)
+    return (iid, ann["category_id"]), box
+
+
+def _items(images: dict, cats: dict, groups: dict, base_dir, proto) -> list[dict]:
+    """Items in image order, then in the order each image's keys first appeared."""
     items = []
     for iid, im in images.items():
         keys = [k for k in groups if k[0] == iid]
         if im.get("caption"):
             keys = keys or [(iid, None)]  # a captioned image without boxes: "no such object"
         for key in keys:
-            boxes = groups.get(key, [])
-            text = im["caption"] if key[1] is None else str(cats[key[1]])
-            scores = [s for _, s in boxes]
-            items.append(item(resolve(im["file_name"], base_dir, proto), text,
-                              [b for b, _ in boxes], width=int(im["width"]),
-                              height=int(im["height"]),
-                              item_id=im.get("item_id") if key[1] is None else None,
-                              scores=scores if all(s is not None for s in scores) and scores else None,
-                              score=im.get("score")))
-    return ReadResult(items, rejects)
+            items.append(_item(im, key, groups.get(key, []), cats, base_dir, proto))
+    return items
+
+
+def _item(im: dict, key: tuple, boxes: list, cats: dict, base_dir, proto) -> dict:
+    """One item: the caption (grounding layout) or the category name (plain detection)."""
+    text = im["caption"] if key[1] is None else str(cats[key[1]])
+    scores = [s for _, s in boxes]
+    return item(resolve(im["file_name"], base_dir, proto), text,
+                [b for b, _ in boxes], width=int(im["width"]),
+                height=int(im["height"]),
+                item_id=im.get("item_id") if key[1] is None else None,
+                scores=scores if all(s is not None for s in scores) and scores else None,
+                score=im.get("score"))
 
 
 def write(items: list[dict], fs, path: str) -> None:

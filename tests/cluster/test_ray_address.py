@@ -1,0 +1,98 @@
+"""Under ``RAY_ADDRESS`` (what ``ray job submit`` sets for its entrypoint) a retrain and an
+endpoint run ON that cluster, not on a private local Ray: the cluster is a real ``ray start``
+head process of its own, and the test asks the cluster itself what ran there.
+
+Before the one `RaySettings.connect`, both started ``ray.init(address="local")`` and so never
+reached the cluster's (GPU) workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from support import free_port, port_open, ray_node, ray_state, stop_nodes, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A one-node Ray cluster (its own processes, ports and temp dir); yields its address,
+    dashboard URL and the environment a process needs to be sent to it."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    gcs, dash = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(OMP_NUM_THREADS="1", RAY_agent_register_timeout_ms="180000")
+    head = ray_node(["--head", f"--port={gcs}", "--num-cpus=4", "--include-dashboard=true",
+                     f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+                     f"--ray-client-server-port={free_port()}", f"--temp-dir={tmp}/ray"],
+                    env, tmp / "head.log")
+    try:
+        wait_for(lambda: port_open(gcs) and port_open(dash), "the head", [head])
+        dashboard = f"http://127.0.0.1:{dash}"
+        wait_for(lambda: ray_state("nodes", dashboard, env), "the head's state API", [head])
+        yield {"address": f"127.0.0.1:{gcs}", "port": str(gcs), "dashboard": dashboard,
+               "env": dict(env, RAY_ADDRESS=f"127.0.0.1:{gcs}")}
+    finally:
+        stop_nodes([head])
+
+
+def _actor_classes(cluster) -> list[str]:
+    return [a["class_name"] or "" for a in ray_state("actors", cluster["dashboard"], cluster["env"])]
+
+
+def test_retrain_under_ray_address_trains_on_that_cluster(cluster, tmp_path):
+    from grounding.synth import write_dataset
+    from pipelines.review import ImportConfig, import_labels
+
+    data = write_dataset(tmp_path / "synth", 16, "shifted", seed=11)
+    store, reg = str(tmp_path / "store"), str(tmp_path / "reg")
+    import_labels(ImportConfig(input=str(data), from_fmt="seed", store=store))
+    cmd = [sys.executable, "-m", "groundlabel", "retrain", "--store", store, "--registry", reg,
+           "--max-items", "4", "--epochs", "1", "--batch-size", "2", "--cpus-per-worker", "1",
+           "--storage-path", str(tmp_path / "ray-train"), "--no-promote"]
+    res = subprocess.run(cmd, env=cluster["env"], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    lines = res.stdout.splitlines()
+    out = json.loads("\n".join(lines[max(i for i, x in enumerate(lines) if x == "{"):]))
+    # the GCS this retrain was connected to: the cluster's port (it reports its node's IP)
+    assert out["train_metrics"]["ray_cluster"].rsplit(":", 1)[1] == cluster["port"]
+    # The cluster itself saw the Ray Train workers (they are gone from a private Ray).
+    assert any("TrainWorker" in c for c in _actor_classes(cluster)), _actor_classes(cluster)
+
+
+def test_serve_under_ray_address_deploys_on_that_cluster(cluster, tmp_path):
+    port = free_port()
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "groundlabel", "serve", "--port", str(port)],
+                            env=cluster["env"], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(healthy, "the endpoint", [proc], timeout=600)
+        classes = _actor_classes(cluster)
+        assert any("ServeController" in c for c in classes), classes
+        assert any("GroundingService" in c for c in classes), classes
+        assert f":{cluster['port']}" in (tmp_path / "serve.log").read_text().split(
+            "on the Ray cluster at ", 1)[1].split()[0]
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # serve.shutdown() on the cluster
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        time.sleep(1)
