@@ -91,3 +91,32 @@ def test_every_config_field_has_a_description():
     for model in (DemoConfig, BaseTrainConfig, SynthEvalConfig, EngineConfig, TinyModelConfig):
         for name, f in model.model_fields.items():
             assert f.description, f"{model.__name__}.{name} has no description"
+
+
+def _documented_commands() -> list[str]:
+    """Every `groundlabel ...` line in the README and cluster/README bash blocks."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "README.md").read_text() + (root / "cluster" / "README.md").read_text()
+    cmds = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            m = re.match(r"(?:\.venv/bin/)?groundlabel (.*)", line.split(" #")[0].strip())
+            if m and m.group(1) != "--help":
+                cmds.append(re.sub(r"\[[^\]]*\]", "", m.group(1)))  # [optional] parts dropped
+    return cmds
+
+
+def test_every_documented_command_parses_into_its_config():
+    import shlex
+
+    from groundlabel.cli import VERBS, build_parser, resolve
+
+    cmds = _documented_commands()
+    assert len(cmds) >= 20
+    for cmd in cmds:
+        args = build_parser().parse_args(shlex.split(cmd))
+        verb = VERBS[args._verb]
+        model_from_args(resolve(verb.config), args, None, verb.fixed)  # validates
