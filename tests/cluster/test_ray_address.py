@@ -25,13 +25,21 @@ pytestmark = pytest.mark.slow
 def cluster(tmp_path_factory):
     """A one-node Ray cluster (its own processes, ports and temp dir); yields its address,
     dashboard URL and the environment a process needs to be sent to it."""
+    import shutil
+    import tempfile
+
     tmp = tmp_path_factory.mktemp("cluster")
+    # Ray's session sockets must fit AF_UNIX's 107 bytes: a short temp dir, not pytest's
+    ray_tmp = tempfile.mkdtemp(prefix="glray-", dir="/tmp")
     gcs, dash = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(OMP_NUM_THREADS="1", RAY_agent_register_timeout_ms="180000")
+    # Token authentication, as a real cluster has (and so that a token file another test left
+    # in ~/.ray cannot make the head and its clients disagree); every client gets the token.
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(16).hex(), OMP_NUM_THREADS="1",
+               RAY_agent_register_timeout_ms="180000")
     head = ray_node(["--head", f"--port={gcs}", "--num-cpus=4", "--include-dashboard=true",
                      f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-                     f"--ray-client-server-port={free_port()}", f"--temp-dir={tmp}/ray"],
+                     f"--ray-client-server-port={free_port()}", f"--temp-dir={ray_tmp}"],
                     env, tmp / "head.log")
     try:
         wait_for(lambda: port_open(gcs) and port_open(dash), "the head", [head])
@@ -41,6 +49,7 @@ def cluster(tmp_path_factory):
                "env": dict(env, RAY_ADDRESS=f"127.0.0.1:{gcs}")}
     finally:
         stop_nodes([head])
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _actor_classes(cluster) -> list[str]:
