@@ -62,10 +62,12 @@ def _s3_code(e: BaseException) -> tuple[str, int]:
 
 def _s3_call(fs, op: str, path: str, **kw):
     """One conditional S3 request; 409 (a concurrent conditional write) is retried."""
+    from fsspec.asyn import sync
+
     bucket, key, _ = fs.split_path(path)
     for attempt in range(RETRIES):
         try:
-            out = fs.call_s3(op, Bucket=bucket, Key=key, **kw)
+            out = sync(fs.loop, fs._call_s3, op, Bucket=bucket, Key=key, **kw)
             fs.invalidate_cache(path)
             return out
         except OSError as e:

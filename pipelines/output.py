@@ -57,7 +57,7 @@ REPLACEMENT = "~r"  # P~r.parquet: P rewritten without its transient rows
 RESUME_KEYS = ("input", "model", "family", "prompt_version", "adapter_requested")
 
 
-class OutputError(RuntimeError):
+class OutputError(ValueError):
     """The output cannot be used as asked (another writer, another input, an unreadable part)."""
 
 

@@ -220,7 +220,7 @@ def test_four_processes_racing_promote_rollback_and_the_lock(reg, tmp_path):
     assert reader[1] > 0 and reader[2] == [], reader        # the pointer was never torn
     events = reg.events()
     assert [e["event"] for e in events] == list(range(1, len(events) + 1))  # complete, in order
-    assert sorted((e["kind"], e["name"]) for e in events) == sorted(actions)
+    assert sorted(repr((e["kind"], e["name"])) for e in events) == sorted(map(repr, actions))
     stack = [None]                                            # replaying them gives the pointer
     for e in events:
         stack.append(e["name"]) if e["kind"] == "promote" else stack.pop()

@@ -156,8 +156,8 @@ def test_known_labels_are_configurable(tmp_path):
 
 
 def _one_task(tmp_path, result: list, predicted=None):
-    (task,) = copy.deepcopy(to_tasks(_items()[:1]))
-    (t,) = _export([task])
+    (t,) = copy.deepcopy(to_tasks(_items()[:1]))
+    t.update(id=1, project=1, annotations=[])
     t["annotations"] = [_annotation(t, result, 20, "2026-11-25T12:00")]
     if predicted is not None:
         t["data"]["predicted_boxes"] = predicted
