@@ -10,8 +10,14 @@ Layout under the registry root::
     events/00000001.json ...      every promotion, refusal and rollback, in order (exclusive
                                   create: concurrent writers each get their own number)
     production.json               the pointer: {"name": ..., "event": N}, one atomic PUT
-    _lock                         held while promoting/rolling back (exclusive create, with a
-                                  lease: a crashed holder's lock expires)
+    _lock                         the lock (`grounding.lease`): held by a retrain from training
+                                  to promotion and by every promotion and rollback; renewed by
+                                  compare-and-swap, taken over atomically when stale, checked
+                                  right before the pointer moves (a holder that lost it stops)
+
+Every exclusive create and compare-and-swap goes through `grounding.atomic` (``os.link`` /
+``flock`` on a folder, conditional PUTs on S3); a store that ignores conditional writes is
+refused before the first write.
 
 Names are never reused (vLLM and Ray Serve cache adapters by name):
 ``<prefix>-<UTC time>-<6 hex of the weights>``.
@@ -23,13 +29,12 @@ import datetime as dt
 import hashlib
 import json
 import os
-import socket
-import threading
-import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+from grounding import atomic
+from grounding.lease import Lease, LeaseHeld, LeaseLost
 from grounding.storage import StorageOptions, filesystem, join
 
 
@@ -71,6 +76,7 @@ class AdapterRegistry:
         from grounding.engines.base import check_adapter_dir
 
         check_adapter_dir(str(adapter_dir))  # a folder vLLM/peft can load, or a clear error
+        atomic.probe(self.fs, self.root, f"adapter registry {self.uri}")
         name = name or self.new_name(adapter_dir)
         if "/" in name or not name.strip():
             raise RegistryError(f"bad adapter name {name!r}")
@@ -83,8 +89,7 @@ class AdapterRegistry:
                 self.fs.put_file(str(f), join(dest, f.name))
         record = dict(meta, name=name, registered_at=_now())
         try:
-            self.fs.pipe_file(join(dest, "meta.json"), json.dumps(record, indent=2).encode(),
-                              mode="create")
+            atomic.create(self.fs, join(dest, "meta.json"), json.dumps(record, indent=2).encode())
         except FileExistsError:
             raise RegistryError(f"adapter name {name!r} is taken: names are never reused") from None
         return name
@@ -152,13 +157,14 @@ class AdapterRegistry:
                 for p in sorted(self.fs.ls(base, detail=False)) if p.endswith(".json")]
 
     def _event(self, record: dict) -> int:
+        atomic.probe(self.fs, self.root, f"adapter registry {self.uri}")
         self.fs.makedirs(self._p("events"), exist_ok=True)
         n = len(self.events()) + 1
         while True:
             rec = dict(record, event=n, at=_now())
             try:
-                self.fs.pipe_file(self._p("events", f"{n:08d}.json"), json.dumps(rec).encode(),
-                                  mode="create")
+                atomic.create(self.fs, self._p("events", f"{n:08d}.json"),
+                              json.dumps(rec).encode())
                 return n
             except FileExistsError:
                 n += 1
@@ -178,105 +184,82 @@ class AdapterRegistry:
         """Record a decision (e.g. a refused promotion) without moving the pointer."""
         return self._event(dict(fields, kind=kind))
 
-    def promote(self, name: str, reason: str = "manual", metrics: dict | None = None) -> int:
-        """Point production at ``name`` (under the lock); returns the event number."""
-        with self.lock():
-            return self.promote_locked(name, reason, metrics)
+    def promote(self, name: str, reason: str = "manual", metrics: dict | None = None,
+                wait_s: float = 0.0, force: bool = False) -> int:
+        """Point production at ``name`` (under the lock, waiting up to ``wait_s`` for it, or
+        taking it with ``force``); returns the event number."""
+        with self.lock(wait_s, force) as lease:
+            return self.promote_locked(name, reason, lease, metrics)
 
-    def promote_locked(self, name: str, reason: str, metrics: dict | None = None) -> int:
-        """`promote` for a caller already holding `lock` (a retrain holds it throughout)."""
+    def promote_locked(self, name: str, reason: str, lease: Lease,
+                       metrics: dict | None = None) -> int:
+        """`promote` for a caller holding ``lease`` (a retrain holds it throughout)."""
         self.show(name)
         prev = self.production()
+        self._fence(lease)
         n = self._event({"kind": "promote", "name": name, "previous": prev,
-                         "reason": reason, "metrics": metrics})
+                         "reason": reason, "metrics": metrics, "lease": lease.seq})
+        self._fence(lease)
         self._set_production(name, n)
         return n
 
-    def rollback(self, reason: str = "manual") -> str | None:
+    def _fence(self, lease: Lease) -> None:
+        """Stop before an irreversible step if the lock is no longer ours."""
+        try:
+            lease.check()
+        except LeaseLost as e:
+            raise RegistryError(f"{e}: not moving the production pointer") from None
+
+    def rollback(self, reason: str = "manual", wait_s: float = 0.0,
+                 force: bool = False) -> str | None:
         """Undo the last promotion still in effect: production goes back to what it was
         before (None = the base model). Returns the new production name."""
-        with self.lock():
-            cur = self.production()
-            # Replay the pointer's moves as a stack: a promotion pushes, a rollback pops, so
-            # rolling back twice undoes the last two promotions.
-            stack: list[str | None] = [None]
-            for e in self.events():
-                if e["kind"] == "promote":
-                    stack.append(e["name"])
-                elif e["kind"] == "rollback" and len(stack) > 1:
-                    stack.pop()
-            if len(stack) < 2 or stack[-1] != cur:
-                raise RegistryError("nothing to roll back: no promotion left to undo")
-            target = stack[-2]
-            n = self._event({"kind": "rollback", "name": target, "previous": cur,
-                             "reason": reason})
-            self._set_production(target, n)
-            return target
+        with self.lock(wait_s, force) as lease:
+            return self.rollback_locked(reason, lease)
+
+    def rollback_locked(self, reason: str, lease: Lease) -> str | None:
+        """`rollback` for a caller holding ``lease``."""
+        cur = self.production()
+        # Replay the pointer's moves as a stack: a promotion pushes, a rollback pops, so
+        # rolling back twice undoes the last two promotions.
+        stack: list[str | None] = [None]
+        for e in self.events():
+            if e["kind"] == "promote":
+                stack.append(e["name"])
+            elif e["kind"] == "rollback" and len(stack) > 1:
+                stack.pop()
+        if len(stack) < 2 or stack[-1] != cur:
+            raise RegistryError("nothing to roll back: no promotion left to undo")
+        target = stack[-2]
+        self._fence(lease)
+        n = self._event({"kind": "rollback", "name": target, "previous": cur,
+                         "reason": reason, "lease": lease.seq})
+        self._fence(lease)
+        self._set_production(target, n)
+        return target
 
     # -- lock ----------------------------------------------------------------------------
     @contextmanager
-    def lock(self, wait_s: float = 0.0):
-        """Hold the registry lock (exclusive create of ``_lock``) for the ``with`` block.
+    def lock(self, wait_s: float = 0.0, force: bool = False):
+        """Hold the registry lock for the ``with`` block; yields the `Lease`.
 
-        The holder renews its lease every ``lease_s / 3`` from a background thread, so a long
-        retrain keeps it, while a crashed holder's lock expires within ``lease_s``; a holder on
-        this host whose process is gone is recognised at once. Raises RegistryError if held.
+        Waits up to ``wait_s`` for another holder; ``force`` takes the lock from a live holder
+        and records that as a ``force-unlock`` event. The holder renews its lease from a
+        heartbeat; a crashed holder's lock expires within ``lease_s`` (at once when its process
+        on this host is gone). Raises RegistryError when the lock stays held.
         """
-        path = self._p("_lock")
-        me = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        lease = Lease(self.fs, self._p("_lock"), f"adapter registry {self.uri}", self.lease_s)
         self.fs.makedirs(self.root, exist_ok=True)
-        deadline = time.time() + wait_s
-        while True:
-            try:
-                self.fs.pipe_file(path, self._lease(me), mode="create")
-                break
-            except FileExistsError:
-                try:
-                    held = json.loads(self.fs.cat_file(path))
-                except (FileNotFoundError, ValueError):
-                    continue  # released (or being written) meanwhile: try again
-                if held.get("until", 0) < time.time() or _dead_here(held.get("owner", "")):
-                    self.fs.rm(path)  # its holder crashed
-                    continue
-                if time.time() >= deadline:
-                    raise RegistryError(f"registry {self.uri} is locked by {held['owner']} "
-                                        f"(another retrain or promotion is running)") from None
-                time.sleep(0.5)
-        stop = threading.Event()
-
-        def renew():
-            while not stop.wait(self.lease_s / 3):
-                try:
-                    if json.loads(self.fs.cat_file(path)).get("owner") == me:
-                        self.fs.pipe_file(path, self._lease(me))
-                except (FileNotFoundError, ValueError, OSError):
-                    return
-
-        threading.Thread(target=renew, daemon=True, name="registry-lease").start()
         try:
-            yield
+            lease.acquire(wait_s, force)
+        except LeaseHeld as e:
+            raise RegistryError(f"registry {self.uri} is locked by {e.holder} for another "
+                                f"{e.left_s:.0f} s (another retrain or promotion is running; "
+                                "wait longer or use --force)") from None
+        try:
+            if lease.taken_over:
+                self._event({"kind": "force-unlock", "previous_holder": lease.taken_over,
+                             "lease": lease.seq})
+            yield lease
         finally:
-            stop.set()
-            try:
-                if json.loads(self.fs.cat_file(path)).get("owner") == me:
-                    self.fs.rm(path)
-            except FileNotFoundError:
-                pass
-
-    def _lease(self, owner: str) -> bytes:
-        return json.dumps({"owner": owner, "until": time.time() + self.lease_s}).encode()
-
-
-def _dead_here(owner: str) -> bool:
-    """True when ``owner`` (host:pid:tag) is a process of this host that no longer exists."""
-    host, _, rest = owner.partition(":")
-    pid = rest.split(":", 1)[0]
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-        return False
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
+            lease.release()

@@ -13,8 +13,10 @@ Layout under the store root::
     _log/00000002.json       ...
 
 An append writes its data file first, then *creates* the next ``_log`` entry with an exclusive
-create (``O_EXCL`` locally, ``If-None-Match: *`` on S3). Two importers racing for the same
-version number: one wins, the other takes the next number. A crash before the commit leaves an
+create (`grounding.atomic`: a hard link of a complete temporary file locally, ``If-None-Match:
+*`` on S3, 409 retried). Two importers racing for the same version number: one wins, the other
+takes the next number. A store that ignores conditional writes is refused before the first
+append. A crash before the commit leaves an
 unreferenced data file that no reader sees, so the store is never torn and nothing committed is
 lost. Version ``v`` is the first ``v`` commits: a snapshot that never changes, so a retraining
 can name exactly the labels it used.
@@ -33,6 +35,7 @@ import uuid
 
 import pyarrow as pa
 
+from grounding import atomic
 from grounding.labels import LINEAGE
 from grounding.storage import StorageOptions, filesystem, join
 
@@ -106,6 +109,7 @@ class ReviewStore:
                                  f"is not one of {DECISIONS}")
         table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in SCHEMA} for r in records],
                                      schema=SCHEMA)
+        atomic.probe(self.fs, self.root, f"reviewed-label store {self.uri}")
         data = f"data/{uuid.uuid4().hex}.parquet"
         self.fs.makedirs(join(self.root, "data"), exist_ok=True)
         self.fs.makedirs(join(self.root, "_log"), exist_ok=True)
@@ -119,7 +123,7 @@ class ReviewStore:
                      "source": source, "note": note, "committed_at": _now()}
             try:
                 # The exclusive create IS the commit: exactly one writer gets each version.
-                self.fs.pipe_file(self._log(version), json.dumps(entry).encode(), mode="create")
+                atomic.create(self.fs, self._log(version), json.dumps(entry).encode())
                 return version
             except FileExistsError:
                 version += 1

@@ -170,15 +170,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     verb = VERBS[args._verb]
     cfg = model_from_args(resolve(verb.config), args, args.config, verb.fixed)
+    from grounding.atomic import UnsafeStorage
     from grounding.labels import LabelFormatError
+    from grounding.lease import LeaseLost
     from grounding.registry import RegistryError
     from grounding.store import StoreError
+    from pipelines.output import OutputError
     from pipelines.review import LabelStudioError
 
     try:
         return _show(resolve(verb.run)(cfg))
-    except (LabelFormatError, StoreError, FileNotFoundError, LabelStudioError,
-            RegistryError) as e:
+    except (LabelFormatError, StoreError, FileNotFoundError, LabelStudioError, RegistryError,
+            OutputError, UnsafeStorage, LeaseLost) as e:
         # Bad input, not a bug: one clear message (every problem listed), no traceback.
         print(f"groundlabel {args._verb}: error: {e}", file=sys.stderr)
         return 2

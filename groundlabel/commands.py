@@ -67,6 +67,10 @@ class AdapterRollbackConfig(AdaptersConfig):
     """``groundlabel adapters rollback``."""
 
     reason: str = Field("manual", description="Why (recorded).")
+    wait_s: float = Field(60.0, ge=0, description="Seconds to wait for the registry lock while "
+                          "a retrain or another promotion holds it.")
+    force: bool = Field(False, description="Take the lock from its holder (recorded as a "
+                        "force-unlock event; the holder stops before it promotes).")
 
 
 class AdapterPromoteConfig(AdapterRollbackConfig):
@@ -94,12 +98,13 @@ def adapters_show(cfg: AdapterShowConfig) -> dict:
 
 
 def adapters_promote(cfg: AdapterPromoteConfig) -> str:
-    event = cfg.open().promote(cfg.name, cfg.reason)
+    event = cfg.open().promote(cfg.name, cfg.reason, wait_s=cfg.wait_s, force=cfg.force)
     return json.dumps({"promoted": cfg.name, "event": event})
 
 
 def adapters_rollback(cfg: AdapterRollbackConfig) -> str:
-    return json.dumps({"production": cfg.open().rollback(cfg.reason)})
+    return json.dumps({"production": cfg.open().rollback(cfg.reason, wait_s=cfg.wait_s,
+                                                          force=cfg.force)})
 
 
 def adapters_history(cfg: AdaptersConfig) -> list[dict]:

@@ -46,6 +46,11 @@ class LabelJobConfig(Settings):
                                     description="Object storage for input, output and images.")
     ray: RaySettings = Field(default_factory=RaySettings, description="The Ray cluster.")
     job_id: str | None = Field(None, description="Job id; default: reuse the output's, or new.")
+    retry_transient: bool = Field(True, description="On a rerun, label again the rows that "
+                                  "failed with a transient error (fetch failures, engine "
+                                  "errors); the old row is replaced, never duplicated.")
+    wait: float = Field(0.0, ge=0, description="Seconds to wait for another job writing the "
+                        "same output (default 0: refuse at once).")
     limit: int | None = Field(None, ge=1, description="Label at most this many rows (testing).")
     progress: bool = Field(True, description="Show Ray Data progress bars.")
 

@@ -52,6 +52,7 @@ class JobPlan:
     job: dict                # the job record (_job.json)
     shards: list[tuple[str, str]]
     done: dict[str, list[str]]
+    retried: int = 0         # rows with a transient error removed, to be labeled again
 
     @property
     def n_done(self) -> int:
@@ -85,26 +86,39 @@ def _default_adapter(cfg: LabelJobConfig, adapters: dict[str, str]) -> str | Non
     return cfg.adapter
 
 
-def plan(cfg: LabelJobConfig) -> JobPlan:
-    """Resolve model, family, adapters, the job record, the shards and what is already done."""
+def plan(cfg: LabelJobConfig, output: JobOutput | None = None) -> JobPlan:
+    """Resolve model, family, adapters, the job record, the shards and what is already done.
+
+    Call it holding the output's lease (`label` does): it repairs the output and, with
+    ``retry_transient``, removes the rows a rerun labels again."""
     from grounding.checkpoint import detect_family, resize_spec
     from grounding.families import get_family
-    from pipelines.stages.read import list_shards
+    from pipelines.stages.read import check_output_outside, fingerprints, list_shards
 
+    check_output_outside(cfg.input, cfg.output, cfg.storage)
+    output = output or JobOutput(cfg.output, cfg.storage)
     eng = cfg.inference
     family = eng.family or detect_family(eng.model)
     engine = eng.model_copy(update={"family": family})
     adapters = _adapters_dir(cfg)
-    default_adapter = _default_adapter(cfg, adapters)
-    lineage = {"model": eng.model, "family": family,
+    old = output.job_record()
+    if old and "adapter_requested" in old and old["adapter_requested"] == cfg.adapter:
+        # A rerun keeps the adapter its first start resolved (`production` may have moved).
+        default_adapter = old.get("default_adapter")
+    else:
+        default_adapter = _default_adapter(cfg, adapters)
+    lineage = {"input": cfg.input.rstrip("/"), "model": eng.model, "family": family,
                "prompt_version": prompt_version(get_family(family)),
-               "default_adapter": default_adapter, "registry": cfg.registry}
-    output = JobOutput(cfg.output, cfg.storage)
-    job = output.start_job(lineage, cfg.job_id, cfg.input)
+               "adapter_requested": cfg.adapter, "default_adapter": default_adapter,
+               "registry": cfg.registry}
+    shards = list_shards(cfg.input, cfg.storage)
+    job = output.start_job(lineage, cfg.job_id, fingerprints(shards, cfg.storage))
+    output.repair()
+    retried = output.drop_transient() if cfg.retry_transient else 0
     return JobPlan(output=output, engine=engine,
                    resize=resize_spec(eng.model, eng.min_pixels, eng.max_pixels),
                    adapters=adapters, default_adapter=default_adapter, lineage=lineage, job=job,
-                   shards=list_shards(cfg.input, cfg.storage), done=output.committed())
+                   shards=shards, done=output.committed(), retried=retried)
 
 
 def stages(cfg: LabelJobConfig, p: JobPlan) -> list:
@@ -137,16 +151,26 @@ def label(cfg: LabelJobConfig) -> dict:
     from pipelines.summary import summarize
 
     t0 = time.time()
-    p = plan(cfg)
-    print(f"[label] job {p.job['job_id']}: {len(p.shards)} shard(s) from {cfg.input}"
-          + (f"; {p.n_done} row(s) already written, resuming" if p.n_done else ""), flush=True)
-    cfg.ray.connect(log_to_driver=False)
-    DataContext.get_current().enable_progress_bars = cfg.progress
-    items = [{"path": uri, "shard": rel, "done": p.done.get(rel, [])} for uri, rel in p.shards]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    for stage in stages(cfg, p):
-        ds = stage.apply(ds)
-    p.output.write(ds)
-    summary = summarize(p.output, elapsed=time.time() - t0, rows_before=p.n_done)
+    from pipelines.stages.read import check_output_outside
+
+    check_output_outside(cfg.input, cfg.output, cfg.storage)
+    output = JobOutput(cfg.output, cfg.storage)
+    # One writer: the lease is held from the first look at the output to the summary.
+    with output.lease(cfg.wait) as lease:
+        p = plan(cfg, output)
+        print(f"[label] job {p.job['job_id']}: {len(p.shards)} shard(s) from {cfg.input}"
+              + (f"; {p.n_done} row(s) already written, resuming" if p.n_done else "")
+              + (f"; retrying {p.retried} row(s) with a transient error" if p.retried else ""),
+              flush=True)
+        cfg.ray.connect(log_to_driver=False)
+        DataContext.get_current().enable_progress_bars = cfg.progress
+        items = [{"path": uri, "shard": rel, "done": p.done.get(rel, [])} for uri, rel in p.shards]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        for stage in stages(cfg, p):
+            ds = stage.apply(ds)
+        lease.check()
+        p.output.write(ds)
+        lease.check()  # another writer may have taken over a lease we could not renew
+        summary = summarize(p.output, elapsed=time.time() - t0, rows_before=p.n_done)
     print(json.dumps(summary, indent=2), flush=True)
     return summary

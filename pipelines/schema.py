@@ -12,7 +12,7 @@ Output (one Parquet row per input row, in ``OUTPUT/parts/*.parquet``):
 | boxes          | list<struct>         | ``x1, y1, x2, y2`` (float pixels of the ORIGINAL image, xyxy), ``score`` (0-1), ``label`` |
 | score          | double               | answer confidence: geometric-mean probability of the coordinate tokens |
 | status         | string               | ``ok``, ``clipped``, ``truncated``, ``empty``, ``unparseable``, or ``error`` |
-| error_code     | string               | see ``ERROR_CODES``; null when the row was labeled |
+| error_code     | string               | see `grounding.errors` (meaning, transient or not); null when the row was labeled |
 | error          | string               | human-readable error |
 | raw_text       | string               | the model's raw answer |
 | width, height  | int32                | original image size in pixels |
@@ -26,23 +26,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-ERROR_CODES = {
-    "bad_json": "the input line is not JSON",
-    "bad_row": "the input line is not a JSON object",
-    "no_image": "the row names no image",
-    "empty_text": "the referring expression is empty",
-    "bad_bbox": "the row's true box is not 4 numbers",
-    "missing": "the image file/object does not exist",
-    "fetch_failed": "the image could not be read",
-    "empty_image": "the image has zero bytes",
-    "zero_size": "the image has a zero width or height",
-    "too_large": "too many bytes, or a decompression bomb",
-    "corrupt": "no decoder accepts the bytes",
-    "bad_image_ref": "the image reference is of an unsupported kind",
-    "unknown_adapter": "the row names an adapter the job does not have",
-    "bad_text": "the family refused the expression",
-    "engine_error": "the engine failed on this row's batch",
-}
+from grounding.errors import ERROR_CODES as _ERROR_CODES
+
+# Error codes and their meaning: the one table is `grounding.errors`.
+ERROR_CODES = _ERROR_CODES
 
 BOX = pa.struct([("x1", pa.float64()), ("y1", pa.float64()), ("x2", pa.float64()),
                  ("y2", pa.float64()), ("score", pa.float64()), ("label", pa.string())])

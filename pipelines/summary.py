@@ -13,6 +13,7 @@ from collections import Counter
 
 from pydantic import Field
 
+from grounding.errors import TRANSIENT
 from grounding.settings import Settings
 from grounding.storage import StorageOptions
 from pipelines.output import JobOutput
@@ -58,6 +59,8 @@ def summarize(output: JobOutput, elapsed: float | None = None, rows_before: int 
         "status": dict(Counter(r["status"] for r in rows)),
         "errors": dict(Counter(r["error_code"] for r in rows if r["error_code"])),
     }
+    out["errors_transient"] = sum(v for k, v in out["errors"].items() if k in TRANSIENT)
+    out["errors_permanent"] = sum(v for k, v in out["errors"].items() if k not in TRANSIENT)
     if elapsed is not None:
         new = len(rows) - rows_before
         out.update(rows_this_run=new, seconds=round(elapsed, 1),

@@ -434,7 +434,7 @@ def retrain(cfg: RetrainConfig) -> dict:
     t0 = time.time()
     # The lock is held for the whole run: two retrains never overlap, and production cannot
     # change between the gate's measurement and the promotion.
-    with registry.lock():
+    with registry.lock() as lease:
         recipe = _recipe(cfg)
         run_name = cfg.run_name or "retrain-" + hashlib.sha256(json.dumps(
             [cfg.store, version, cfg.inference.model, recipe], sort_keys=True).encode()).hexdigest()[:12]
@@ -451,7 +451,7 @@ def retrain(cfg: RetrainConfig) -> dict:
                 "gate": verdict, "seconds": round(train_s, 1)}
         name = registry.register(adapter_dir, meta)
         if verdict["passed"] and cfg.promote:
-            event = registry.promote_locked(name, "gate", verdict)
+            event = registry.promote_locked(name, "gate", lease, verdict)
             decision = "promoted"
         else:
             decision = "refused" if not verdict["passed"] else "passed (not promoted)"

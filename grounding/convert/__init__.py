@@ -52,10 +52,32 @@ def read_labels(uri: str, fmt: str, opts: StorageOptions | None = None,
     if not fs.exists(path):
         raise FileNotFoundError(f"{uri}: no such file")
     res = reader(fs, path, **kw)
+    _check_inside(res)
     if res.rejects and not skip_invalid:
         raise LabelFormatError(uri, [f"{r['where']}: {p}" for r in res.rejects
                                      for p in r["problems"]])
     return res
+
+
+def _check_inside(res: ReadResult) -> None:
+    """Every reader's items, checked against their image size where it is known: a box more
+    than 0.5 px outside the image is a problem (the item is refused, never bent to fit); within
+    that tolerance (rounding) it is clipped to the image."""
+    from grounding.labels import clamp, outside
+
+    kept = []
+    for it in res.items:
+        w, h = it.get("width"), it.get("height")
+        bad = [b for b in it["boxes"] if outside(b, w, h)]
+        if bad:
+            res.rejects.append({"where": f"item {it['item_id']}", "problems": [
+                f"box {[round(c, 1) for c in b]} reaches outside the {w}x{h} image"
+                for b in bad], "row": {k: v for k, v in it.items() if not k.startswith("_")}})
+            continue
+        if w and h:
+            it["boxes"] = [clamp(b, w, h) for b in it["boxes"]]
+        kept.append(it)
+    res.items[:] = kept
 
 
 def write_labels(items: list[dict], uri: str, fmt: str, opts: StorageOptions | None = None,

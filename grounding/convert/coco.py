@@ -24,8 +24,8 @@ def read(fs, path: str) -> ReadResult:
         return doc
     images, rejects = _index_images(doc["images"])
     cats = _index_categories(doc)
-    groups = _group_annotations(doc, images, cats, rejects)
-    return ReadResult(_items(images, cats, groups, base_dir, proto), rejects)
+    groups, tainted = _group_annotations(doc, images, cats, rejects)
+    return ReadResult(_items(images, cats, groups, tainted, base_dir, proto, rejects), rejects)
 
 
 def _reject(where: str, problem: str, row) -> dict:
@@ -73,20 +73,36 @@ def _index_categories(doc: dict) -> dict:
     return {c["id"]: c.get("name") for c in doc.get("categories") or [] if isinstance(c, dict)}
 
 
-def _group_annotations(doc: dict, images: dict, cats: dict, rejects: list[dict]) -> dict:
+def _group_annotations(doc: dict, images: dict, cats: dict,
+                       rejects: list[dict]) -> tuple[dict, dict]:
     """Boxes (with their scores) per item key: ``(image id, None)`` for a captioned image,
-    ``(image id, category id)`` in plain COCO detection. Bad annotations go to ``rejects``."""
+    ``(image id, category id)`` in plain COCO detection. Bad annotations go to ``rejects``;
+    ``tainted`` counts them per item key (such an item is not imported with its other boxes)."""
     groups: dict[tuple, list] = {}
+    tainted: dict[tuple, int] = {}
     # Annotations of a rejected image are not reported again as dangling.
     bad_images = {r["row"].get("id") for r in rejects if isinstance(r["row"], dict)}
     for ann in doc.get("annotations") or []:
         placed = _place(ann, images, cats, bad_images)
         if isinstance(placed, dict):
             rejects.append(placed)
+            key = _key(ann, images, cats)
+            if key is not None:
+                tainted[key] = tainted.get(key, 0) + 1
         elif placed is not None:
             key, box = placed
             groups.setdefault(key, []).append((box, ann.get("score")))
-    return groups
+    return groups, tainted
+
+
+def _key(ann, images: dict, cats: dict) -> tuple | None:
+    """The item a (refused) annotation belongs to, when that can be told."""
+    if not isinstance(ann, dict) or ann.get("image_id") not in images:
+        return None
+    iid = ann["image_id"]
+    if images[iid].get("caption"):
+        return (iid, None)
+    return (iid, ann["category_id"]) if ann.get("category_id") in cats else None
 
 
 def _place(ann, images: dict, cats: dict, bad_images: set):
@@ -118,14 +134,24 @@ def _place(ann, images: dict, cats: dict, bad_images: set):
     return (iid, ann["category_id"]), box
 
 
-def _items(images: dict, cats: dict, groups: dict, base_dir, proto) -> list[dict]:
-    """Items in image order, then in the order each image's keys first appeared."""
+def _items(images: dict, cats: dict, groups: dict, tainted: dict, base_dir, proto,
+           rejects: list[dict]) -> list[dict]:
+    """Items in image order, then in the order each image's keys first appeared. An item with
+    a refused box is refused whole: without it, its other boxes (or none: "no such object")
+    would say something the file did not."""
     items = []
     for iid, im in images.items():
-        keys = [k for k in groups if k[0] == iid]
+        keys = [k for k in groups if k[0] == iid] + [k for k in tainted if k[0] == iid]
+        keys = list(dict.fromkeys(keys))
         if im.get("caption"):
             keys = keys or [(iid, None)]  # a captioned image without boxes: "no such object"
         for key in keys:
+            if key in tainted:
+                what = f"image id {iid}" + (f", category {key[1]}" if key[1] is not None else "")
+                rejects.append(_reject(what, f"{tainted[key]} of its boxes were refused (see "
+                                       "above); the rest alone would be a different label, so "
+                                       "the item is not imported", im))
+                continue
             items.append(_item(im, key, groups.get(key, []), cats, base_dir, proto))
     return items
 

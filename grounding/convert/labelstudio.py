@@ -33,7 +33,7 @@ import json
 import uuid
 
 from grounding.convert import ReadResult
-from grounding.labels import LINEAGE, clamp, item, outside
+from grounding.labels import LINEAGE, check_box, clamp, item, outside
 
 LABEL = "target"
 FROM_NAME, TO_NAME, CHOICE_NAME = "label", "image", "decision"
@@ -159,8 +159,9 @@ def parse_task(task, labels: set[str]) -> tuple[dict | None, list[str]]:
         if r.get("type") == "choices":
             reject = reject or "reject" in (r.get("value") or {}).get("choices", [])
             continue
-        if r.get("type") != "rectanglelabels":
+        if r.get("type") not in ("rectanglelabels", "rectangle"):
             continue  # other controls (text areas, ratings ...) carry no boxes
+        # "rectangle": a box drawn with a plain <Rectangle> tool, without a label
         v = r.get("value") or {}
         unknown = sorted(set(v.get("rectanglelabels") or []) - labels)
         if unknown:
@@ -191,6 +192,12 @@ def parse_task(task, labels: set[str]) -> tuple[dict | None, list[str]]:
     except ValueError as e:
         return None, [str(e)]
     predicted = data.get("predicted_boxes")
+    if predicted is not None:
+        try:
+            predicted = [check_box(b) for b in predicted]
+        except (TypeError, ValueError) as e:
+            return None, [f"predicted_boxes is malformed ({e}); it is what the decision (accept "
+                          "or correct) is read against, so the task cannot be imported"]
     it["_predicted"] = {"boxes": predicted, "score": _pred_score(task)}
     if source == "prediction":
         it["_decision"] = None

@@ -28,6 +28,38 @@ def list_shards(uri: str, storage: StorageOptions) -> list[tuple[str, str]]:
     return [(scheme + p if scheme else p, p[len(path):].lstrip("/")) for p in files]
 
 
+def fingerprints(shards: list[tuple[str, str]], storage: StorageOptions) -> dict[str, dict]:
+    """``{shard: {"size", "etag" | "mtime"}}``: what a rerun compares to refuse a changed input
+    (the S3 ETag is a hash of the content; a local file's mtime changes with every write)."""
+    out = {}
+    for uri, rel in shards:
+        fs, path = filesystem(uri, storage)
+        info = fs.info(path)
+        fp = {"size": int(info.get("size") or 0)}
+        etag = info.get("ETag") or info.get("etag")
+        if etag:
+            fp["etag"] = str(etag).strip('"')
+        elif info.get("mtime") is not None:
+            fp["mtime"] = float(info["mtime"])
+        out[rel] = fp
+    return out
+
+
+def check_output_outside(input_uri: str, output_uri: str, storage: StorageOptions) -> None:
+    """Refuse an output folder inside the input prefix: its parts would be read back as input
+    by the next run."""
+    fs_in, p_in = filesystem(input_uri, storage)
+    fs_out, p_out = filesystem(output_uri, storage)
+    if fs_in.protocol != fs_out.protocol:
+        return
+    p_in, p_out = p_in.rstrip("/"), p_out.rstrip("/")
+    if p_out == p_in or p_out.startswith(p_in + "/"):
+        from pipelines.output import OutputError
+
+        raise OutputError(f"--output {output_uri} is inside --input {input_uri}: the next run "
+                          "would read the output back as input; put the output elsewhere")
+
+
 class ReadShards(StageFn):
     name = "read"
     needs = ("path", "shard", "done")

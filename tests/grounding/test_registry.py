@@ -149,3 +149,151 @@ def test_a_long_holder_keeps_its_lock_by_renewing_the_lease(tmp_path):
     done.set()
     t.join()
     reg.promote(name)
+
+
+# ---- the lock under concurrency and faults (processes, on a folder and on moto's S3) ---------
+def _racer(uri: str, endpoint, me: int, rounds: int, names: list[str], out) -> None:
+    import random
+
+    reg = AdapterRegistry(uri, StorageOptions(s3_endpoint_url=endpoint))
+    rng = random.Random(me)
+    done = []
+    for _ in range(rounds):
+        with reg.lock(wait_s=120) as lease:
+            t0 = time.time()
+            if rng.random() < 0.6 or reg.production() is None:
+                name = rng.choice(names)
+                reg.promote_locked(name, f"racer {me}", lease)
+                done.append(("promote", name))
+            else:
+                try:
+                    done.append(("rollback", reg.rollback_locked(f"racer {me}", lease)))
+                except RegistryError:  # nothing left to undo
+                    pass
+            time.sleep(rng.random() * 0.05)
+            t1 = time.time()
+        out.put(("held", me, t0, t1))
+    out.put(("done", me, done))
+
+
+def _reader(uri: str, endpoint, seconds: float, out) -> None:
+    reg = AdapterRegistry(uri, StorageOptions(s3_endpoint_url=endpoint))
+    seen, bad = 0, []
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            seen += 1
+            name = reg.production()   # parses production.json: must never be torn
+            if name is not None and not reg.exists(name):
+                bad.append(name)
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            bad.append(repr(e))
+    out.put(("reader", seen, bad))
+
+
+def test_four_processes_racing_promote_rollback_and_the_lock(reg, tmp_path):
+    names = [reg.register(_adapter(tmp_path / f"a{i}", i), {}, name=f"ad-{i}") for i in range(3)]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    ep = reg.opts.s3_endpoint_url
+    rounds = 6
+    procs = [ctx.Process(target=_racer, args=(reg.uri, ep, i, rounds, names, out))
+             for i in range(4)]
+    procs.append(ctx.Process(target=_reader, args=(reg.uri, ep, 20, out)))
+    for p in procs:
+        p.start()
+    held, actions, reader = [], [], None
+    for _ in range(4 * rounds + 4 + 1):
+        msg = out.get(timeout=300)
+        if msg[0] == "held":
+            held.append(msg[2:])
+        elif msg[0] == "done":
+            actions += msg[2]
+        else:
+            reader = msg
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    held.sort()
+    for (_, end), (start, _) in zip(held, held[1:], strict=False):
+        assert start >= end, "two processes held the registry lock at once"
+    assert reader[1] > 0 and reader[2] == [], reader        # the pointer was never torn
+    events = reg.events()
+    assert [e["event"] for e in events] == list(range(1, len(events) + 1))  # complete, in order
+    assert sorted(repr((e["kind"], e["name"])) for e in events) == sorted(map(repr, actions))
+    stack = [None]                                            # replaying them gives the pointer
+    for e in events:
+        stack.append(e["name"]) if e["kind"] == "promote" else stack.pop()
+    assert reg.production() == stack[-1]
+    assert all(isinstance(e["lease"], int) for e in events)  # each names the lease it ran under
+
+
+def test_a_holder_that_lost_its_lease_stops_before_promoting(tmp_path):
+    from grounding.lease import Lease
+
+    reg = AdapterRegistry(str(tmp_path / "reg"), lease_s=0.6)
+    name = reg.register(_adapter(tmp_path / "a", 1), {})
+    with reg.lock() as lease:
+        # Another process takes the lock over (here: by force, as `--force` does).
+        thief = Lease(reg.fs, reg._p("_lock"), "thief", lease_s=60).acquire(force=True)
+        time.sleep(0.6)  # the holder's next renewal finds its token gone
+        with pytest.raises(RegistryError, match="taken over"):
+            reg.promote_locked(name, "gate", lease)
+        thief.release()
+    assert reg.production() is None and reg.events() == []
+
+
+def test_only_the_holder_releases_and_takeover_of_a_stale_lock_has_one_winner(tmp_path):
+    import threading
+
+    from grounding.lease import Lease, LeaseHeld
+
+    reg = AdapterRegistry(str(tmp_path / "reg"))
+    (tmp_path / "reg").mkdir()
+    (tmp_path / "reg" / "_lock").write_text(json.dumps({"owner": "gone:1", "seq": 7,
+                                                        "until": time.time() - 1}))
+    winners, losers = [], []
+
+    def wait_for_it(i):
+        try:
+            winners.append(Lease(reg.fs, reg._p("_lock"), f"w{i}").acquire(wait_s=0))
+        except LeaseHeld:
+            losers.append(i)
+
+    ts = [threading.Thread(target=wait_for_it, args=(i,)) for i in range(6)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert len(winners) == 1 and len(losers) == 5 and winners[0].seq == 8
+    other = Lease(reg.fs, reg._p("_lock"), "other")
+    other.token = "forged"
+    other.release()                      # not the holder: nothing happens
+    assert (tmp_path / "reg" / "_lock").exists()
+    winners[0].release()
+    assert not (tmp_path / "reg" / "_lock").exists()
+
+
+def test_promote_and_rollback_wait_for_the_lock_or_force_it(reg, tmp_path):
+    a = reg.register(_adapter(tmp_path / "a", 1), {})
+    b = reg.register(_adapter(tmp_path / "b", 2), {})
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    p = ctx.Process(target=_hold_lock, args=(reg.uri, reg.opts.s3_endpoint_url, 4, ready))
+    p.start()
+    assert ready.wait(60)
+    t0 = time.time()
+    reg.promote(a, wait_s=60)             # waits for the holder, then promotes
+    assert time.time() - t0 > 1 and reg.production() == a
+    p.join(60)
+    ready = ctx.Event()
+    p = ctx.Process(target=_hold_lock, args=(reg.uri, reg.opts.s3_endpoint_url, 30, ready))
+    p.start()
+    assert ready.wait(60)
+    reg.promote(b, force=True)            # takes the lock; recorded
+    p.terminate()
+    p.join(60)
+    kinds = [e["kind"] for e in reg.events()]
+    assert kinds[-2:] == ["force-unlock", "promote"] and reg.production() == b
+    assert reg.events()[-2]["previous_holder"]["owner"]
+    assert reg.rollback(wait_s=5) == a

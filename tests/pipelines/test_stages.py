@@ -68,10 +68,10 @@ def test_resuming_with_another_model_is_refused(tmp_path):
 
     out = JobOutput(str(tmp_path / "o"), StorageOptions())
     lineage = {"model": "m1", "family": "qwen3_vl", "prompt_version": "p", "default_adapter": None}
-    rec = out.start_job(lineage, None, "in")
-    assert out.start_job(lineage, None, "in")["job_id"] == rec["job_id"]
+    rec = out.start_job(lineage, None, {})
+    assert out.start_job(lineage, None, {})["job_id"] == rec["job_id"]
     with pytest.raises(ValueError, match="model='m1'"):
-        out.start_job(dict(lineage, model="m2"), None, "in")
+        out.start_job(dict(lineage, model="m2"), None, {})
     assert json.loads((tmp_path / "o" / "_job.json").read_text())["model"] == "m1"
 
 

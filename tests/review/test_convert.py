@@ -132,8 +132,57 @@ def test_coco_dangling_image_id(tmp_path):
     assert "annotation id 2: image_id 99 is not in 'images' (dangling reference)" in msg
     assert "annotation id 3: box [90.0, 2.0, 120.0, 22.0] reaches outside the 100x50" in msg
     res = read_labels(str(tmp_path / "c.json"), "coco", skip_invalid=True)
-    assert [it["boxes"] for it in res.items] == [[[1, 2, 11, 22]]]
-    assert [r["where"] for r in res.rejects] == ["annotation id 2", "annotation id 3"]
+    # image 1 lost one of its two boxes: importing the other alone would be another label
+    assert res.items == []
+    assert [r["where"] for r in res.rejects] == ["annotation id 2", "annotation id 3",
+                                                 "image id 1"]
+
+
+def test_coco_image_whose_only_box_was_refused_is_not_no_such_object(tmp_path):
+    doc = {"images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 50,
+                       "caption": "the cone"},
+                      {"id": 2, "file_name": "b.jpg", "width": 100, "height": 50,
+                       "caption": "the absent thing"}],
+           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [90, 2, 30, 20]}],
+           "categories": [{"id": 1, "name": "target"}]}
+    (tmp_path / "c.json").write_text(json.dumps(doc))
+    res = read_labels(str(tmp_path / "c.json"), "coco", skip_invalid=True)
+    assert [(it["text"], it["boxes"]) for it in res.items] == [("the absent thing", [])]
+    assert "1 of its boxes were refused" in res.rejects[-1]["problems"][0]
+
+
+@pytest.mark.parametrize("fmt,content", [
+    ("seed", '{"image": "a.png", "text": "x", "bbox": [10, 2, 130, 40], "width": 100, '
+             '"height": 50}\n'),
+    ("seed", '{"image": "a.png", "text": "x", "bbox": [-3, 2, 30, 40], "width": 100, '
+             '"height": 50}\n'),
+    ("swift", '{"images": ["a.png"], "messages": [{"role": "user", "content": "<ref-object>"}, '
+              '{"role": "assistant", "content": "<bbox>"}], '
+              '"objects": {"ref": ["x"], "bbox": [[0.1, 0.1, 1.4, 0.5]], "bbox_type": "norm1"}}\n'),
+])
+def test_readers_refuse_boxes_outside_a_known_image_size(tmp_path, fmt, content):
+    from PIL import Image
+
+    Image.new("RGB", (100, 50)).save(tmp_path / "a.png")
+    p = tmp_path / "f"
+    p.write_text(content)
+    with pytest.raises(LabelFormatError, match="reaches outside the 100x50 image"):
+        read_labels(str(p), fmt)
+
+
+def test_parquet_reader_refuses_boxes_outside_the_image(tmp_path):
+    write_labels([item("a.png", "x", [[10, 2, 30, 40]], width=100, height=50)],
+                 str(tmp_path / "l.parquet"), "parquet")
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(tmp_path / "l.parquet").to_pylist()
+    t[0]["boxes"] = [[10.0, 2.0, 300.0, 40.0]]
+    import pyarrow as pa
+
+    pq.write_table(pa.Table.from_pylist(t, pq.read_schema(tmp_path / "l.parquet")),
+                   tmp_path / "l.parquet")
+    with pytest.raises(LabelFormatError, match=r"300.0, 40.0\] reaches outside the 100x50"):
+        read_labels(str(tmp_path / "l.parquet"), "parquet")
 
 
 @pytest.mark.parametrize("fmt,content,expect", [

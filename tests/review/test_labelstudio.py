@@ -153,3 +153,34 @@ def test_known_labels_are_configurable(tmp_path):
         import_labels(ImportConfig(input=str(p), from_fmt="labelstudio",
                                    store=str(tmp_path / "s"), labels="target,cat"))
     assert "unknown label" not in str(e.value)
+
+
+def _one_task(tmp_path, result: list, predicted=None):
+    (t,) = copy.deepcopy(to_tasks(_items()[:1]))
+    t.update(id=1, project=1, annotations=[])
+    t["annotations"] = [_annotation(t, result, 20, "2026-11-25T12:00")]
+    if predicted is not None:
+        t["data"]["predicted_boxes"] = predicted
+    p = tmp_path / "one.json"
+    p.write_text(json.dumps([t]))
+    return p
+
+
+def test_a_plain_rectangle_result_is_a_box_not_an_empty_correction(tmp_path):
+    rect = _box(10, 10, 25, 50)
+    rect["type"] = "rectangle"             # a <Rectangle> tool: no label list
+    del rect["value"]["rectanglelabels"]
+    res = import_labels(ImportConfig(input=str(_one_task(tmp_path, [rect])),
+                                     from_fmt="labelstudio", store=str(tmp_path / "s")))
+    (rec,) = ReviewStore(str(tmp_path / "s")).snapshot().to_pylist()
+    assert res["decisions"] == {"correct": 1}
+    assert rec["boxes"] == [pytest.approx(from_percent(rect["value"], W, H))]
+
+
+@pytest.mark.parametrize("predicted", [[[1, 2, 3]], "not boxes", [[5, 5, 1, 1]]])
+def test_malformed_predicted_boxes_are_reported_not_a_crash(tmp_path, predicted):
+    p = _one_task(tmp_path, [_box(10, 10, 25, 50)], predicted=predicted)
+    with pytest.raises(LabelFormatError, match="predicted_boxes is malformed"):
+        import_labels(ImportConfig(input=str(p), from_fmt="labelstudio",
+                                   store=str(tmp_path / "s")))
+    assert ReviewStore(str(tmp_path / "s")).latest() == 0

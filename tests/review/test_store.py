@@ -66,12 +66,12 @@ def test_crash_before_commit_is_invisible(tmp_path):
 def _writer(uri: str, name: str, n: int, endpoint: str | None) -> None:
     st = ReviewStore(uri, StorageOptions(s3_endpoint_url=endpoint))
     for i in range(n):
-        st.append([_rec(f"{name}-{i}", [1, 2, 3, 4])], source=name)
+        st.append([_rec(f"{name}-{i}", [1, 2, 3, 4])], source=name, note=f"{name}/{i}")
 
 
-def _race(uri: str, endpoint: str | None, n: int) -> ReviewStore:
+def _race(uri: str, endpoint: str | None, n: int, writers=("w1", "w2")) -> ReviewStore:
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_writer, args=(uri, name, n, endpoint)) for name in ("w1", "w2")]
+    procs = [ctx.Process(target=_writer, args=(uri, name, n, endpoint)) for name in writers]
     for p in procs:
         p.start()
     for p in procs:
@@ -95,3 +95,28 @@ def test_store_on_s3_with_concurrent_writers(s3_endpoint):
     st = _race("s3://reviews/store", s3_endpoint, 6)
     assert [v["version"] for v in st.versions()] == list(range(1, 13))
     assert len(st.snapshot()) == 12
+
+
+def _check_every_import_once(st: ReviewStore, writers, n: int) -> None:
+    vs = st.versions()
+    assert [v["version"] for v in vs] == list(range(1, len(writers) * n + 1))
+    notes = sorted(v["note"] for v in vs)                 # every import exactly once in the log
+    assert notes == sorted(f"{w}/{i}" for w in writers for i in range(n))
+    for v in vs:                                          # no visible version lacks its data
+        assert st.fs.exists(f"{st.root}/{v['data']}"), v
+    assert len(st.history()) == len(writers) * n
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_eight_importers_at_once_each_import_is_committed_once(kind, tmp_path, request):
+    writers = [f"w{i}" for i in range(8)]
+    if kind == "local":
+        uri, ep = str(tmp_path / "s"), None
+    else:
+        import s3fs
+
+        ep = request.getfixturevalue("s3_endpoint")
+        s3fs.S3FileSystem(client_kwargs={"endpoint_url": ep}).mkdir("reviews8")
+        uri = "s3://reviews8/store"
+    st = _race(uri, ep, 5, writers)
+    _check_every_import_once(st, writers, 5)
