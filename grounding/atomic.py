@@ -149,18 +149,23 @@ class _flock:
         os.close(self.fd)
 
 
+def _expect_local(path: str, token: str) -> None:
+    """`Conflict` unless the local file at ``path`` still has ``token`` (hold its flock)."""
+    try:
+        with open(path, "rb") as f:
+            if _local_token(f.read()) != token:
+                raise Conflict(f"{path} changed since it was read")
+    except FileNotFoundError:
+        raise Conflict(f"{path} is gone") from None
+
+
 def replace(fs, path: str, data: bytes, token: str) -> str:
     """Overwrite ``path`` with ``data`` iff it still has ``token``; returns the new token.
 
     Raises `Conflict` when it changed or vanished since it was read."""
     if is_local(fs):
         with _flock(path):
-            try:
-                with open(path, "rb") as f:
-                    if _local_token(f.read()) != token:
-                        raise Conflict(f"{path} changed since it was read")
-            except FileNotFoundError:
-                raise Conflict(f"{path} is gone") from None
+            _expect_local(path, token)
             tmp = f"{path}.{uuid.uuid4().hex}.tmp"
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -175,12 +180,7 @@ def delete(fs, path: str, token: str) -> None:
     """Delete ``path`` iff it still has ``token``; `Conflict` otherwise."""
     if is_local(fs):
         with _flock(path):
-            try:
-                with open(path, "rb") as f:
-                    if _local_token(f.read()) != token:
-                        raise Conflict(f"{path} changed since it was read")
-            except FileNotFoundError:
-                raise Conflict(f"{path} is gone") from None
+            _expect_local(path, token)
             os.unlink(path)
         return
     _s3_call(fs, "delete_object", path, IfMatch=token)
