@@ -89,13 +89,19 @@ def _hold_lock(uri: str, endpoint, seconds: float, ready) -> None:
         time.sleep(seconds)
 
 
-def test_lock_keeps_two_promotions_apart(reg, tmp_path):
-    name = reg.register(_adapter(tmp_path / "a", 1), {})
+def _lock_holder(reg, seconds: float):
+    """Another process holding the registry lock for ``seconds`` (returns once it holds it)."""
     ctx = mp.get_context("spawn")
     ready = ctx.Event()
-    p = ctx.Process(target=_hold_lock, args=(reg.uri, reg.opts.s3_endpoint_url, 6, ready))
+    p = ctx.Process(target=_hold_lock, args=(reg.uri, reg.opts.s3_endpoint_url, seconds, ready))
     p.start()
     assert ready.wait(60)
+    return p
+
+
+def test_lock_keeps_two_promotions_apart(reg, tmp_path):
+    name = reg.register(_adapter(tmp_path / "a", 1), {})
+    p = _lock_holder(reg, 6)
     with pytest.raises(RegistryError, match="locked by"):
         reg.promote(name)
     assert reg.production() is None
@@ -277,19 +283,12 @@ def test_only_the_holder_releases_and_takeover_of_a_stale_lock_has_one_winner(tm
 def test_promote_and_rollback_wait_for_the_lock_or_force_it(reg, tmp_path):
     a = reg.register(_adapter(tmp_path / "a", 1), {})
     b = reg.register(_adapter(tmp_path / "b", 2), {})
-    ctx = mp.get_context("spawn")
-    ready = ctx.Event()
-    p = ctx.Process(target=_hold_lock, args=(reg.uri, reg.opts.s3_endpoint_url, 4, ready))
-    p.start()
-    assert ready.wait(60)
+    p = _lock_holder(reg, 4)
     t0 = time.time()
     reg.promote(a, wait_s=60)             # waits for the holder, then promotes
     assert time.time() - t0 > 1 and reg.production() == a
     p.join(60)
-    ready = ctx.Event()
-    p = ctx.Process(target=_hold_lock, args=(reg.uri, reg.opts.s3_endpoint_url, 30, ready))
-    p.start()
-    assert ready.wait(60)
+    p = _lock_holder(reg, 30)
     reg.promote(b, force=True)            # takes the lock; recorded
     p.terminate()
     p.join(60)
