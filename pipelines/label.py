@@ -113,12 +113,12 @@ def plan(cfg: LabelJobConfig, output: JobOutput | None = None) -> JobPlan:
                "registry": cfg.registry}
     shards = list_shards(cfg.input, cfg.storage)
     job = output.start_job(lineage, cfg.job_id, fingerprints(shards, cfg.storage))
-    output.repair()
+    output.repair()  # once: a cut rewrite resolved before transient rows are dropped
     retried = output.drop_transient() if cfg.retry_transient else 0
     return JobPlan(output=output, engine=engine,
                    resize=resize_spec(eng.model, eng.min_pixels, eng.max_pixels),
                    adapters=adapters, default_adapter=default_adapter, lineage=lineage, job=job,
-                   shards=shards, done=output.committed(), retried=retried)
+                   shards=shards, done=output.committed(repair=False), retried=retried)
 
 
 def stages(cfg: LabelJobConfig, p: JobPlan) -> list:

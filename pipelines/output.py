@@ -158,10 +158,12 @@ class JobOutput:
                 removed.append(part)
         return removed
 
-    def committed(self) -> dict[str, list[str]]:
-        """Row ids already written, by shard (after `repair`). Raises `OutputError` for a part
-        that cannot be read although it is not torn (e.g. credentials, network)."""
-        self.repair()
+    def committed(self, repair: bool = True) -> dict[str, list[str]]:
+        """Row ids already written, by shard (after `repair`, unless the caller just did it).
+        Raises `OutputError` for a part that cannot be read although it is not torn (e.g.
+        credentials, network)."""
+        if repair:
+            self.repair()
         done: dict[str, list[str]] = {}
         for part in self.parts():
             t = self._read_part(part, ["row_id", "shard"])
