@@ -80,7 +80,7 @@ VERBS: dict[str, Verb] = {
                   f"{C}:serve"),
     "retrain": Verb("Train a LoRA adapter on reviewed labels (Ray Train), gate it on held-out "
                     "labels through vLLM, register it, promote it if better.",
-                    "train.retrain:RetrainConfig", "train.retrain:retrain"),
+                    "train.config:RetrainConfig", "train.retrain:retrain"),
     "schedule": Verb("Retrain on a cron schedule when enough new reviewed labels arrived.",
                      "train.schedule:ScheduleConfig", f"{C}:schedule"),
     "merge": Verb("Merge a LoRA adapter into a standalone checkpoint (vLLM/transformers).",

@@ -22,7 +22,7 @@ import time
 
 from pydantic import Field
 
-from train.retrain import RetrainConfig
+from train.config import RetrainConfig
 
 
 class ScheduleConfig(RetrainConfig):

@@ -12,7 +12,7 @@ from grounding.boxes import Box
 from grounding.registry import AdapterRegistry
 from grounding.store import ReviewStore
 from pipelines.review import ImportConfig, import_labels
-from train.retrain import hit, split
+from train.gate import hit, split
 from train.schedule import ScheduleConfig, check, new_labels
 
 

@@ -1,0 +1,84 @@
+"""The settings of ``groundlabel retrain`` (and ``schedule``, which adds its own), declared once.
+
+Shared by the driver (`train.retrain`), the Ray Train workers (`train.worker`) and the gate
+(`train.gate`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from grounding.engines.base import EngineConfig
+from grounding.settings import RaySettings, RegistryURI, Settings, StoreURI
+from grounding.storage import StorageOptions
+
+# The language model's linear layers (Qwen2/2.5/3-VL naming). vLLM applies LoRA to these; the
+# vision tower stays frozen unless ``freeze_vision`` is off.
+LM_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+VISION_LINEAR = r".*visual.*\.(qkv|proj|linear_fc1|linear_fc2)"
+
+
+class RetrainConfig(Settings):
+    """Settings of ``groundlabel retrain`` (ms-swift-like LoRA settings included)."""
+
+    store: StoreURI
+    registry: RegistryURI
+    version: int | None = Field(None, ge=1, description="Store version to train on (default: "
+                                "newest).")
+    inference: EngineConfig = Field(default_factory=EngineConfig, description="The base "
+                                    "checkpoint (kept frozen; its pixels settings are used for "
+                                    "training too) and the engine of the gate.")
+    candidate: str | None = Field(None, description="Gate this adapter folder instead of "
+                                  "training one.")
+    target_modules: str = Field(LM_LINEAR, description="Regex of the modules LoRA adapts.")
+    rank: int = Field(16, ge=1, description="LoRA rank r.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    lr: float = Field(2e-3, gt=0, description="Peak learning rate (AdamW; warm-up, cosine decay).")
+    warmup_frac: float = Field(0.05, ge=0, lt=1, description="Warm-up share of the steps.")
+    epochs: float = Field(6.0, gt=0, description="Passes over the training items.")
+    batch_size: int = Field(8, ge=1, description="Items per optimizer step (per worker).")
+    max_minutes: float = Field(10.0, gt=0, description="Training time cap; the schedule "
+                               "(cosine) is fitted to the steps that fit.")
+    coord_step: int | None = Field(None, ge=1, description="Round 0-1000 target coordinates "
+                                   "to this grid (default: the checkpoint's groundlabel.json "
+                                   "coord_step, else 1 = exact).")
+    augment: bool = Field(True, description="Horizontal flip (left/right swapped in the text) "
+                          "and zoom-out, each with p=0.5, freshly every epoch.")
+    mask_label_text: bool = Field(True, description="No loss on the expression Qwen echoes "
+                                  "in `\"label\": ...` (new words would swamp the gradient).")
+    freeze_vision: bool = Field(True, description="Keep the vision tower frozen (no LoRA on it).")
+    quantize: Literal["auto", "nf4", "none"] = Field(
+        "auto", description="auto: QLoRA (nf4 via bitsandbytes) on CUDA, LoRA elsewhere.")
+    holdout_frac: float = Field(0.2, gt=0, lt=1, description="Share of items held out for the "
+                                "gate (by item_id hash, stable across versions).")
+    max_items: int | None = Field(None, ge=1, description="Train on at most this many items.")
+    margin: float = Field(0.02, description="Promote only if Acc@0.5 beats production by this.")
+    promote: bool = Field(True, description="Promote when the gate passes (else only record).")
+    seed: int = Field(0, description="Shuffling / init seed.")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data parallel).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: int = Field(2, ge=1, description="CPUs per worker (torch threads).")
+    storage_path: str = Field("runs/retrain", description="Ray Train storage for checkpoints "
+                              "(folder or s3://).")
+    checkpoint_every_s: float = Field(60.0, gt=0, description="Seconds between checkpoints "
+                                      "(adapter + optimizer) in the Ray Train storage.")
+    run_name: str | None = Field(None, description="Ray Train run name; the same name resumes "
+                                 "(default: from store, version and recipe).")
+    storage: StorageOptions = Field(default_factory=StorageOptions, description="Object "
+                                    "storage for the store, registry, images and checkpoints.")
+    ray: RaySettings = Field(default_factory=RaySettings, description="The Ray cluster.")
+    eval_batch_size: int = Field(32, ge=1, description="Requests per vLLM call in the gate.")
+
+
+
+def recipe_of(cfg: RetrainConfig) -> dict:
+    """The training settings recorded with an adapter (and hashed into the run name)."""
+    recipe = cfg.model_dump(include={"target_modules", "rank", "alpha", "dropout", "lr",
+                                     "warmup_frac", "epochs", "batch_size", "max_minutes",
+                                     "freeze_vision", "quantize", "coord_step",
+                                     "mask_label_text", "augment", "seed", "max_items"})
+    recipe.update(min_pixels=cfg.inference.min_pixels, max_pixels=cfg.inference.max_pixels)
+    return recipe
