@@ -45,7 +45,8 @@ class RetrainConfig(Settings):
     coord_step: int | None = Field(None, ge=1, description="Round 0-1000 target coordinates "
                                    "to this grid (default: the checkpoint's groundlabel.json "
                                    "coord_step, else 1 = exact).")
-    augment: bool = Field(True, description="Horizontal flip (left/right swapped in the text) "
+    augment: bool = Field(True, description="Horizontal flip (every left/right word swapped in "
+                          "the text; never for expressions a flip would falsify) "
                           "and zoom-out, each with p=0.5, freshly every epoch.")
     mask_label_text: bool = Field(True, description="No loss on the expression Qwen echoes "
                                   "in `\"label\": ...` (new words would swamp the gradient).")

@@ -25,24 +25,57 @@ class Example:
     answer: str    # target text, end-of-turn token included
 
 
-_SIDE = re.compile(r"\b(left|right|Left|Right)\b")
-_MIRROR = {"left": "right", "right": "left", "Left": "Right", "Right": "Left"}
+# Every left/right word a horizontal flip must swap, as (left form, right form). Matched as whole
+# words, case-insensitively, so "copyright" and "rightful" stay as they are.
+_SIDE_WORDS = [("left", "right"), ("leftmost", "rightmost"), ("left-most", "right-most"),
+               ("left-hand", "right-hand"), ("lefthand", "righthand"),
+               ("left-handed", "right-handed"), ("lefthanded", "righthanded"),
+               ("leftward", "rightward"), ("leftwards", "rightwards")]
+_MIRROR = {a: b for a, b in _SIDE_WORDS} | {b: a for a, b in _SIDE_WORDS}
+# Longest first, so "left-handed" is one match and not "left" + "-handed".
+_SIDE = re.compile(r"(?<![\w-])(" + "|".join(sorted(map(re.escape, _MIRROR), key=len,
+                                                        reverse=True)) + r")(?![\w-])", re.I)
+# Expressions a mirror changes in ways no word swap can express: the sense of a rotation,
+# writing and digits (mirrored glyphs read differently), compass directions (not image
+# directions), and "left" the verb ("the bag left on the chair" is no side at all).
+_UNSAFE = re.compile(
+    r"\b(clockwise|counter-?clockwise|anti-?clockwise|east|west|eastern|western|"
+    r"text|says|say|reads|read|written|writing|letters?|words?|numbers?|digits?|"
+    r"left (on|behind|over|out|by|in|at|there|here|alone)|leftovers?)\b", re.I)
+
+
+def _same_case(word: str, like: str) -> str:
+    if like.isupper():
+        return word.upper()
+    return word[0].upper() + word[1:] if like[0].isupper() else word
+
+
+def mirror_text(text: str) -> str | None:
+    """The expression as it reads for the horizontally mirrored image: every left/right word
+    swapped (case kept), or None when the expression cannot be flipped safely (see `_UNSAFE`);
+    unchanged when it names no side."""
+    if _UNSAFE.search(text):
+        return None
+    return _SIDE.sub(lambda m: _same_case(_MIRROR[m.group(1).lower()], m.group(1)), text)
 
 
 def augment(img, boxes: list[list[float]], text: str, rng) -> tuple:
     """Label-preserving augmentation of an ORIGINAL image and its pixel boxes (xyxy):
 
-    * horizontal flip (p=0.5), with "left" and "right" swapped in the expression;
+    * horizontal flip (p=0.5), with every left/right word swapped in the expression
+      (`mirror_text`); an expression that cannot be flipped safely is never flipped;
     * zoom-out (p=0.5): the image on a canvas up to 1.5x larger, filled with its median border
       colour, at a random offset (objects move; their look does not change).
     """
     from PIL import Image, ImageOps
 
     w, h = img.size
-    if rng.random() < 0.5:
+    mirrored = mirror_text(text)
+    # The coin is tossed either way, so the zoom-out's draws do not depend on the text.
+    if rng.random() < 0.5 and mirrored is not None:
         img = ImageOps.mirror(img)
         boxes = [[w - b[2], b[1], w - b[0], b[3]] for b in boxes]
-        text = _SIDE.sub(lambda m: _MIRROR[m.group(1)], text)
+        text = mirrored
     if rng.random() < 0.5:
         s = 1 + 0.5 * rng.random()
         nw, nh = int(w * s), int(h * s)
