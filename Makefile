@@ -102,7 +102,8 @@ submit-retrain: check-address $(STAMP)
 	.venv/bin/ray job submit --address $(RAY_ADDRESS) --working-dir . \
 	  --runtime-env $(RUNTIME_ENV) -- \
 	  python -m groundlabel retrain --store $(STORE) --registry $(REGISTRY) --model $(MODEL) \
-	  --num-workers $(NUM_GPUS) --use-gpu --storage-path s3://groundlabel/ray-train
+	  --num-workers $(NUM_GPUS) --use-gpu --quantize auto --worker-resources '{"train": 1}' \
+	  --gate-resources '{"inference": 1}' --storage-path s3://groundlabel/ray-train
 
 deploy-serve: check-address $(STAMP)
 	.venv/bin/serve deploy cluster/serve-config.yaml --address $(RAY_ADDRESS)

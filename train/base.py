@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 
 class BaseTrainConfig(BaseModel):
@@ -48,9 +48,20 @@ class BaseTrainConfig(BaseModel):
     final_eval_n: int = Field(200, description="Held-out samples per domain in the final "
                               "evaluation written to train_metrics.json.")
     threads: int = Field(2, description="torch threads (keep <= cores).")
-    seed: int = Field(1, description="Training data seed (held-out evaluation uses seed 0).")
+    seed: int = Field(1, description="Training data seed.")
+    val_seed: int = Field(0, description="Seed of the validation set the best checkpoint is "
+                          "chosen on (never trained on).")
+    test_seed: int = Field(1000, description="Seed of the test set the final figures are "
+                           "measured on: neither training nor the checkpoint choice sees it.")
     save_dtype: str = Field("bfloat16", description="dtype of the saved weights (bfloat16 keeps "
                             "the tiny checkpoint under 10 MB; engines upcast on load).")
+
+    @model_validator(mode="after")
+    def _three_sets(self):
+        if len({self.seed, self.val_seed, self.test_seed}) < 3:
+            raise ValueError("--seed, --val-seed and --test-seed must differ: a checkpoint chosen "
+                             "or reported on the data it was trained on flatters it")
+        return self
 
 
 def answer_text(family, sample, coord_step: int) -> str:
@@ -76,13 +87,14 @@ def build_batch(engine, family, samples, coord_step: int):
                 answer_text(family, s, coord_step) + "<|im_end|>") for s in samples])
 
 
-def _evaluate(engine, model_dir: str, domain: str, n: int) -> dict:
-    """Held-out Acc@0.5 through the transformers engine (greedy, parse failure = miss)."""
+def _evaluate(engine, model_dir: str, domain: str, n: int, seed: int) -> dict:
+    """Acc@0.5 on the ``(domain, seed)`` set through the transformers engine (greedy, parse
+    failure = miss)."""
     from train.evaluate import SynthEvalConfig, evaluate_synthetic
 
     engine.model.eval()
     try:
-        return evaluate_synthetic(SynthEvalConfig(model=model_dir, domain=domain, n=n, seed=0,
+        return evaluate_synthetic(SynthEvalConfig(model=model_dir, domain=domain, n=n, seed=seed,
                                                   engine="transformers"), engine=engine)
     finally:
         engine.model.train()
@@ -198,27 +210,30 @@ def _maybe_evaluate(cfg: BaseTrainConfig, st: _Loop, engine, model, processor, o
     """Every ``eval_every`` steps: held-out Acc@0.5, logged, best checkpoint kept."""
     if st.step % cfg.eval_every != 0:
         return
-    m = _evaluate(engine, cfg.model, "base", cfg.eval_n)
+    m = _evaluate(engine, cfg.model, "base", cfg.eval_n, cfg.val_seed)
     _log(log, {"step": st.step, "t": round(time.time() - st.t0, 1), "eval_base": m})
     _keep_if_best(cfg, st, m["acc@0.5"], model, processor, out)
 
 
 def _final_metrics(cfg: BaseTrainConfig, st: _Loop, engine, model, processor,
                    out: Path) -> dict:
-    """Last evaluation (saved if best), then the best checkpoint on larger held-out sets of
-    both domains; written to train_metrics.json, printed and returned."""
+    """Last validation (saved if best), then the best checkpoint on the validation sets and on
+    the untouched test sets of both domains; written to train_metrics.json, printed and
+    returned. ``base`` and ``shifted`` are the TEST figures: the ones to report."""
     from grounding.engines import EngineConfig
     from grounding.engines.hf_engine import HFEngine
 
-    m = _evaluate(engine, cfg.model, "base", cfg.eval_n)
+    m = _evaluate(engine, cfg.model, "base", cfg.eval_n, cfg.val_seed)
     _keep_if_best(cfg, st, m["acc@0.5"], model, processor, out)
     best_engine = HFEngine(EngineConfig(model=str(out), engine="transformers", max_new_tokens=48))
     metrics = {
         "steps": st.step,
         "samples_seen": st.idx,
         "train_seconds": round(time.time() - st.t0, 1),
-        "base": _evaluate(best_engine, str(out), "base", cfg.final_eval_n),
-        "shifted": _evaluate(best_engine, str(out), "shifted", cfg.final_eval_n),
+        "base": _evaluate(best_engine, str(out), "base", cfg.final_eval_n, cfg.test_seed),
+        "shifted": _evaluate(best_engine, str(out), "shifted", cfg.final_eval_n, cfg.test_seed),
+        "validation": {d: _evaluate(best_engine, str(out), d, cfg.final_eval_n, cfg.val_seed)
+                       for d in ("base", "shifted")},
         "recipe": cfg.model_dump(),
     }
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -62,6 +62,13 @@ class RetrainConfig(Settings):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data parallel).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: int = Field(2, ge=1, description="CPUs per worker (torch threads).")
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each training worker needs, "
+        "e.g. {\"train\": 1} to place training on the nodes that offer it.")
+    gate_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources of the gate's task (it runs "
+        "the vLLM engine; one GPU with --use-gpu), e.g. {\"inference\": 1}: on a cluster the "
+        "gate runs on such a node, never in the driver on the head.")
     storage_path: str = Field("runs/retrain", description="Ray Train storage for checkpoints "
                               "(folder or s3://).")
     checkpoint_every_s: float = Field(60.0, gt=0, description="Seconds between checkpoints "

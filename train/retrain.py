@@ -56,7 +56,8 @@ def fit(cfg: RetrainConfig, items: list[dict], run_name: str) -> tuple[str, dict
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(), "items": items},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker,
+                                                           **cfg.worker_resources}),
         run_config=RunConfig(name=run_name, storage_path=storage_path,
                              storage_filesystem=storage_fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
@@ -70,6 +71,35 @@ def fit(cfg: RetrainConfig, items: list[dict], run_name: str) -> tuple[str, dict
 
         shutil.copytree(f"{d}/adapter", out, dirs_exist_ok=True)
     return out, dict(result.metrics or {}, ray_cluster=cluster)
+
+
+def on_gate_node(cfg: RetrainConfig, adapter_dir: str, work):
+    """``work(local adapter folder)`` as a Ray task with the gate's resources (one GPU with
+    ``use_gpu``, ``gate_resources``), on the cluster `RaySettings.connect` reaches; returns its
+    result. The adapter's files travel through Ray's object store: the driver's folder (a
+    temporary copy of the checkpoint, or ``--candidate``) does not exist on other nodes.
+
+    Why a task and not the driver: under ``ray job submit`` the driver runs on the head node,
+    which has no GPU (and, in cluster/raycluster.yaml, no CPU for work).
+    """
+    import ray
+
+    cfg.ray.connect(log_to_driver=False)
+    files = {f.name: f.read_bytes() for f in Path(adapter_dir).iterdir() if f.is_file()}
+
+    def task(files: dict[str, bytes], name: str):
+        with tempfile.TemporaryDirectory(prefix="gl-gate-") as d:
+            local = Path(d) / name  # the folder name is the adapter's name in the gate
+            local.mkdir()
+            for fname, data in files.items():
+                (local / fname).write_bytes(data)
+            return work(str(local))
+
+    # max_calls=1: the worker process exits after the gate, and vLLM's memory with it.
+    remote = ray.remote(task).options(num_cpus=1, num_gpus=1 if cfg.use_gpu else 0,
+                                      resources=cfg.gate_resources, max_calls=1,
+                                      name="groundlabel-gate")
+    return ray.get(remote.remote(files, Path(adapter_dir).name))
 
 
 def retrain(cfg: RetrainConfig) -> dict:
@@ -103,7 +133,9 @@ def retrain(cfg: RetrainConfig) -> dict:
             adapter_dir, train_metrics = fit(cfg, train_items, run_name)
         train_s = time.time() - t0
         production = registry.production()
-        verdict = gate(cfg, adapter_dir, held, production, registry)
+        # The gate's engine runs where --gate-resources point (a GPU node), not in the driver.
+        verdict = on_gate_node(cfg, adapter_dir,
+                               lambda local: gate(cfg, local, held, production, registry))
         meta = {"base_model": cfg.inference.model, "store": cfg.store, "snapshot_version": version,
                 "train_items": len(train_items), "heldout_items": len(held),
                 "recipe": recipe, "run_name": run_name, "train_metrics": train_metrics,

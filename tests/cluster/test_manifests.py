@@ -33,7 +33,10 @@ def _cli(argv: list[str]):
     from train.schedule import ScheduleConfig
 
     args = build_parser().parse_args(argv)
-    model = {"label": LabelJobConfig, "schedule": ScheduleConfig}.get(args.verb)
+    from train.config import RetrainConfig
+
+    model = {"label": LabelJobConfig, "schedule": ScheduleConfig,
+             "retrain": RetrainConfig}.get(args.verb)
     return args, (model_from_args(model, args) if model else None)
 
 
@@ -65,7 +68,9 @@ def test_raycluster_groups_resources_and_credentials():
     # KubeRay passes it to `ray start --resources`, shell-quoted JSON in a string
     import json
 
-    assert json.loads(json.loads(gpu["rayStartParams"]["resources"])) == {"inference": 1}
+    # engines (label job, the retrain's gate) and training workers land on the GPU nodes
+    assert json.loads(json.loads(gpu["rayStartParams"]["resources"])) == {"inference": 1,
+                                                                          "train": 1}
     c = gpu["template"]["spec"]["containers"][0]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
     for g in [head, *groups.values()]:
@@ -94,6 +99,26 @@ def test_raycronjob_retrain_is_a_valid_schedule_check():
     Cron(doc["spec"]["schedule"])
     args, cfg = _cli(_entrypoint(doc["spec"]["jobTemplate"]["entrypoint"]))
     assert args.verb == "schedule" and cfg.once and cfg.use_gpu and cfg.quantize == "auto"
+    _trains_and_gates_on_gpu_nodes(cfg)
+    assert "bitsandbytes==0.50.2" in yaml.safe_load(doc["spec"]["jobTemplate"]["runtimeEnvYAML"])[
+        "pip"]
+
+
+def _trains_and_gates_on_gpu_nodes(cfg) -> None:
+    """Training workers ask for `train`, the gate's engine for `inference` (both offered by
+    the GPU nodes only), checkpoints go to shared storage (several nodes write them)."""
+    assert cfg.worker_resources == {"train": 1.0} and cfg.gate_resources == {"inference": 1.0}
+    assert cfg.use_gpu and cfg.storage_path.startswith("s3://")
+
+
+def test_retrain_cronjob_submits_a_valid_schedule_check():
+    doc = _load("retrain-cronjob.yaml")
+    ctr = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    cmd = ctr["command"]
+    argv = cmd[cmd.index("--") + 1:]
+    args, cfg = _cli(_entrypoint(shlex.join(argv)))
+    assert args.verb == "schedule" and cfg.once
+    _trains_and_gates_on_gpu_nodes(cfg)
 
 
 @pytest.mark.parametrize("name", ["serve-config.yaml", "rayservice.yaml"])
@@ -111,7 +136,7 @@ def test_serving_configs_point_at_the_app(name):
 def test_cluster_launcher_nodes():
     doc = _load("cluster-launcher.yaml")
     types = doc["available_node_types"]
-    assert doc["head_node_type"] in types and types["gpu"]["resources"] == {"inference": 1}
+    assert doc["head_node_type"] in types and types["gpu"]["resources"] == {"inference": 1, "train": 1}
     assert "make install-gpu" in " ".join(doc["setup_commands"])
 
 
@@ -127,3 +152,11 @@ def test_makefile_submit_targets_name_valid_commands():
     argv = shlex.split(cmd.split(" -- ", 1)[1])
     _, cfg = _cli(_entrypoint(" ".join(shlex.quote(a) for a in argv)))
     assert cfg.num_actors == 8 and cfg.actor_resources == {"inference": 1.0}
+    block = text.split("submit-retrain:")[1].split("\n\n")[0]
+    cmd = " ".join(line.strip().rstrip("\\") for line in block.splitlines()[1:])
+    cmd = re.sub(r"\$\((\w+)\)", lambda m: {"STORE": "s3://b/r", "REGISTRY": "s3://b/a",
+                                            "MODEL": "/m", "NUM_GPUS": "8"}.get(m.group(1), "x"),
+                 cmd)
+    args, cfg = _cli(shlex.split(cmd.split(" -- ", 1)[1])[3:])
+    assert args.verb == "retrain" and cfg.num_workers == 8
+    _trains_and_gates_on_gpu_nodes(cfg)

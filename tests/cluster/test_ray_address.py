@@ -1,6 +1,7 @@
-"""Under ``RAY_ADDRESS`` (what ``ray job submit`` sets for its entrypoint) a retrain and an
-endpoint run ON that cluster, not on a private local Ray: the cluster is a real ``ray start``
-head process of its own, and the test asks the cluster itself what ran there.
+"""Under ``RAY_ADDRESS`` (what ``ray job submit`` sets for its entrypoint) or ``--ray-address``,
+a scheduled retrain, a merge and an endpoint run ON that cluster, not on a private local Ray:
+the cluster is a real ``ray start`` head process of its own, and the test asks the cluster
+itself what ran there. (A retrain sent through the Jobs API to two nodes: test_multinode.py.)
 
 Before the one `RaySettings.connect`, both started ``ray.init(address="local")`` and so never
 reached the cluster's (GPU) workers."""
@@ -56,24 +57,41 @@ def _actor_classes(cluster) -> list[str]:
     return [a["class_name"] or "" for a in ray_state("actors", cluster["dashboard"], cluster["env"])]
 
 
-def test_retrain_under_ray_address_trains_on_that_cluster(cluster, tmp_path):
+def test_schedule_with_ray_address_trains_on_that_cluster(cluster, tmp_path):
+    """`schedule --once --ray-address ADDR` (the flag, RAY_ADDRESS unset) retrains there."""
     from grounding.synth import write_dataset
     from pipelines.review import ImportConfig, import_labels
 
     data = write_dataset(tmp_path / "synth", 16, "shifted", seed=11)
     store, reg = str(tmp_path / "store"), str(tmp_path / "reg")
     import_labels(ImportConfig(input=str(data), from_fmt="seed", store=store))
-    cmd = [sys.executable, "-m", "groundlabel", "retrain", "--store", store, "--registry", reg,
+    cmd = [sys.executable, "-m", "groundlabel", "schedule", "--once", "--min-new-labels", "1",
+           "--store", store, "--registry", reg, "--ray-address", cluster["address"],
            "--max-items", "4", "--epochs", "1", "--batch-size", "2", "--cpus-per-worker", "1",
            "--storage-path", str(tmp_path / "ray-train"), "--no-promote"]
-    res = subprocess.run(cmd, env=cluster["env"], capture_output=True, text=True, timeout=900)
+    env = {k: v for k, v in cluster["env"].items() if k != "RAY_ADDRESS"}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
-    lines = res.stdout.splitlines()
-    out = json.loads("\n".join(lines[max(i for i, x in enumerate(lines) if x == "{"):]))
+    tick = json.loads([x for x in res.stdout.splitlines() if x.startswith("{")][-1])
+    assert tick["action"] == "retrained", tick
     # the GCS this retrain was connected to: the cluster's port (it reports its node's IP)
-    assert out["train_metrics"]["ray_cluster"].rsplit(":", 1)[1] == cluster["port"]
+    cluster_gcs = tick["result"]["train_metrics"]["ray_cluster"]
+    assert cluster_gcs.rsplit(":", 1)[1] == cluster["port"]
     # The cluster itself saw the Ray Train workers (they are gone from a private Ray).
     assert any("TrainWorker" in c for c in _actor_classes(cluster)), _actor_classes(cluster)
+
+
+def test_merge_under_ray_address_runs_as_a_task_on_that_cluster(cluster, tmp_path,
+                                                                 random_adapter):
+    out = tmp_path / "merged"
+    res = subprocess.run([sys.executable, "-m", "groundlabel", "merge", "--adapter",
+                          str(random_adapter), "--out", str(out), "--dtype", "float32"],
+                         env=cluster["env"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    tasks = ray_state("tasks", cluster["dashboard"], cluster["env"])
+    merges = [t for t in tasks if t["name"] == "groundlabel-merge"]
+    assert merges and merges[-1]["state"] == "FINISHED", [t["name"] for t in tasks]
 
 
 def test_serve_under_ray_address_deploys_on_that_cluster(cluster, tmp_path):

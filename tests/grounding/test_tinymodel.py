@@ -57,4 +57,10 @@ def test_bundled_checkpoint_is_small_and_recorded(tiny_model):
     size = sum(p.stat().st_size for p in tiny_model.iterdir() if p.is_file())
     assert size <= 10 * 1024 * 1024, size
     metrics = json.loads((tiny_model / "train_metrics.json").read_text())
-    assert {"base", "shifted", "recipe", "train_seconds"} <= set(metrics)
+    assert {"base", "shifted", "recipe", "train_seconds", "validation"} <= set(metrics)
+    # the reported figures come from the test seed; the checkpoint was chosen on another
+    from train.evaluate import TEST_SEED, VAL_SEED
+
+    assert metrics["base"]["seed"] == metrics["shifted"]["seed"] == TEST_SEED
+    assert metrics["validation"]["base"]["seed"] == VAL_SEED != TEST_SEED
+    assert metrics["recipe"]["seed"] not in (VAL_SEED, TEST_SEED)

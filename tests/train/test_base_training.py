@@ -8,9 +8,8 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_tiny_build_then_train_smoke(tmp_path):
     init, out = tmp_path / "init", tmp_path / "trained"
     cli = [sys.executable, "-m", "groundlabel", "tiny"]
@@ -23,6 +22,9 @@ def test_tiny_build_then_train_smoke(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((out / "train_metrics.json").read_text())
     assert metrics["steps"] > 0 and metrics["base"]["n"] == 4 and metrics["shifted"]["n"] == 4
+    # reported on the untouched test seed; the checkpoint was chosen on the validation seed
+    assert metrics["base"]["seed"] == metrics["shifted"]["seed"] == 1000
+    assert metrics["validation"]["base"]["seed"] == 0
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert any("eval_base" in r for r in log)
 
@@ -32,3 +34,34 @@ def test_tiny_build_then_train_smoke(tmp_path):
     after = load_file(out / "model.safetensors")
     moved = [k for k in before if not (before[k].float() - after[k].float()).abs().max() < 1e-3]
     assert len(moved) > len(before) // 2  # training changed most weights
+
+
+@pytest.mark.parametrize("seeds", [
+    {"seed": 0},                       # training on the validation set
+    {"test_seed": 1},                  # reporting on the training stream
+    {"val_seed": 1000},                # choosing the checkpoint on the test set
+])
+def test_training_validation_and_test_sets_must_differ(seeds):
+    from pydantic import ValidationError
+
+    from train.base import BaseTrainConfig
+
+    with pytest.raises(ValidationError, match="must differ"):
+        BaseTrainConfig(model="m", out="o", **seeds)
+
+
+def test_validation_and_test_sets_share_no_sample_with_training():
+    import hashlib
+
+    from grounding.synth import iter_samples
+    from train.base import BaseTrainConfig
+
+    cfg = BaseTrainConfig(model="m", out="o")
+
+    def keys(n, seed):
+        return {hashlib.sha256(s.image.tobytes() + s.text.encode()).hexdigest()
+                for s in iter_samples(n, "base", seed)}
+
+    train = keys(2000, cfg.seed)
+    val, test = keys(200, cfg.val_seed), keys(200, cfg.test_seed)
+    assert not (train & val) and not (train & test) and not (val & test)
