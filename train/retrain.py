@@ -96,9 +96,9 @@ def on_gate_node(cfg: RetrainConfig, adapter_dir: str, work):
             return work(str(local))
 
     # max_calls=1: the worker process exits after the gate, and vLLM's memory with it.
-    remote = ray.remote(task).options(num_cpus=1, num_gpus=1 if cfg.use_gpu else 0,
-                                      resources=cfg.gate_resources, max_calls=1,
-                                      name="groundlabel-gate")
+    remote = ray.remote(num_cpus=1, num_gpus=1 if cfg.use_gpu else 0,
+                        resources=cfg.gate_resources, max_calls=1)(task).options(
+                            name="groundlabel-gate")
     return ray.get(remote.remote(files, Path(adapter_dir).name))
 
 
