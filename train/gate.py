@@ -331,11 +331,14 @@ def mix(new: list[dict], earlier: list[dict], share: float, seed: int,
     earlier = sorted(earlier, key=lambda it: it["item_id"])
     rng.shuffle(new)
     rng.shuffle(earlier)
-    cap = max_items or len(new) + len(earlier)
-    n_new = min(len(new), math.floor((1 - share) * cap + 1e-9) if earlier else cap)
+    n_new = len(new)
+    if max_items is not None:  # new items first, but leave ``share`` of the cap to earlier ones
+        n_new = min(n_new, math.floor((1 - share) * max_items + 1e-9) if earlier else max_items)
     # Entries of earlier items that make them ``share`` of the list next to n_new new ones.
     floor_ = math.ceil(share * n_new / (1 - share) - 1e-9) if earlier else 0
-    n_old = min(max(len(earlier), floor_), cap - n_new)
+    n_old = max(len(earlier), floor_)
+    if max_items is not None:
+        n_old = min(n_old, max_items - n_new)
     old = [earlier[i % len(earlier)] for i in range(n_old)] if earlier else []
     out = new[:n_new] + old
     rng.shuffle(out)  # workers take every k-th item: each gets the same mix
