@@ -228,3 +228,12 @@ def test_earlier_labels_are_those_of_productions_snapshot(tmp_path):
     other = reg.register(_adapter(tmp_path / "b", 2), {"store": "elsewhere", "snapshot_version": 1})
     ids, since, note = earlier_labels(store, reg, other, store_uri)
     assert ids is None and "not trained on a snapshot" in note
+
+
+def test_a_downloaded_adapter_can_be_gated_and_registered_again(tmp_path):
+    """`retrain --candidate` on a folder that `download` wrote (it holds the old meta.json)."""
+    reg = AdapterRegistry(str(tmp_path / "reg"))
+    first = reg.register(_adapter(tmp_path / "a", 1), {"snapshot_version": 1})
+    again = reg.register(reg.download(first, tmp_path / "cache"), {"snapshot_version": 2},
+                         name="again")
+    assert reg.show(again)["snapshot_version"] == 2 and reg.show(first)["snapshot_version"] == 1
