@@ -166,7 +166,7 @@ def earlier_labels(store, registry, production: str | None,
         return None, None, "production is the base model"
     meta = registry.show(production)
     since = meta.get("snapshot_version")
-    if meta.get("store") != store_uri or not since:
+    if (meta.get("store") or "").rstrip("/") != store_uri.rstrip("/") or not since:
         return None, None, (f"production {production} was not trained on a snapshot of "
                             f"{store_uri} (store {meta.get('store')!r}, version {since})")
     return ({it["item_id"] for it in store.labels(since)}, since,

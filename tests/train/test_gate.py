@@ -225,6 +225,7 @@ def test_earlier_labels_are_those_of_productions_snapshot(tmp_path):
     name = reg.register(_adapter(tmp_path / "a", 1), {"store": store_uri, "snapshot_version": 1})
     ids, since, note = earlier_labels(store, reg, name, store_uri)
     assert ids == {it["item_id"] for it in v1} and since == 1 and "version 1" in note
+    assert earlier_labels(store, reg, name, store_uri + "/")[0] == ids  # same store, other spelling
     other = reg.register(_adapter(tmp_path / "b", 2), {"store": "elsewhere", "snapshot_version": 1})
     ids, since, note = earlier_labels(store, reg, other, store_uri)
     assert ids is None and "not trained on a snapshot" in note
