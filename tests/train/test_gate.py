@@ -238,3 +238,22 @@ def test_a_downloaded_adapter_can_be_gated_and_registered_again(tmp_path):
     again = reg.register(reg.download(first, tmp_path / "cache"), {"snapshot_version": 2},
                          name="again")
     assert reg.show(again)["snapshot_version"] == 2 and reg.show(first)["snapshot_version"] == 1
+
+
+# ---- scoring through the engine -------------------------------------------------------------
+@pytest.mark.slow
+def test_unreadable_images_are_left_out_of_both_sides(vllm_engine, synth_shard, tmp_path):
+    """Through real vLLM: a missing and a corrupt image are neither adapter's hit; they are left
+    out of both sides and counted, instead of silently shrinking one side."""
+    from train.gate import evaluate_items
+
+    rows = [json.loads(line) for line in synth_shard.read_text().splitlines()][:4]
+    items = [item(r["image"], r["text"], [r["bbox"]]) for r in rows]
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    items.insert(1, item(str(tmp_path / "missing.png"), "the red circle", [[0, 0, 5, 5]]))
+    items.append(item(str(tmp_path / "corrupt.png"), "the red circle", [[0, 0, 5, 5]]))
+    hits = evaluate_items(vllm_engine, items, {"a": None, "b": None}, batch_size=3)
+    assert [h is None for h in hits["a"]] == [False, True, False, False, False, True]
+    assert hits["a"] == hits["b"]  # the same model on the same items: the same answers
+    c = compare(hits["a"], hits["b"])
+    assert c["n"] == 4 and c["unreadable"] == 2 and c["p_better"] == 1.0
