@@ -188,6 +188,7 @@ def test_gate_refuses_an_adapter_that_forgets_the_base_domain(scheduled, tmp_pat
     assert len(res["reasons"]) == 1 and "forgets" in res["reasons"][0]
     assert "regression set" in res["reasons"][0] and "--max-forgetting" in res["reasons"][0]
     assert g["regression"]["n"] == 100 and g["regression"]["source"] == str(base_set)
+    print("\nforgetting:", g["summary"], res["reasons"])
 
 
 @pytest.mark.slow
