@@ -104,8 +104,9 @@ def _gate_brief(g: dict) -> str:
         c = g.get(part) or {}
         if c.get("n"):
             out += f"  {part} {c.get('production')}->{c.get('candidate')}"
-    return out + ("  gate passed" if g.get("passed") else f"  refused ({len(g.get('reasons') or [])} "
-                  "reasons: adapters show)")
+    n_reasons = len(g.get("reasons") or [])
+    return out + ("  gate passed" if g.get("passed")
+                  else f"  refused ({n_reasons} reasons: adapters show)")
 
 
 def adapters_show(cfg: AdapterShowConfig) -> dict:

@@ -288,9 +288,9 @@ def gate(cfg: RetrainConfig, adapter_dir: str, held: list[dict], production: str
         is_old = [it["item_id"] in earlier_ids for it in held]
 
         def sub(want: bool) -> dict:
-            return compare([h for h, o in zip(hits["candidate"], is_old, strict=True) if o == want],
-                           [h for h, o in zip(hits["production"], is_old, strict=True) if o == want],
-                           conf)
+            keep = [i for i, o in enumerate(is_old) if o == want]
+            return compare([hits["candidate"][i] for i in keep],
+                           [hits["production"][i] for i in keep], conf)
 
         new_cmp, old_cmp = sub(False), sub(True)
         if not new_cmp["n"]:

@@ -108,8 +108,9 @@ def retrain(cfg: RetrainConfig) -> dict:
     with registry.lock() as lease:
         production = registry.production()
         earlier_ids, since, since_note = earlier_labels(store, registry, production, cfg.store)
-        new_side = [it for it in train_side if earlier_ids is None or it["item_id"] not in earlier_ids]
-        old_side = [it for it in train_side if earlier_ids is not None and it["item_id"] in earlier_ids]
+        earlier = earlier_ids or set()
+        new_side = [it for it in train_side if it["item_id"] not in earlier]
+        old_side = [it for it in train_side if it["item_id"] in earlier]
         train_items, replay = mix(new_side, old_side, cfg.replay_share, cfg.seed, cfg.max_items)
         replay["since_version"] = since
         recipe = recipe_of(cfg)
