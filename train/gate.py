@@ -143,6 +143,13 @@ def compare(candidate: list[bool | None], production: list[bool | None],
     return out
 
 
+def compare_part(candidate: list[bool | None], production: list[bool | None],
+                 mask: list[bool], want: bool, confidence: float = 0.95) -> dict:
+    """`compare` on the items where ``mask`` is ``want`` (e.g. the labels of earlier versions)."""
+    keep = [i for i, m in enumerate(mask) if m == want]
+    return compare([candidate[i] for i in keep], [production[i] for i in keep], confidence)
+
+
 def decide(heldout_cmp: dict, earlier: dict | None, regression: dict | None, *,
            min_heldout: int, confidence: float, margin: float,
            max_forgetting: float) -> tuple[bool, list[str]]:
@@ -286,13 +293,8 @@ def gate(cfg: RetrainConfig, adapter_dir: str, held: list[dict], production: str
         old_cmp = {"n": 0, "note": "no earlier-version held-out items: " + (since_note or "")}
     else:
         is_old = [it["item_id"] in earlier_ids for it in held]
-
-        def sub(want: bool) -> dict:
-            keep = [i for i, o in enumerate(is_old) if o == want]
-            return compare([hits["candidate"][i] for i in keep],
-                           [hits["production"][i] for i in keep], conf)
-
-        new_cmp, old_cmp = sub(False), sub(True)
+        new_cmp, old_cmp = (compare_part(hits["candidate"], hits["production"], is_old, want, conf)
+                            for want in (False, True))
         if not new_cmp["n"]:
             new_cmp["note"] = f"no held-out labels newer than production's snapshot ({since_note})"
         if not old_cmp["n"]:

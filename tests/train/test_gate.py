@@ -13,7 +13,7 @@ import pytest
 from grounding.labels import item
 from grounding.registry import AdapterRegistry
 from grounding.store import ReviewStore, decision_record
-from train.gate import compare, decide, heldout, image_key, mix, split
+from train.gate import compare, compare_part, decide, heldout, image_key, mix, split
 from train.retrain import earlier_labels
 
 
@@ -119,6 +119,14 @@ def test_compare_interval_agrees_with_the_test():
         c = compare([T] * wins + [F] * losses + [T] * 30, [F] * wins + [T] * losses + [T] * 30)
         assert (c["p_better"] <= 0.05) == (c["diff_interval"][0] > 0), (wins, losses, c)
         assert c["diff_interval"][0] <= c["diff"] <= c["diff_interval"][1]
+
+
+def test_compare_part_keeps_the_pairs():
+    # items 0-2 of earlier versions (the candidate loses one), 3-5 new (it wins two)
+    cand, prod, old = [T, F, T, T, T, U], [T, T, T, F, F, U], [T, T, T, F, F, F]
+    earlier, new = compare_part(cand, prod, old, True), compare_part(cand, prod, old, False)
+    assert (earlier["n"], earlier["production_only"], earlier["candidate_only"]) == (3, 1, 0)
+    assert (new["n"], new["unreadable"], new["candidate_only"]) == (2, 1, 2)
 
 
 def test_compare_refuses_unpaired_vectors():
