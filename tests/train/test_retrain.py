@@ -140,6 +140,9 @@ def test_gate_refuses_a_worse_adapter(scheduled, random_adapter):
     # production was trained on this same snapshot: every held-out label is an earlier one,
     # and the candidate forgets them
     assert res["old_domain"]["n"] == res["gate"]["heldout"]["n"] and res["new_domain"]["n"] == 0
+    # ... and every train-side label is an earlier one (what a training run would replay)
+    assert res["replay"]["since_version"] == 1 and res["replay"]["new"] == 0
+    assert res["replay"]["earlier_entries"] == res["train_items"] > 0
     assert any(r.startswith("not better") for r in res["reasons"]), res["reasons"]
     assert any("forgets" in r and "earlier" in r for r in res["reasons"]), res["reasons"]
     assert last["reason"] == "; ".join(res["reasons"])
