@@ -12,7 +12,9 @@ production are compared on them, and the decision.
   least ``min_heldout`` scored items.
 - **No forgetting** (`decide`): on the held-out items that production was already trained with
   (labels at or before its snapshot version) and on an optional regression set of an older
-  domain, the candidate may lose at most ``max_forgetting`` Acc@0.5 (paired, same items).
+  domain, the candidate may lose at most ``max_forgetting`` Acc@0.5 (paired, same items). This
+  is the observed drop, not a test: a safety check errs towards refusing, and ``p_worse`` and
+  n are recorded beside it (on a few items it is noisy: give a regression set for a firm one).
 
 Check a decision by hand (no engine needed)::
 
