@@ -1,9 +1,10 @@
 """Benchmark of one retraining on the shifted synthetic domain: lift, time and memory.
 
 Reviewed labels: ``--labels`` shifted-domain samples (seed 11) imported into a fresh store;
-``retrain`` holds out 20 % by item hash and trains on the rest (<= 500), through Ray Train,
-with the recipe's defaults and a ``--minutes`` cap, then gates through vLLM. Afterwards the
-base model and the new adapter are both measured on the standard held-out synthetic sets
+``retrain`` holds out 20 % of the images (`train.gate.split`) and trains on the rest, through
+Ray Train, with the recipe's defaults and a ``--minutes`` cap, then gates through vLLM (paired
+test; add a base-domain forgetting check with ``--set regression_set=FILE``). Afterwards the base
+model and the new adapter are both measured on the standard held-out synthetic sets
 (seed 0, 200 images per domain) through vLLM, in this same run.
 
 Run::
@@ -73,7 +74,10 @@ def main() -> None:
                                                  "target_modules", "freeze_vision",
                                                  "mask_label_text", "max_minutes"}),
         "train_items": res["train_items"], "heldout_items": res["heldout_items"],
-        "decision": res["decision"], "gate": res["gate"], "train_metrics": res["train_metrics"],
+        "decision": res["decision"], "reasons": res["reasons"], "gate_summary":
+        res["gate"]["summary"], "new_domain": res["new_domain"], "old_domain": res["old_domain"],
+        "regression": res["regression"], "replay": res["replay"], "gate": res["gate"],
+        "train_metrics": res["train_metrics"],
         "retrain_wall_s": round(wall, 1),
         "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "heldout_synthetic_acc@0.5": evals,

@@ -85,7 +85,9 @@ class AdapterRegistry:
         dest = self._p("adapters", name)
         self.fs.makedirs(dest, exist_ok=True)
         for f in sorted(Path(adapter_dir).iterdir()):
-            if f.is_file():
+            # A folder from `download` holds the meta.json of the adapter it was: not this one's
+            # (and uploading it would take the name's exclusive create).
+            if f.is_file() and f.name != "meta.json":
                 self.fs.put_file(str(f), join(dest, f.name))
         record = dict(meta, name=name, registered_at=_now())
         try:

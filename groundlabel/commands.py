@@ -84,14 +84,34 @@ def adapters_list(cfg: AdaptersConfig) -> str:
     prod = reg.production()
     lines = []
     for m in reg.list():
-        acc = ((m.get("gate") or {}).get("candidate") or {}).get("acc@0.5")
         lines.append(f"{'*' if m['name'] == prod else ' '} {m['name']}  labels v"
-                     f"{m.get('snapshot_version')}  acc@0.5 {acc}  {m['registered_at']}")
+                     f"{m.get('snapshot_version')}  {_gate_brief(m.get('gate') or {})}  "
+                     f"{m['registered_at']}")
     lines.append(f"production: {prod or '(base model)'}")
     return "\n".join(lines)
 
 
+def _gate_brief(g: dict) -> str:
+    """The gate's verdict in a few words: held-out Acc@0.5 production -> candidate, n, p, the
+    earlier-labels (old) and regression scores, and passed or refused."""
+    acc = (g.get("candidate") or {}).get("acc@0.5")
+    h = g.get("heldout")
+    if not h:  # an adapter gated before the paired test: only its own score was recorded
+        return f"acc@0.5 {acc}"
+    out = (f"acc@0.5 {h.get('production')}->{h.get('candidate')} n={h.get('n')} "
+           f"p={h.get('p_better', 1):.2g}")
+    for part in ("old", "regression"):
+        c = g.get(part) or {}
+        if c.get("n"):
+            out += f"  {part} {c.get('production')}->{c.get('candidate')}"
+    n_reasons = len(g.get("reasons") or [])
+    return out + ("  gate passed" if g.get("passed")
+                  else f"  refused ({n_reasons} reasons: adapters show)")
+
+
 def adapters_show(cfg: AdapterShowConfig) -> dict:
+    """The adapter's meta: base model, snapshot, replay counts, recipe and the gate's verdict
+    (n, both scores, discordant counts, p-values, the rule, unreadable items, reasons)."""
     reg = cfg.open()
     name = cfg.name or reg.production()
     return reg.show(name) if name else {"production": None}

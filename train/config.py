@@ -53,10 +53,36 @@ class RetrainConfig(Settings):
     freeze_vision: bool = Field(True, description="Keep the vision tower frozen (no LoRA on it).")
     quantize: Literal["auto", "nf4", "none"] = Field(
         "auto", description="auto: QLoRA (nf4 via bitsandbytes) on CUDA, LoRA elsewhere.")
-    holdout_frac: float = Field(0.2, gt=0, lt=1, description="Share of items held out for the "
-                                "gate (by item_id hash, stable across versions).")
-    max_items: int | None = Field(None, ge=1, description="Train on at most this many items.")
-    margin: float = Field(0.02, description="Promote only if Acc@0.5 beats production by this.")
+    holdout_frac: float = Field(0.2, gt=0, lt=1, description="Share of images held out for "
+                                "the gate (by a hash of the normalised image reference: every "
+                                "expression of an image on one side, the same side in every "
+                                "store version).")
+    min_heldout: int = Field(50, ge=1, description="Refuse to promote when fewer held-out items "
+                             "could be scored (unreadable images do not count); the adapter is "
+                             "still registered.")
+    max_items: int | None = Field(None, ge=1, description="Train on at most this many items "
+                                  "(new ones first, keeping --replay-share of earlier ones).")
+    margin: float = Field(0.02, ge=0, description="Promote only if held-out Acc@0.5 beats "
+                          "production by at least this (0-1), besides the paired test.")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Promote only if the candidate "
+                              "beats production on the same held-out items at this confidence "
+                              "(exact one-sided McNemar test: p <= 1 - confidence).")
+    max_forgetting: float = Field(0.05, ge=0, le=1, description="Refuse when Acc@0.5 (0-1) falls "
+                                  "by more than this, paired, on held-out labels production was "
+                                  "trained with (store versions <= its snapshot) or on "
+                                  "--regression-set.")
+    regression_set: str | None = Field(None, description="Labels of an older domain the "
+                                       "candidate must not forget (a label file, or a reviewed-"
+                                       "label store folder); scored, never trained on.")
+    regression_format: Literal["seed", "swift", "coco", "parquet", "labelstudio"] = Field(
+        "seed", description="Format of a --regression-set file.")
+    replay_share: float = Field(0.2, ge=0, lt=1, description="Least share of the training list "
+                                "given to earlier labels (those in production's snapshot), so a "
+                                "big new batch cannot crowd them out: every train-side item is "
+                                "used once, and earlier ones are repeated (seeded order) until "
+                                "they make up this share; with --max-items, new items fill at "
+                                "most 1 - share of it. No production adapter: all items, no "
+                                "replay. 0: the natural mix.")
     promote: bool = Field(True, description="Promote when the gate passes (else only record).")
     seed: int = Field(0, description="Shuffling / init seed.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data parallel).")
@@ -87,6 +113,7 @@ def recipe_of(cfg: RetrainConfig) -> dict:
     recipe = cfg.model_dump(include={"target_modules", "rank", "alpha", "dropout", "lr",
                                      "warmup_frac", "epochs", "batch_size", "max_minutes",
                                      "freeze_vision", "quantize", "coord_step",
-                                     "mask_label_text", "augment", "seed", "max_items"})
+                                     "mask_label_text", "augment", "seed", "max_items",
+                                     "replay_share"})
     recipe.update(min_pixels=cfg.inference.min_pixels, max_pixels=cfg.inference.max_pixels)
     return recipe

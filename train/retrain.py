@@ -1,16 +1,24 @@
 """``groundlabel retrain``: a LoRA adapter from reviewed labels, gated, registered, promoted.
 
 1. **Snapshot.** The accepted and corrected items of one version of the reviewed-label store
-   (`grounding.store`), split by a hash of ``item_id`` into train and held-out sets (an item
-   stays on its side in every later snapshot, so held-out items are never trained on).
-2. **Train.** Ray Train's ``TorchTrainer`` runs `train_loop` on each worker: the base model
+   (`grounding.store`), split *by image* into train and held-out sets (`train.gate.split`: every
+   expression of an image on one side, and the same side in every later snapshot, so held-out
+   images are never trained on).
+2. **Mix.** The train-side items new since production's snapshot, plus the earlier ones it was
+   trained with, replayed to at least ``replay_share`` of the list (`train.gate.mix`): each
+   retraining starts from the base model, so earlier labels are what keeps it from forgetting.
+3. **Train.** Ray Train's ``TorchTrainer`` runs `train_loop` on each worker: the base model
    frozen, a peft LoRA on the language model's linear layers. QLoRA (4-bit nf4 base through
    bitsandbytes) where a CUDA GPU is there (``quantize=auto``), plain LoRA elsewhere (the CPU:
    bitsandbytes' 4-bit kernels need CUDA). Checkpoints (adapter + optimizer state) go to Ray
    Train's storage (local or ``s3://``); the same run name resumes from the latest one.
-3. **Gate.** Acc@0.5 on the held-out items for the new adapter and for the production adapter
-   (or the base model), through the same vLLM engine that serves. Promoted only when better by
-   ``margin``; every decision is recorded in the registry with its metrics.
+4. **Gate.** The new adapter and the production adapter (or the base model) answer the same
+   held-out items through the same vLLM engine that serves (`train.gate`). Promoted only when
+   at least ``min_heldout`` items were scored, the candidate is better by an exact paired
+   (McNemar) test at ``confidence`` and by at least ``margin``, and it loses no more than
+   ``max_forgetting`` on the held-out labels production was trained with nor on the
+   ``regression_set``. Every decision, with n, both scores, the discordant counts, the p-value
+   and the reasons, is recorded in the registry (event and adapter meta).
 
 Run::
 
@@ -19,6 +27,9 @@ Run::
         --use-gpu --s3-endpoint-url http://minio:9000
     groundlabel retrain --store reviewed/ --registry adapters/ --candidate runs/my-adapter
         # gate (and register) an adapter trained elsewhere, no training
+    groundlabel retrain --store reviewed/ --registry adapters/ \\
+        --regression-set data/base/data.jsonl --max-forgetting 0.05 --confidence 0.95
+        # also refuse an adapter that loses base-domain accuracy
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ import time
 from pathlib import Path
 
 from train.config import RetrainConfig, recipe_of
-from train.gate import gate, split
+from train.gate import SPLIT_RULE, gate, load_regression_set, mix, split
 from train.worker import train_loop
 
 __all__ = ["RetrainConfig", "fit", "retrain"]
@@ -103,7 +114,8 @@ def on_gate_node(cfg: RetrainConfig, adapter_dir: str, work):
 
 
 def retrain(cfg: RetrainConfig) -> dict:
-    """Snapshot -> train (Ray Train) -> gate (vLLM) -> register -> promote or refuse."""
+    """Snapshot -> split by image -> train (Ray Train) -> gate (vLLM) -> register -> promote or
+    refuse."""
     from grounding.registry import AdapterRegistry
     from grounding.store import ReviewStore, StoreError
 
@@ -113,33 +125,40 @@ def retrain(cfg: RetrainConfig) -> dict:
     if not version:
         raise StoreError(f"{cfg.store} has no reviewed labels yet")
     items = store.labels(version)
-    train_items, held = split(items, cfg.holdout_frac)
-    if cfg.max_items:
-        train_items = train_items[:cfg.max_items]
-    if not held or (not train_items and not cfg.candidate):
+    train_side, held = split(items, cfg.holdout_frac)
+    if not held or (not train_side and not cfg.candidate):
         raise StoreError(f"version {version} has {len(items)} usable labels: too few to train "
                          f"and hold out {cfg.holdout_frac:.0%}")
+    regression = (load_regression_set(cfg.regression_set, cfg.regression_format, opts)
+                  if cfg.regression_set else None)
     registry = AdapterRegistry(cfg.registry, opts)
     t0 = time.time()
     # The lock is held for the whole run: two retrains never overlap, and production cannot
     # change between the gate's measurement and the promotion.
     with registry.lock() as lease:
+        production = registry.production()
+        earlier_ids, since, since_note = earlier_labels(store, registry, production, cfg.store)
+        earlier = earlier_ids or set()
+        new_side = [it for it in train_side if it["item_id"] not in earlier]
+        old_side = [it for it in train_side if it["item_id"] in earlier]
+        train_items, replay = mix(new_side, old_side, cfg.replay_share, cfg.seed, cfg.max_items)
+        replay["since_version"] = since
         recipe = recipe_of(cfg)
         run_name = cfg.run_name or "retrain-" + hashlib.sha256(json.dumps(
-            [cfg.store, version, cfg.inference.model, recipe], sort_keys=True).encode()).hexdigest()[:12]
+            [cfg.store, version, cfg.inference.model, recipe, SPLIT_RULE, since],
+            sort_keys=True).encode()).hexdigest()[:12]
         if cfg.candidate:
             adapter_dir, train_metrics = cfg.candidate, {"trained": False}
         else:
             adapter_dir, train_metrics = fit(cfg, train_items, run_name)
         train_s = time.time() - t0
-        production = registry.production()
         # The gate's engine runs where --gate-resources point (a GPU node), not in the driver.
-        verdict = on_gate_node(cfg, adapter_dir,
-                               lambda local: gate(cfg, local, held, production, registry))
+        verdict = on_gate_node(cfg, adapter_dir, lambda local: gate(
+            cfg, local, held, production, registry, earlier_ids, since_note, regression))
         meta = {"base_model": cfg.inference.model, "store": cfg.store, "snapshot_version": version,
                 "train_items": len(train_items), "heldout_items": len(held),
-                "recipe": recipe, "run_name": run_name, "train_metrics": train_metrics,
-                "gate": verdict, "seconds": round(train_s, 1)}
+                "replay": replay, "recipe": recipe, "run_name": run_name,
+                "train_metrics": train_metrics, "gate": verdict, "seconds": round(train_s, 1)}
         name = registry.register(adapter_dir, meta)
         if verdict["passed"] and cfg.promote:
             event = registry.promote_locked(name, "gate", lease, verdict)
@@ -147,8 +166,40 @@ def retrain(cfg: RetrainConfig) -> dict:
         else:
             decision = "refused" if not verdict["passed"] else "passed (not promoted)"
             event = registry.record("refuse" if not verdict["passed"] else "pass",
-                                    name=name, production=production, metrics=verdict)
-    return {"adapter": name, "decision": decision, "event": event, "production": production
-            if decision != "promoted" else name, "snapshot_version": version,
-            "gate": verdict, "train_items": len(train_items), "heldout_items": len(held),
+                                    name=name, production=production,
+                                    reason="; ".join(verdict["reasons"]) or None,
+                                    metrics=verdict)
+    return {"adapter": name, "decision": decision, "reasons": verdict["reasons"],
+            "event": event, "production": production if decision != "promoted" else name,
+            "snapshot_version": version, "gate": verdict,
+            "new_domain": _scores(verdict["new"]), "old_domain": _scores(verdict["old"]),
+            "regression": _scores(verdict["regression"]),
+            "train_items": len(train_items), "heldout_items": len(held), "replay": replay,
             "train_metrics": train_metrics, "seconds": round(time.time() - t0, 1)}
+
+
+def _scores(cmp: dict | None) -> dict | None:
+    """Acc@0.5 of both sides on one part of the gate (None: that part was not scored)."""
+    if cmp is None:
+        return None
+    return {k: cmp.get(k) for k in ("candidate", "production", "n", "unreadable", "note")
+            if cmp.get(k) is not None}
+
+
+def earlier_labels(store, registry, production: str | None,
+                   store_uri: str) -> tuple[set[str] | None, int | None, str]:
+    """(item_ids of the labels production was trained with, its snapshot version, a note).
+
+    Those are the accepted/corrected items of production's snapshot in this store: held-out
+    ones measure forgetting, train-side ones are replayed. (None, None, why) when there is no
+    such snapshot: production is the base model, or was trained elsewhere.
+    """
+    if not production:
+        return None, None, "production is the base model"
+    meta = registry.show(production)
+    since = meta.get("snapshot_version")
+    if (meta.get("store") or "").rstrip("/") != store_uri.rstrip("/") or not since:
+        return None, None, (f"production {production} was not trained on a snapshot of "
+                            f"{store_uri} (store {meta.get('store')!r}, version {since})")
+    return ({it["item_id"] for it in store.labels(since)}, since,
+            f"production {production} was trained on labels up to store version {since}")

@@ -100,29 +100,98 @@ def test_scheduled_retrain_lifts_accuracy_and_promotes(scheduled):
     # a clear lift on held-out reviewed labels of the shifted domain, through vLLM
     assert gate["candidate"]["n"] >= 50
     assert gate["candidate"]["acc@0.5"] >= gate["production"]["acc@0.5"] + 0.15, gate
+    # ... that the paired test confirms: far more items only the candidate gets right
+    h = gate["heldout"]
+    assert h["p_better"] <= 0.05 and h["candidate_only"] > h["production_only"] and h["diff"] > 0
+    assert h["diff_interval"][0] > 0 and gate["reasons"] == []
     assert res["decision"] == "promoted"
+    # the first retrain: production is the base model, so no earlier labels to forget or replay
+    assert gate["old"]["n"] == 0 and "base model" in gate["old"]["note"]
+    assert res["new_domain"]["n"] == h["n"] and res["old_domain"]["n"] == 0
+    assert res["replay"]["earlier_entries"] == 0 and res["replay"]["new"] == res["train_items"]
     reg = AdapterRegistry(scheduled["registry"])
     assert reg.production() == res["adapter"]
     meta = reg.show(res["adapter"])
     assert meta["snapshot_version"] == 1 and meta["base_model"] and meta["recipe"]["rank"] == 16
     assert meta["gate"]["candidate"]["acc@0.5"] == gate["candidate"]["acc@0.5"]
+    assert meta["gate"]["heldout"]["p_better"] == h["p_better"] and meta["replay"]
+    assert reg.events()[-1]["metrics"]["heldout"]["n"] == h["n"]
     # the second tick finds no new labels: no second retrain
     assert second["action"].startswith("skip: 0 new labels")
     print("\nretrain:", json.dumps({k: res[k] for k in ("gate", "seconds", "train_items")}))
 
 
-@pytest.mark.slow
-def test_gate_refuses_a_worse_adapter(scheduled, random_adapter):
+def _gate_only(scheduled, candidate, **kw) -> dict:
     from train.retrain import RetrainConfig, retrain
 
+    return retrain(RetrainConfig(**{"store": scheduled["store"], "registry": scheduled["registry"],
+                                    "candidate": str(candidate), "holdout_frac": 0.25} | kw))
+
+
+@pytest.mark.slow
+def test_gate_refuses_a_worse_adapter(scheduled, random_adapter):
     reg = AdapterRegistry(scheduled["registry"])
     prod = reg.production()
-    res = retrain(RetrainConfig(store=scheduled["store"], registry=scheduled["registry"],
-                                candidate=str(random_adapter), holdout_frac=0.25))
+    res = _gate_only(scheduled, random_adapter)
     assert res["decision"] == "refused" and reg.production() == prod
     last = reg.events()[-1]
     assert last["kind"] == "refuse" and last["name"] == res["adapter"]
     assert last["metrics"]["candidate"]["acc@0.5"] < last["metrics"]["production"]["acc@0.5"]
+    # production was trained on this same snapshot: every held-out label is an earlier one,
+    # and the candidate forgets them
+    assert res["old_domain"]["n"] == res["gate"]["heldout"]["n"] and res["new_domain"]["n"] == 0
+    # ... and every train-side label is an earlier one (what a training run would replay)
+    assert res["replay"]["since_version"] == 1 and res["replay"]["new"] == 0
+    assert res["replay"]["earlier_entries"] == res["train_items"] > 0
+    assert any(r.startswith("not better") for r in res["reasons"]), res["reasons"]
+    assert any("forgets" in r and "earlier" in r for r in res["reasons"]), res["reasons"]
+    assert last["reason"] == "; ".join(res["reasons"])
+
+
+@pytest.mark.slow
+def test_gate_refuses_production_against_itself(scheduled, tmp_path):
+    """The production adapter gated as its own candidate: identical answers, no discordant
+    item, p = 1: refused (the old bare-margin gate needed a margin to refuse it)."""
+    reg = AdapterRegistry(scheduled["registry"])
+    prod = reg.production()
+    res = _gate_only(scheduled, reg.download(prod, tmp_path))
+    h = res["gate"]["heldout"]
+    assert res["decision"] == "refused" and reg.production() == prod
+    assert h["candidate_only"] == h["production_only"] == 0 and h["p_better"] == 1.0
+    assert h["candidate"] == h["production"] and h["n"] >= 50
+    assert any(r.startswith("not better") for r in res["reasons"]), res["reasons"]
+    assert not any("forgets" in r for r in res["reasons"])
+    shown = reg.show(res["adapter"])["gate"]
+    assert shown["heldout"] == h and shown["rule"]["confidence"] == 0.95
+    from groundlabel.commands import AdaptersConfig, adapters_list
+
+    line = [x for x in adapters_list(AdaptersConfig(registry=scheduled["registry"])).splitlines()
+            if res["adapter"] in x][0]
+    assert "p=1" in line and "refused" in line and f"n={h['n']}" in line
+
+
+@pytest.mark.slow
+def test_gate_refuses_an_adapter_that_forgets_the_base_domain(scheduled, tmp_path):
+    """The adapter trained on the shifted domain, gated against the base model: clearly better
+    on the shifted held-out labels, but it loses base-domain accuracy (0.61 -> 0.45 measured,
+    bench/RESULTS.md), which a regression set of base-domain labels catches."""
+    from grounding.synth import write_dataset
+
+    reg = AdapterRegistry(scheduled["registry"])
+    candidate = reg.download(reg.production(), tmp_path / "cache")
+    base_set = write_dataset(tmp_path / "base-domain", 100, "base", seed=5)
+    fresh = str(tmp_path / "fresh-registry")  # production: the base model
+    # A low tolerance, so that the measured 0.16 drop is not at the mercy of a 100-item sample.
+    res = _gate_only(scheduled, candidate, registry=fresh, regression_set=str(base_set),
+                     max_forgetting=0.02)
+    g = res["gate"]
+    assert g["heldout"]["p_better"] <= 0.05, g["summary"]  # better on the new domain ...
+    assert res["regression"]["candidate"] < res["regression"]["production"]  # ... worse on old
+    assert res["decision"] == "refused" and AdapterRegistry(fresh).production() is None
+    assert len(res["reasons"]) == 1 and "forgets" in res["reasons"][0]
+    assert "regression set" in res["reasons"][0] and "--max-forgetting" in res["reasons"][0]
+    assert g["regression"]["n"] == 100 and g["regression"]["source"] == str(base_set)
+    print("\nforgetting:", g["summary"], res["reasons"])
 
 
 @pytest.mark.slow
