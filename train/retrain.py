@@ -5,9 +5,11 @@
    stays on its side in every later snapshot, so held-out items are never trained on).
 2. **Train.** Ray Train's ``TorchTrainer`` runs `train_loop` on each worker: the base model
    frozen, a peft LoRA on the language model's linear layers. QLoRA (4-bit nf4 base through
-   bitsandbytes) where a CUDA GPU is there (``quantize=auto``), plain LoRA elsewhere (the CPU:
-   bitsandbytes' 4-bit kernels need CUDA). Checkpoints (adapter + optimizer state) go to Ray
-   Train's storage (local or ``s3://``); the same run name resumes from the latest one.
+   bitsandbytes) wherever bitsandbytes runs it (``quantize=auto``: CUDA, or its CPU backend),
+   plain LoRA elsewhere; the choice is in the train metrics. ``--num-workers N`` trains data
+   parallel, each worker on its own shard, all in lock step. Checkpoints (adapter + optimizer
+   state) go to Ray Train's storage (local or ``s3://``); the same run name resumes from the
+   latest one; a killed worker restarts from it (``max_failures``).
 3. **Gate.** Acc@0.5 on the held-out items for the new adapter and for the production adapter
    (or the base model), through the same vLLM engine that serves. Promoted only when better by
    ``margin``; every decision is recorded in the registry with its metrics.
@@ -41,7 +43,7 @@ __all__ = ["RetrainConfig", "fit", "retrain"]
 # ---------------------------------------------------------------------------------------------
 def fit(cfg: RetrainConfig, items: list[dict], run_name: str) -> tuple[str, dict]:
     """Run the TorchTrainer; returns (local adapter folder, last metrics)."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from grounding.storage import arrow_filesystem
@@ -59,7 +61,10 @@ def fit(cfg: RetrainConfig, items: list[dict], run_name: str) -> tuple[str, dict
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name=run_name, storage_path=storage_path,
                              storage_filesystem=storage_fs,
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             # A killed worker (OOM, preempted node) restarts the worker group
+                             # from the last checkpoint instead of failing the retrain.
+                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )
     result = trainer.fit()
     if result.checkpoint is None:
