@@ -278,7 +278,8 @@ def choose_quantization(quantize: str, device: str) -> tuple[str, str]:
 
 
 def _load_for_training(cfg: RetrainConfig):
-    """(peft model, processor, {"quantization", "quantization_reason"}) on this worker's device."""
+    """(peft model, processor, {"quantization", "quantization_reason", "linear4bit_layers"})
+    on this worker's device."""
     import logging
 
     import torch
@@ -323,7 +324,10 @@ def _load_for_training(cfg: RetrainConfig):
     model = get_peft_model(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha,
                                              lora_dropout=cfg.dropout, target_modules=target,
                                              task_type="CAUSAL_LM"))
-    return model, processor, {"quantization": quant, "quantization_reason": reason}
+    # Evidence, not intent: how many linear layers really hold 4-bit weights.
+    n4 = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
+    return model, processor, {"quantization": quant, "quantization_reason": reason,
+                              "linear4bit_layers": n4}
 
 
 def _report(model, opt, state: dict, rank: int, metrics: dict) -> None:
