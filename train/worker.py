@@ -324,8 +324,13 @@ def _load_for_training(cfg: RetrainConfig):
     model = get_peft_model(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha,
                                              lora_dropout=cfg.dropout, target_modules=target,
                                              task_type="CAUSAL_LM"))
-    # Evidence, not intent: how many linear layers really hold 4-bit weights.
-    n4 = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
+    # Evidence, not intent: how many linear layers really hold 4-bit weights (bitsandbytes'
+    # own class; peft's LoRA wrapper around one is also named Linear4bit and is not counted).
+    n4 = 0
+    if quant == "nf4":
+        import bitsandbytes as bnb
+
+        n4 = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     return model, processor, {"quantization": quant, "quantization_reason": reason,
                               "linear4bit_layers": n4}
 
