@@ -69,12 +69,20 @@ def fit(cfg: RetrainConfig, items: list[dict], run_name: str) -> tuple[str, dict
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} ended without a checkpoint: {result.error}")
+    import logging
+
+    m = result.metrics or {}
+    # which base the adapter was trained over (auto decides per machine): said here, and kept
+    # in the train metrics the registry records
+    logging.getLogger("groundlabel.retrain").info(
+        "run %s: %s workers, quantization %s (%s)", run_name, m.get("world_size"),
+        m.get("quantization"), m.get("quantization_reason"))
     out = tempfile.mkdtemp(prefix="gl-adapter-")
     with result.checkpoint.as_directory() as d:
         import shutil
 
         shutil.copytree(f"{d}/adapter", out, dirs_exist_ok=True)
-    return out, dict(result.metrics or {}, ray_cluster=cluster)
+    return out, dict(m, ray_cluster=cluster)
 
 
 def retrain(cfg: RetrainConfig) -> dict:
