@@ -52,7 +52,9 @@ class RetrainConfig(Settings):
                                   "in `\"label\": ...` (new words would swamp the gradient).")
     freeze_vision: bool = Field(True, description="Keep the vision tower frozen (no LoRA on it).")
     quantize: Literal["auto", "nf4", "none"] = Field(
-        "auto", description="auto: QLoRA (nf4 via bitsandbytes) on CUDA, LoRA elsewhere.")
+        "auto", description="nf4: QLoRA (the frozen base in 4-bit nf4 through bitsandbytes, "
+        "on CUDA or the CPU); none: plain LoRA; auto: nf4 wherever bitsandbytes can run it, "
+        "else none (the choice and its reason land in the train metrics).")
     holdout_frac: float = Field(0.2, gt=0, lt=1, description="Share of images held out for "
                                 "the gate (by a hash of the normalised image reference: every "
                                 "expression of an image on one side, the same side in every "
@@ -85,7 +87,11 @@ class RetrainConfig(Settings):
                                 "replay. 0: the natural mix.")
     promote: bool = Field(True, description="Promote when the gate passes (else only record).")
     seed: int = Field(0, description="Shuffling / init seed.")
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (data parallel).")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data parallel: each "
+                             "trains on its own shard, all take the same steps).")
+    max_failures: int = Field(2, ge=-1, description="Worker failures Ray Train recovers from "
+                              "(restarting the workers from the last checkpoint); -1: no limit, "
+                              "0: fail at once.")
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: int = Field(2, ge=1, description="CPUs per worker (torch threads).")
     worker_resources: dict[str, float] = Field(

@@ -9,9 +9,14 @@
    retraining starts from the base model, so earlier labels are what keeps it from forgetting.
 3. **Train.** Ray Train's ``TorchTrainer`` runs `train_loop` on each worker: the base model
    frozen, a peft LoRA on the language model's linear layers. QLoRA (4-bit nf4 base through
-   bitsandbytes) where a CUDA GPU is there (``quantize=auto``), plain LoRA elsewhere (the CPU:
-   bitsandbytes' 4-bit kernels need CUDA). Checkpoints (adapter + optimizer state) go to Ray
-   Train's storage (local or ``s3://``); the same run name resumes from the latest one.
+   bitsandbytes) wherever bitsandbytes runs it (``quantize=auto``: CUDA, or its CPU backend),
+   plain LoRA elsewhere; the choice is in the train metrics. ``--num-workers N`` trains data
+   parallel, each worker on its own shard, all in lock step. Checkpoints (adapter + optimizer
+   state) go to Ray Train's storage (local or ``s3://``); the same run name resumes from the
+   latest one; a killed worker restarts from it (``max_failures``). On a cluster
+   (``--ray-address``, or ``RAY_ADDRESS`` under ``ray job submit``) the workers go where
+   ``worker_resources`` point, and the gate's engine runs as a Ray task where
+   ``gate_resources`` point (`on_gate_node`), never in the driver on the head node.
 4. **Gate.** The new adapter and the production adapter (or the base model) answer the same
    held-out items through the same vLLM engine that serves (`train.gate`). Promoted only when
    at least ``min_heldout`` items were scored, the candidate is better by an exact paired
@@ -52,7 +57,7 @@ __all__ = ["RetrainConfig", "fit", "retrain"]
 # ---------------------------------------------------------------------------------------------
 def fit(cfg: RetrainConfig, items: list[dict], run_name: str) -> tuple[str, dict]:
     """Run the TorchTrainer; returns (local adapter folder, last metrics)."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from grounding.storage import arrow_filesystem
@@ -71,17 +76,28 @@ def fit(cfg: RetrainConfig, items: list[dict], run_name: str) -> tuple[str, dict
                                                            **cfg.worker_resources}),
         run_config=RunConfig(name=run_name, storage_path=storage_path,
                              storage_filesystem=storage_fs,
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             # A killed worker (OOM, preempted node) restarts the worker group
+                             # from the last checkpoint instead of failing the retrain.
+                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} ended without a checkpoint: {result.error}")
+    import logging
+
+    m = result.metrics or {}
+    # which base the adapter was trained over (auto decides per machine): said here, and kept
+    # in the train metrics the registry records
+    logging.getLogger("groundlabel.retrain").info(
+        "run %s: %s workers, quantization %s (%s)", run_name, m.get("world_size"),
+        m.get("quantization"), m.get("quantization_reason"))
     out = tempfile.mkdtemp(prefix="gl-adapter-")
     with result.checkpoint.as_directory() as d:
         import shutil
 
         shutil.copytree(f"{d}/adapter", out, dirs_exist_ok=True)
-    return out, dict(result.metrics or {}, ray_cluster=cluster)
+    return out, dict(m, ray_cluster=cluster)
 
 
 def on_gate_node(cfg: RetrainConfig, adapter_dir: str, work):
