@@ -116,9 +116,11 @@ class GroundingService:
         from grounding.checkpoint import detect_family
         from grounding.engines import load_engine
         from grounding.engines.grounder import Grounder
+        from serve.guards import UriAllowList
 
         self.cfg = cfg
         self.ready = False
+        self.uris = UriAllowList(cfg.allowed_uri_prefixes)
         family = cfg.inference.family or detect_family(cfg.inference.model)
         self.engine = load_engine(cfg.inference.model_copy(update={"family": family}))
         self.grounder = Grounder(self.engine, family)
@@ -285,14 +287,11 @@ class GroundingService:
 
         try:
             is_ref = not (ref.startswith("data:") or is_base64_image(ref))
-            if is_ref:
-                if not any(ref.startswith(p) for p in self.cfg.allowed_uri_prefixes):
-                    allowed = ", ".join(self.cfg.allowed_uri_prefixes) or "none: send base64"
-                    raise ApiError(403, "uri_not_allowed", "image URIs must start with one of "
-                                   f"the allowed prefixes ({allowed})")
-                if ".." in ref.split("?")[0]:
-                    raise ApiError(403, "uri_not_allowed", "'..' is not allowed in image URIs")
-            data = read_bytes(ref, self.cfg.storage, max_bytes=self.cfg.max_body_bytes)
+            if is_ref and (why := self.uris.why_not(ref)):
+                raise ApiError(403, "uri_not_allowed", why)
+            # The allow-list checked this URI only: a redirect elsewhere is refused, not followed.
+            data = read_bytes(ref, self.cfg.storage, max_bytes=self.cfg.max_body_bytes,
+                              follow_redirects=False)
             return decode(data, self.cfg.max_image_pixels)
         except ImageError as e:
             raise ApiError(_IMAGE_STATUS.get(e.code, 422), e.code, str(e)) from None

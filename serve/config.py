@@ -3,7 +3,7 @@ config, see cluster/serve-config.yaml)."""
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from grounding.engines.base import EngineConfig
 from grounding.settings import RaySettings, Settings
@@ -28,9 +28,11 @@ class ServeConfig(Settings):
     max_image_pixels: int = Field(16_000_000, ge=1, description="Decoded images above this "
                                   "many pixels are refused with 413.")
     max_text_chars: int = Field(1000, ge=1, description="Longest referring expression.")
-    allowed_uri_prefixes: list[str] = Field(default_factory=list, description="Image URIs must "
-                                            "start with one of these (e.g. s3://bucket/images/"
-                                            "); empty = image URIs are refused, base64 only.")
+    allowed_uri_prefixes: list[str] = Field(default_factory=list, description="Image URIs a "
+                                            "request may name: same scheme, host and port as "
+                                            "one of these, and a path under its folder (e.g. "
+                                            "s3://bucket/images/); no user@host, no '..', no "
+                                            "redirects. Empty = base64 images only.")
     max_batch_size: int = Field(32, ge=1, description="Requests batched into one engine call.")
     batch_wait_ms: float = Field(10.0, ge=0, description="How long a batch waits to fill.")
     num_replicas: int = Field(1, ge=1, description="Serve replicas (one engine each).")
@@ -41,3 +43,14 @@ class ServeConfig(Settings):
     storage: StorageOptions = Field(default_factory=StorageOptions,
                                     description="Object storage for the registry and images.")
     ray: RaySettings = Field(default_factory=RaySettings, description="The Ray cluster.")
+
+    @field_validator("allowed_uri_prefixes")
+    @classmethod
+    def _prefixes_parse(cls, v: list[str]) -> list[str]:
+        from serve.guards import UriAllowList
+
+        try:
+            UriAllowList(v)
+        except ValueError as e:
+            raise ValueError(f"--allowed-uri-prefixes: {e}") from None
+        return v
