@@ -14,16 +14,25 @@ from serve.guards import ApiError
 
 log = logging.getLogger("groundlabel.serve")
 
-# What the engine raises for a bad INPUT (vLLM: a prompt over max_model_len, an image its
-# processor refuses; both ValueError). Anything else is the engine's own fault.
+# What the engine raises for a bad INPUT: vLLM's client errors (VLLMClientError, e.g. a prompt
+# over max_model_len; matched by name so that this layer needs no vLLM), and ValueError /
+# TypeError (an image its processor refuses, the transformers engine). Anything else is the
+# engine's own fault.
 _INPUT_ERRORS = (ValueError, TypeError)
+_INPUT_ERROR_NAMES = {"VLLMClientError"}
+
+
+def input_caused(e: BaseException) -> bool:
+    """True when ``e`` says the request itself is bad, not the engine."""
+    return isinstance(e, _INPUT_ERRORS) or any(c.__name__ in _INPUT_ERROR_NAMES
+                                               for c in type(e).__mro__)
 
 
 def _refusal(e: Exception) -> ApiError:
     # The client gets a stable code and the exception's kind, never the engine's text (which
     # names internals); the log keeps the text.
     log.warning("engine refused a request: %s: %s", type(e).__name__, str(e)[:500])
-    if isinstance(e, _INPUT_ERRORS):
+    if input_caused(e):
         return ApiError(422, "engine_rejected", f"the model could not take this request "
                         f"({type(e).__name__}); check its image and text")
     return ApiError(503, "engine_error", "the engine failed on this request; retry later")
