@@ -49,7 +49,7 @@ from serve.guards import (
     load_image,
     read_request,
 )
-from serve.schema import GroundResponse
+from serve.schema import GroundRequest, GroundResponse
 
 log = logging.getLogger("groundlabel.serve")
 
@@ -186,8 +186,12 @@ class GroundingService:
         return await asyncio.to_thread(self._generate_isolated, inputs)
 
     # -- routes ----------------------------------------------------------------------------
+    # The body is read and checked by hand (serve.guards.read_request: size, depth, schema),
+    # so FastAPI does not see it: openapi_extra puts its schema in the OpenAPI document.
     @api.post("/v1/ground", response_model=GroundResponse,
-              responses={400: {}, 401: {}, 403: {}, 404: {}, 413: {}, 422: {}})
+              responses={400: {}, 401: {}, 403: {}, 404: {}, 413: {}, 422: {}, 503: {}},
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": GroundRequest.model_json_schema()}}}})
     async def ground(self, request: Request):
         """Boxes for one image and one referring expression."""
         from grounding.engines.base import EngineInput

@@ -110,7 +110,7 @@ def _field(name: str, allowed_prefix: str):
 
 @st.composite
 def schema_body(draw, schema: dict, allowed_prefix: str) -> dict:
-    """A body from the request schema (openapi ``components.schemas.GroundRequest``): each
+    """A body from the request schema (`request_schema`): each
     property from its strategy, then perhaps a required one dropped, an extra key added, or a
     value of the wrong type."""
     props = schema["properties"]
@@ -134,10 +134,19 @@ def _dumps(obj, ascii_only: bool) -> bytes:
                                                                             "surrogatepass")
 
 
+def request_schema(openapi: dict) -> dict:
+    """The JSON schema of POST /v1/ground's body, from the endpoint's OpenAPI document."""
+    schema = openapi["paths"]["/v1/ground"]["post"]["requestBody"]["content"][
+        "application/json"]["schema"]
+    if "$ref" in schema:
+        schema = openapi["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]
+    return schema
+
+
 @st.composite
 def requests_(draw, openapi: dict, allowed_prefix: str, key: str) -> Req:
     """One request to POST /v1/ground: body and headers."""
-    schema = openapi["components"]["schemas"]["GroundRequest"]
+    schema = request_schema(openapi)
     kind = draw(st.sampled_from(["schema"] * 6 + ["json", "deep", "raw", "huge_number"]))
     if kind == "schema":
         body = _dumps(draw(schema_body(schema, allowed_prefix)), draw(st.booleans()))

@@ -101,6 +101,8 @@ def test_answers_base64_and_uri(svc):
     assert "groundlabel_engine_rejections_total" in metrics
     spec = requests.get(f"{svc['url']}/openapi.json", timeout=30).json()
     assert "/v1/ground" in spec["paths"]
+    body = spec["paths"]["/v1/ground"]["post"]["requestBody"]["content"]["application/json"]
+    assert set(body["schema"]["required"]) == {"image", "text"}  # the schema fuzzing starts from
     assert requests.get(f"{svc['url']}/docs", timeout=30).status_code == 200
 
 
@@ -127,7 +129,7 @@ def test_guards(svc, case):
             "nested_json": 400,     # nesting past MAX_JSON_DEPTH, inside a plausible body
             "deep_json": 400,       # 50,000 levels: would raise RecursionError in the parser
             "wrong_type": 422,      # text is a number
-            "huge_number": 422,     # a 5,000-digit integer where a string belongs
+            "huge_number": 400,     # 5,000 digits: past Python's int-parsing limit (4,300)
             "wide_image": 422,      # 402x2 px: aspect ratio 201, over the label job's 200
             "tall_image": 422,      # 2x402 px
             "long_prompt": 413,     # 990 characters, ~3 tokens each: over max_model_len
@@ -349,3 +351,18 @@ def test_property_based_fuzz_no_5xx_and_still_healthy(svc):
     assert requests.get(f"{url}/readyz", timeout=30).status_code == 200
     r = _post(svc, {"image": svc["b64"], "text": svc["sample"].text})
     assert r.status_code == 200 and r.json()["boxes"], r.text
+
+
+def test_replicas_read_the_host_serve_really_listens_on(svc):
+    """The replica's auth check asks Serve's controller for the proxy host (a `serve deploy`
+    config sets it in http_options, apart from our args): here loopback, so a replica without
+    keys may start; unknown would count as exposed."""
+    import ray
+
+    from serve.app import _proxy_host
+    from serve.config import ServeConfig
+
+    cfg = ServeConfig(api_keys_env="GL_UNSET_KEYS")
+    host = ray.get(ray.remote(num_cpus=0)(_proxy_host).remote(cfg))
+    assert host == "127.0.0.1"
+    assert cfg.auth_refusal(host) is None and cfg.auth_refusal("0.0.0.0")
