@@ -13,7 +13,14 @@ pinned to one adapter when it arrives (the one it names, or production at that m
 swap never mixes adapters inside an answer. A watcher thread reads the registry's production
 pointer every ``poll_s``; a new adapter is downloaded, probed with one real generation, and only
 then made the default: a corrupt or incompatible adapter is refused and the old one keeps
-serving. Every error is a 4xx JSON ``{"error": {"code", "message"}}``.
+serving. Every input problem is a 4xx JSON ``{"error": {"code", "message"}}`` raised before the
+engine (`serve.guards`); if an engine batch still fails, its requests are retried one by one
+so only the culprit fails (`serve.batching`).
+
+Auth cannot be off by accident: with no API keys a replica refuses to start unless Serve's
+proxy listens on loopback only or ``insecure_no_auth`` is set. ``/v1/ground`` and
+``/v1/models`` need a key whenever keys are set, ``/metrics`` too unless ``metrics_public``;
+``/healthz`` and ``/readyz`` are public.
 
 Run::
 
@@ -35,8 +42,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 
 from serve.config import ServeConfig
-from serve.guards import ApiError, check_auth, load_image, read_request
-from serve.schema import GroundResponse
+from serve.guards import (
+    ApiError,
+    check_auth,
+    check_image_shape,
+    load_image,
+    read_request,
+)
+from serve.schema import GroundRequest, GroundResponse
 
 log = logging.getLogger("groundlabel.serve")
 
@@ -65,6 +78,32 @@ async def _bad_method(request: Request, _):
     return _error(405, "method_not_allowed", f"{request.method} is not allowed here")
 
 
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, e: Exception):
+    # A bug, not an input problem: still a JSON error, and no internal text for the client.
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return _error(500, "internal", "internal error (logged)")
+
+
+def _refusal_code(why: str) -> str:
+    """A stable reason code for a refused adapter (the follower keeps the exception text,
+    which names internals: paths, shapes, buckets; it stays in the logs)."""
+    if why.split(":", 1)[0].endswith(("Error", "Exception")):
+        return "load_failed"  # registered or probed, and failed (wrong shapes, corrupt weights)
+    return "download_failed"  # never reached the engine (registry or storage)
+
+
+def _proxy_host(cfg: ServeConfig) -> str:
+    """The host Serve's HTTP proxy listens on (``http_options``, which a ``serve deploy``
+    config sets apart from our args); unknown counts as exposed."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        return _get_global_client().http_config.host
+    except Exception:  # noqa: BLE001 - no controller to ask: assume the worst
+        return "0.0.0.0"
+
+
 @serve.deployment
 @serve.ingress(api)
 class GroundingService:
@@ -77,11 +116,24 @@ class GroundingService:
 
         self.cfg = cfg
         self.ready = False
+        # Here, in the replica, because this is the environment check_auth reads keys from, and
+        # every way to start the app (groundlabel serve, serve run/deploy) reaches it.
+        host = _proxy_host(cfg)
+        if why := cfg.auth_refusal(host):
+            raise ValueError(why)
+        if not cfg.api_keys():
+            log.warning("serving WITHOUT authentication on %s (%s)", host,
+                        "--insecure-no-auth" if cfg.insecure_no_auth else "loopback only")
         self.uris = UriAllowList(cfg.allowed_uri_prefixes)
         family = cfg.inference.family or detect_family(cfg.inference.model)
         self.engine = load_engine(cfg.inference.model_copy(update={"family": family}))
         self.grounder = Grounder(self.engine, family)
         self.family = family
+        from serve.guards import TokenBudget
+
+        inf = cfg.inference
+        self.budget = TokenBudget(inf.model, self.grounder.reader.resize, inf.max_model_len,
+                                  inf.max_new_tokens)
         self.gen_lock = threading.Lock()  # one engine call at a time (vLLM is not re-entrant)
         self._batched.set_max_batch_size(self.cfg.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_ms / 1000)
@@ -107,20 +159,39 @@ class GroundingService:
         self.m_refused = Counter("groundlabel_adapter_refusals", "Adapters refused.",
                                  registry=r)
         self.m_ready = Gauge("groundlabel_ready", "1 when the engine is loaded.", registry=r)
+        self.m_retries = Counter("groundlabel_batch_retries", "Engine batches that failed and "
+                                 "were retried one request at a time.", registry=r)
+        self.m_rejections = Counter("groundlabel_engine_rejections", "Requests the engine "
+                                    "failed on alone (answered 422 engine_rejected or 503).",
+                                    registry=r)
 
     # -- batching --------------------------------------------------------------------------
     def _generate(self, inputs):
         with self.gen_lock:
             return self.engine.generate(inputs)
 
+    def _generate_isolated(self, inputs: list) -> list:
+        """A Generation or an ApiError per input: one failing request fails alone."""
+        from serve.batching import isolate_failures
+
+        out, retried = isolate_failures(self._generate, inputs)
+        if retried:
+            self.m_retries.inc()
+        self.m_rejections.inc(sum(isinstance(x, ApiError) for x in out))
+        return out
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _batched(self, inputs: list) -> list:
         self.m_batch.observe(len(inputs))
-        return await asyncio.to_thread(self._generate, inputs)
+        return await asyncio.to_thread(self._generate_isolated, inputs)
 
     # -- routes ----------------------------------------------------------------------------
+    # The body is read and checked by hand (serve.guards.read_request: size, depth, schema),
+    # so FastAPI does not see it: openapi_extra puts its schema in the OpenAPI document.
     @api.post("/v1/ground", response_model=GroundResponse,
-              responses={400: {}, 401: {}, 403: {}, 404: {}, 413: {}, 422: {}})
+              responses={400: {}, 401: {}, 403: {}, 404: {}, 413: {}, 422: {}, 503: {}},
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": GroundRequest.model_json_schema()}}}})
     async def ground(self, request: Request):
         """Boxes for one image and one referring expression."""
         from grounding.engines.base import EngineInput
@@ -130,13 +201,17 @@ class GroundingService:
             check_auth(self.cfg, request)
             req = await read_request(self.cfg, request, self.family)
             img = await asyncio.to_thread(load_image, self.cfg, self.uris, req.image)
+            model_size = check_image_shape(self.grounder.reader.resize, img.size)
             adapter = await asyncio.to_thread(self.follower.adapter_for, req.adapter)
             from grounding.engines.grounder import GroundingRequest
 
             prepared = self.grounder.prepare(GroundingRequest(img, req.text, adapter))
             if not isinstance(prepared, EngineInput):
                 raise ApiError(422, prepared.error_code or "bad_request", prepared.error or "")
+            self.budget.check(prepared.prompt, model_size)  # before batching: fails alone
             gen = await self._batched(prepared)
+            if isinstance(gen, ApiError):
+                raise gen
             res = self.grounder.finish(gen, img.size)
         except ApiError as e:
             self.m_requests.labels(str(e.status)).inc()
@@ -149,12 +224,15 @@ class GroundingService:
                 "status": res.status, "image_size": list(img.size), "model": self.cfg.inference.model,
                 "adapter": adapter, "raw_text": res.raw_text, "latency_ms": round(ms, 1)}
 
-    @api.get("/v1/models")
-    async def models(self):
-        """The base model, the production adapter, and the adapters this replica can serve."""
+    @api.get("/v1/models", responses={401: {}})
+    async def models(self, request: Request):
+        """The base model, the production adapter, and the adapters this replica can serve
+        (refused ones: name and a reason code, ``load_failed`` or ``download_failed``)."""
+        check_auth(self.cfg, request)
         f = self.follower
         out = {"model": self.cfg.inference.model, "family": self.family, "production": f.production,
-               "loaded_adapters": sorted(self.engine.adapters), "refused": f.refused}
+               "loaded_adapters": sorted(self.engine.adapters),
+               "refused": {n: _refusal_code(why) for n, why in dict(f.refused).items()}}
         if f.registry is not None:
             reg = await asyncio.to_thread(f.registry.list)
             out["registry"] = [{"name": m["name"], "registered_at": m["registered_at"],
@@ -172,9 +250,11 @@ class GroundingService:
         return {"status": "ready", "production": self.follower.production}
 
     @api.get("/metrics")
-    async def metrics(self):
+    async def metrics(self, request: Request):
         from prometheus_client import generate_latest
 
+        if not self.cfg.metrics_public:
+            check_auth(self.cfg, request)
         self.m_ready.set(1 if self.ready else 0)
         return PlainTextResponse(generate_latest(self.prom).decode(),
                                  media_type="text/plain; version=0.0.4")

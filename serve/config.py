@@ -22,7 +22,17 @@ class ServeConfig(Settings):
                                      "is no registry; requests name them by folder name.")
     poll_s: float = Field(1.0, gt=0, description="How often the registry pointer is read.")
     api_keys_env: str = Field("GROUNDLABEL_API_KEYS", description="Environment variable with "
-                              "comma-separated API keys; unset or empty = no authentication.")
+                              "comma-separated API keys (of the replicas: a Kubernetes Secret "
+                              "on a cluster). Unset or empty is refused unless the endpoint "
+                              "listens on loopback only or --insecure-no-auth is given.")
+    insecure_no_auth: bool = Field(False, description="Serve WITHOUT API keys on a non-loopback "
+                                   "host (a warning is logged). Without this flag the endpoint "
+                                   "refuses to start when no keys are set and it is reachable "
+                                   "from other machines.")
+    metrics_public: bool = Field(False, description="Answer GET /metrics without an API key. "
+                                 "Off by default: with keys set, a scraper sends one "
+                                 "(Authorization: Bearer); /healthz and /readyz are always "
+                                 "public.")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Larger request bodies "
                                 "are refused with 413.")
     max_image_pixels: int = Field(16_000_000, ge=1, description="Decoded images above this "
@@ -44,6 +54,21 @@ class ServeConfig(Settings):
                                     description="Object storage for the registry and images.")
     ray: RaySettings = Field(default_factory=RaySettings, description="The Ray cluster.")
 
+    def api_keys(self) -> list[str]:
+        """The API keys in this process's environment (``api_keys_env``), stripped."""
+        import os
+
+        return [k.strip() for k in os.environ.get(self.api_keys_env, "").split(",") if k.strip()]
+
+    def auth_refusal(self, host: str) -> str | None:
+        """Why the endpoint must not start without keys when its proxy listens on ``host``
+        (None: it may). No keys is allowed on a loopback host, or with ``insecure_no_auth``."""
+        if self.api_keys() or self.insecure_no_auth or is_loopback(host):
+            return None
+        return (f"no API keys: set {self.api_keys_env} (comma-separated keys) in the "
+                f"replicas' environment, or pass --insecure-no-auth (insecure_no_auth: true) "
+                f"to serve without authentication on {host!r}, which is not a loopback address")
+
     @field_validator("allowed_uri_prefixes")
     @classmethod
     def _prefixes_parse(cls, v: list[str]) -> list[str]:
@@ -54,3 +79,18 @@ class ServeConfig(Settings):
         except ValueError as e:
             raise ValueError(f"--allowed-uri-prefixes: {e}") from None
         return v
+
+
+def is_loopback(host: str | None) -> bool:
+    """True for a host only this machine reaches (127.0.0.0/8, ::1, localhost); False for
+    0.0.0.0, ::, names and anything unknown."""
+    import ipaddress
+
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -1,6 +1,7 @@
 """The endpoint's guards, checked before a request reaches the engine: API keys, the body
-(size, JSON, schema), the image (URI allow-list, fetch, decode, size) and the errors they raise
-(`ApiError`, answered as a 4xx JSON ``{"error": {"code", "message"}}``).
+(size, JSON and its nesting depth, schema), the image (URI allow-list, fetch, decode, size,
+aspect ratio), the token budget (prompt + image + answer within ``max_model_len``) and the
+errors they raise (`ApiError`, answered as a 4xx JSON ``{"error": {"code", "message"}}``).
 
 Run::
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import os
 import posixpath
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
@@ -113,16 +113,52 @@ _IMAGE_STATUS = {"too_large": 413, "missing": 422, "fetch_failed": 422, "empty_i
                  "corrupt": 422, "zero_size": 422, "bad_image_ref": 400}
 
 
+# A request body is one flat object (depth 1). Anything much deeper is hostile; the bound is
+# explicit so that no nesting reaches a recursive parser or validator (json's C scanner raises
+# RecursionError near depth 1000, which is caught too).
+MAX_JSON_DEPTH = 8
+
+
+def json_depth(value) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0, ``{}``/``[]`` 1), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict | list):
+            deepest = max(deepest, d)
+            if d > MAX_JSON_DEPTH:
+                break  # deep enough to refuse: no need to walk the rest
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def parse_json(body: bytes):
+    """The body parsed as JSON, or ApiError 400 (not JSON, or nested deeper than
+    `MAX_JSON_DEPTH`)."""
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        raise ApiError(400, "json_too_deep", f"JSON nested deeper than {MAX_JSON_DEPTH} "
+                       "levels") from None
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "bad_json", "the body is not JSON") from None
+    if json_depth(data) > MAX_JSON_DEPTH:
+        raise ApiError(400, "json_too_deep", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return data
+
+
 def check_auth(cfg, request) -> None:
-    """ApiError 401 unless the request carries one of the configured API keys."""
-    keys = [k for k in os.environ.get(cfg.api_keys_env, "").split(",") if k.strip()]
+    """ApiError 401 unless the request carries one of the configured API keys (none configured:
+    allowed, which `serve.config.ServeConfig.auth_refusal` permits only on loopback or with
+    ``--insecure-no-auth``)."""
+    keys = cfg.api_keys()
     if not keys:
         return
     got = request.headers.get("x-api-key") or ""
     auth = request.headers.get("authorization") or ""
     if auth.lower().startswith("bearer "):
         got = got or auth[7:]
-    if not any(hmac.compare_digest(got.encode(), k.strip().encode()) for k in keys):
+    if not any(hmac.compare_digest(got.encode(), k.encode()) for k in keys):
         raise ApiError(401, "unauthorized", "missing or wrong API key (X-API-Key header "
                        "or Authorization: Bearer)")
 
@@ -140,10 +176,7 @@ async def read_request(cfg, request, family: str):
         if len(body) > cfg.max_body_bytes:
             raise ApiError(413, "payload_too_large",
                            f"body over the limit of {cfg.max_body_bytes} bytes")
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "bad_json", "the body is not JSON") from None
+    data = parse_json(body)
     try:
         req = GroundRequest.model_validate(data)
     except ValidationError as e:
@@ -174,3 +207,59 @@ def load_image(cfg, uris: UriAllowList, ref: str):
         return decode(data, cfg.max_image_pixels)
     except ImageError as e:
         raise ApiError(_IMAGE_STATUS.get(e.code, 422), e.code, str(e)) from None
+
+
+def check_image_shape(resize, size: tuple[int, int]) -> tuple[int, int]:
+    """The model-input ``(width, height)`` of an image of ``size``, or ApiError 422 when the
+    model cannot take it: the label job's rule (`grounding.resize.smart_resize`, an aspect
+    ratio over `grounding.resize.MAX_RATIO`), checked here so it never fails inside vLLM."""
+    try:
+        return resize.resized_size(size)
+    except ValueError as e:
+        raise ApiError(422, "bad_aspect_ratio", f"image {size[0]}x{size[1]} cannot be resized "
+                       f"for the model: {e}") from None
+
+
+class TokenBudget:
+    """Tokens a request takes in the engine, counted as the model counts them, so that a
+    prompt over ``max_model_len`` is refused before it is batched (vLLM would fail the whole
+    batch with it).
+
+    Total = the chat prompt's text tokens (the model's own tokenizer; the one image
+    placeholder left out) + the image's tokens + ``max_new_tokens``. Image tokens are the
+    Qwen processor's: ``(resized_h / patch) * (resized_w / patch) / merge**2`` =
+    ``resized_h * resized_w / factor**2`` with ``factor = patch * merge`` and the resized size
+    from the checkpoint's `grounding.resize.ResizeSpec` (``smart_resize``).
+    """
+
+    def __init__(self, model: str, resize, max_model_len: int, max_new_tokens: int):
+        from transformers import AutoTokenizer
+
+        # Our own tokenizer object: the engine's is used by vLLM in another thread, and a Rust
+        # tokenizer shared across threads can fail with "Already borrowed".
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.resize, self.max_model_len, self.max_new_tokens = resize, max_model_len, max_new_tokens
+        pad = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.image_pad = pad if isinstance(pad, int) and pad != self.tokenizer.unk_token_id \
+            else None
+
+    def image_tokens(self, model_size: tuple[int, int]) -> int:
+        """Tokens of an image whose model input is ``model_size`` (width, height)."""
+        w, h = model_size
+        return (w // self.resize.factor) * (h // self.resize.factor)
+
+    def count(self, prompt: str, model_size: tuple[int, int]) -> int:
+        """Prompt + image + answer tokens of one request."""
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        pads = ids.count(self.image_pad) if self.image_pad is not None else 0
+        return len(ids) - pads + pads * self.image_tokens(model_size) + self.max_new_tokens
+
+    def check(self, prompt: str, model_size: tuple[int, int]) -> int:
+        """The request's token count, or ApiError 413 ``prompt_too_long``."""
+        n = self.count(prompt, model_size)
+        if n > self.max_model_len:
+            raise ApiError(413, "prompt_too_long",
+                           f"the request needs {n} tokens (prompt, image and "
+                           f"{self.max_new_tokens} answer tokens), the model takes "
+                           f"{self.max_model_len}: shorten the text")
+        return n

@@ -116,3 +116,97 @@ def test_the_endpoint_fetch_follows_no_redirect(http_server):
     with pytest.raises(ImageError) as e:
         read_bytes(f"{http_server}/img.png", follow_redirects=False, max_bytes=10)
     assert e.value.code == "too_large"
+
+
+# ---- the body: JSON nesting is bounded explicitly ----------------------------------------------
+@pytest.mark.parametrize("body, code", [
+    (b"[" * 100_000 + b"]" * 100_000, "json_too_deep"),   # past the C parser's recursion limit
+    (b'{"a":' * 5000 + b"1" + b"}" * 5000, "json_too_deep"),  # objects, same
+    (b"[" * 9 + b"]" * 9, "json_too_deep"),                # just over MAX_JSON_DEPTH
+    (b'{"image": [[[[[[[[[["x"]]]]]]]]]]}', "json_too_deep"),  # deep inside a valid-looking body
+    (b"[" * 100_000, "json_too_deep"),                      # deep AND unterminated: a clean 400
+    (b"\xff\xfe{", "bad_json"),                             # not UTF-8
+    (b"", "bad_json"),                                      # empty body
+])
+def test_bad_json_is_a_400(body, code):
+    from serve.guards import ApiError, parse_json
+
+    with pytest.raises(ApiError) as e:
+        parse_json(body)
+    assert (e.value.status, e.value.code) == (400, code)
+
+
+@pytest.mark.parametrize("body", [
+    b'{"image": "x", "text": "y"}',                         # the normal body: depth 1
+    b"[" * 8 + b"]" * 8,                                    # exactly MAX_JSON_DEPTH
+    b'"a string"',                                          # a scalar (the schema refuses it)
+])
+def test_shallow_json_parses(body):
+    from serve.guards import parse_json
+
+    parse_json(body)
+
+
+# ---- the image: the label job's aspect-ratio rule ----------------------------------------------
+@pytest.mark.parametrize("size, ok", [
+    ((64, 64), True),            # square
+    ((1, 1), True),              # one pixel: upscaled to min_pixels
+    ((200, 1), True),            # exactly MAX_RATIO
+    ((201, 1), False),           # just over, wide
+    ((1, 201), False),           # just over, tall
+    ((20_000, 10), False),       # 2000:1 strip
+])
+def test_aspect_ratio(tiny_model, size, ok):
+    from grounding.checkpoint import resize_spec
+    from serve.guards import ApiError, check_image_shape
+
+    spec = resize_spec(tiny_model)
+    if ok:
+        w, h = check_image_shape(spec, size)
+        assert w % spec.factor == 0 and h % spec.factor == 0
+    else:
+        with pytest.raises(ApiError) as e:
+            check_image_shape(spec, size)
+        assert (e.value.status, e.value.code) == (422, "bad_aspect_ratio")
+
+
+# ---- tokens: prompt + image + answer within max_model_len --------------------------------------
+@pytest.fixture(scope="module")
+def budget(tiny_model):
+    from grounding.checkpoint import resize_spec
+    from serve.guards import TokenBudget
+
+    return TokenBudget(str(tiny_model), resize_spec(tiny_model), max_model_len=1024,
+                       max_new_tokens=64)
+
+
+@pytest.mark.parametrize("model_size, tokens", [
+    ((64, 64), 4),               # 2x2 patches of 32 px (patch 16, merge 2)
+    ((256, 256), 64),            # the tiny model's max_pixels (65536): 8x8
+    ((32, 2048), 64),            # a strip of the same area
+])
+def test_image_tokens(budget, model_size, tokens):
+    assert budget.image_tokens(model_size) == tokens
+
+
+def test_token_count_adds_text_image_and_answer(budget):
+    prompt = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>find x<|im_end|>\n"
+    text = len(budget.tokenizer.encode(prompt, add_special_tokens=False))
+    assert budget.count(prompt, (256, 256)) == text - 1 + 64 + 64
+
+
+@pytest.mark.parametrize("text, ok", [
+    ("the red circle", True),                        # a normal expression
+    ("a " * 400, True),                              # 800 chars of one-token words: fits
+    ("\U0001d518\u00e9\u4e2d" * 300, False),          # 900 chars, ~3 tokens each: over 1024
+])
+def test_prompt_over_max_model_len_is_a_413(budget, text, ok):
+    from serve.guards import ApiError
+
+    prompt = f"<|vision_start|><|image_pad|><|vision_end|>{text}"
+    if ok:
+        assert budget.check(prompt, (256, 256)) <= 1024
+    else:
+        with pytest.raises(ApiError) as e:
+            budget.check(prompt, (256, 256))
+        assert (e.value.status, e.value.code) == (413, "prompt_too_long")
