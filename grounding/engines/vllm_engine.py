@@ -78,6 +78,17 @@ class VLLMEngine(Engine):
         lid = self._lora_ids.setdefault(name, len(self._lora_ids) + 1)
         return LoRARequest(lora_name=name, lora_int_id=lid, lora_path=path)
 
+    def remove_adapter(self, name: str) -> None:
+        """Forget an adapter, in vLLM too: a refused adapter leaves no trace in the engine.
+        Its int id stays taken (ids are never reused, like names)."""
+        super().remove_adapter(name)
+        lid = self._lora_ids.get(name)
+        if lid is not None:
+            try:
+                self.llm.llm_engine.remove_lora(lid)
+            except Exception:  # noqa: BLE001, S110 - never loaded (its load failed): nothing to drop
+                pass
+
     def generate(self, inputs: list[EngineInput]) -> list[Generation]:
         from vllm import SamplingParams
 
