@@ -139,6 +139,24 @@ class AdapterRegistry:
                 out.append(json.loads(self.fs.cat_file(meta)))
         return sorted(out, key=lambda m: (m["registered_at"], m["name"]))
 
+    def names(self) -> set[str]:
+        """Names of every registered adapter, from ONE listing of the adapters folder (no
+        meta.json reads: `list` costs about two requests per adapter, this one in all)."""
+        base = self._p("adapters")
+        self.fs.invalidate_cache(base)
+        try:
+            files = self.fs.find(base)
+        except FileNotFoundError:
+            return set()
+        prefix = base.rstrip("/") + "/"
+        out = set()
+        for f in files:
+            rel = f[len(prefix):] if f.startswith(prefix) else ""
+            parts = rel.split("/")
+            if len(parts) == 2 and parts[1] == "meta.json":  # an adapter exists iff meta.json
+                out.add(parts[0])
+        return out
+
     def download(self, name: str, cache_dir: str | Path) -> str:
         """The adapter's files in a local folder (``cache_dir/name``), for vLLM/peft."""
         self.show(name)

@@ -222,7 +222,8 @@ class GroundingService:
         return {"boxes": [{"x1": b.x1, "y1": b.y1, "x2": b.x2, "y2": b.y2, "score": b.score}
                           for b in res.boxes],
                 "status": res.status, "image_size": list(img.size), "model": self.cfg.inference.model,
-                "adapter": adapter, "raw_text": res.raw_text, "latency_ms": round(ms, 1)}
+                "adapter": adapter, "raw_text": res.raw_text, "latency_ms": round(ms, 1),
+                "replica": self.follower.replica}
 
     @api.get("/v1/models", responses={401: {}})
     async def models(self, request: Request):
@@ -232,7 +233,8 @@ class GroundingService:
         f = self.follower
         out = {"model": self.cfg.inference.model, "family": self.family, "production": f.production,
                "loaded_adapters": sorted(self.engine.adapters),
-               "refused": {n: _refusal_code(why) for n, why in dict(f.refused).items()}}
+               "refused": {n: _refusal_code(why) for n, why in dict(f.refused).items()},
+               "replica": f.replica, "switched_at": f.switched_at}
         if f.registry is not None:
             reg = await asyncio.to_thread(f.registry.list)
             out["registry"] = [{"name": m["name"], "registered_at": m["registered_at"],

@@ -34,3 +34,4 @@ class GroundResponse(BaseModel):
     adapter: str | None = Field(description="Adapter that answered (None: the base model)")
     raw_text: str
     latency_ms: float
+    replica: str | None = Field(None, description="The replica that answered (host:pid).")

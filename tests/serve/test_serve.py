@@ -366,3 +366,51 @@ def test_replicas_read_the_host_serve_really_listens_on(svc):
     host = ray.get(ray.remote(num_cpus=0)(_proxy_host).remote(cfg))
     assert host == "127.0.0.1"
     assert cfg.auth_refusal(host) is None and cfg.auth_refusal("0.0.0.0")
+
+
+@pytest.mark.parametrize("name", ["../adapter-a", "adapter-a/", "./adapter-a", "a/b", "x" * 101,
+                                  ".hidden", "a..b", "é"])
+def test_an_invalid_adapter_name_is_422_before_storage(svc, name):
+    r = _post(svc, {"image": svc["b64"], "text": "x", "adapter": name})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_adapter_name", r.text
+
+
+def test_an_adapter_failing_its_probe_never_answers_and_leaves_no_trace(svc, tmp_path):
+    """An adapter that passes the folder checks but that vLLM refuses at load time (DoRA): the
+    probe fails. Concurrent requests naming it while it is probed are all 404 (none reaches the
+    engine with it), the engine's adapter list lacks it afterwards, and the refusal is one
+    ``serve-refuse`` event for this replica however many requests named it."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    reg = svc["reg"]
+    dora = tmp_path / "dora"
+    shutil.copytree(svc["tmp"] / "registry" / "adapters" / "adapter-b", dora)
+    (dora / "meta.json").unlink()
+    cfg = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps(dict(cfg, use_dora=True)))
+    name = reg.register(dora, {"note": "DoRA: vLLM refuses it"}, name="adapter-dora")
+    time.sleep(1.5)  # > poll_s: the name is in the replica's listing
+
+    def ask(_):
+        return _post(svc, {"image": svc["b64"], "text": svc["sample"].text, "adapter": name})
+
+    with ThreadPoolExecutor(6) as pool:
+        rs = list(pool.map(ask, range(12)))
+    assert [r.status_code for r in rs] == [404] * 12, [(r.status_code, r.text) for r in rs]
+    assert all(r.json()["error"]["code"] == "unknown_adapter" for r in rs)
+    models = requests.get(f"{svc['url']}/v1/models", headers={"X-API-Key": KEY}, timeout=30).json()
+    assert name in models["refused"] and name not in models["loaded_adapters"], models
+    refusals = [e for e in reg.events() if e["kind"] == "serve-refuse" and e["name"] == name]
+    assert len(refusals) == 1 and refusals[0]["replica"] == models["replica"], refusals
+    assert _post(svc, {"image": svc["b64"], "text": svc["sample"].text}).status_code == 200
+
+
+def test_an_adapter_registered_after_start_is_found_after_the_next_poll(svc, tiny_model,
+                                                                          tmp_path):
+    reg = svc["reg"]
+    name = reg.register(_lora(tiny_model, tmp_path / "c", 11), {"note": "C"}, name="adapter-c")
+    time.sleep(1.5)  # > poll_s
+    r = _post(svc, {"image": svc["b64"], "text": svc["sample"].text, "adapter": name})
+    assert r.status_code == 200 and r.json()["adapter"] == name, r.text
+    assert r.json()["replica"]
