@@ -58,15 +58,21 @@ def is_uri(ref: str) -> bool:
 
 
 def read_bytes(ref: str | bytes, storage: StorageOptions | None = None,
-               max_bytes: int = MAX_BYTES) -> bytes:
+               max_bytes: int = MAX_BYTES, follow_redirects: bool = True) -> bytes:
     """Bytes of an image given as raw bytes, a ``data:`` URI, base64 text, a local path or an
-    fsspec URI (``s3://bucket/key``, ``file://...``, reached with ``storage``)."""
+    fsspec URI (``s3://bucket/key``, ``file://...``, reached with ``storage``).
+
+    ``follow_redirects=False`` (the endpoint, whose URIs come from clients): an HTTP(S) answer
+    that redirects is refused (``fetch_failed``) instead of followed, since the target was
+    never checked against the allow-list."""
     if isinstance(ref, bytes | bytearray | memoryview):
         data = bytes(ref)
     elif not isinstance(ref, str):
         raise ImageError("bad_image_ref", f"image must be bytes or a string, got {type(ref).__name__}")
     elif ref.startswith("data:"):
         data = _b64(ref.split(",", 1)[-1])
+    elif is_uri(ref) and not follow_redirects and ref.lower().startswith(("http://", "https://")):
+        data = _fetch_no_redirect(ref, max_bytes)
     elif is_uri(ref):
         data = _fetch(ref, (storage or StorageOptions()).fsspec_kwargs(ref), max_bytes)
     else:
@@ -103,6 +109,29 @@ def _fetch(uri: str, storage_options: dict, max_bytes: int) -> bytes:
         if "NoSuchKey" in str(e) or "Not Found" in str(e) or "404" in str(e):
             raise ImageError("missing", f"image not found: {uri}") from e
         raise ImageError("fetch_failed", f"could not read {uri}: {e}") from e
+
+
+def _fetch_no_redirect(uri: str, max_bytes: int, timeout_s: float = 10.0) -> bytes:
+    """GET ``uri`` without following redirects, reading at most ``max_bytes`` + 1 bytes."""
+    import requests
+
+    try:
+        with requests.get(uri, allow_redirects=False, stream=True, timeout=timeout_s) as r:
+            if r.is_redirect or 300 <= r.status_code < 400:
+                raise ImageError("fetch_failed", f"{uri} redirects ({r.status_code}); redirects "
+                                 "are not followed")
+            if r.status_code == 404:
+                raise ImageError("missing", f"image not found: {uri}")
+            if r.status_code >= 400:
+                raise ImageError("fetch_failed", f"could not read {uri}: HTTP {r.status_code}")
+            data = b""
+            for chunk in r.iter_content(64 * 1024):
+                data += chunk
+                if len(data) > max_bytes:
+                    raise ImageError("too_large", f"{uri} has over {max_bytes} bytes")
+            return data
+    except requests.RequestException as e:
+        raise ImageError("fetch_failed", f"could not read {uri}: {type(e).__name__}") from e
 
 
 def decode(data: bytes, max_pixels: int = MAX_PIXELS):

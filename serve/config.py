@@ -3,7 +3,7 @@ config, see cluster/serve-config.yaml)."""
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from grounding.engines.base import EngineConfig
 from grounding.settings import RaySettings, Settings
@@ -22,15 +22,27 @@ class ServeConfig(Settings):
                                      "is no registry; requests name them by folder name.")
     poll_s: float = Field(1.0, gt=0, description="How often the registry pointer is read.")
     api_keys_env: str = Field("GROUNDLABEL_API_KEYS", description="Environment variable with "
-                              "comma-separated API keys; unset or empty = no authentication.")
+                              "comma-separated API keys (of the replicas: a Kubernetes Secret "
+                              "on a cluster). Unset or empty is refused unless the endpoint "
+                              "listens on loopback only or --insecure-no-auth is given.")
+    insecure_no_auth: bool = Field(False, description="Serve WITHOUT API keys on a non-loopback "
+                                   "host (a warning is logged). Without this flag the endpoint "
+                                   "refuses to start when no keys are set and it is reachable "
+                                   "from other machines.")
+    metrics_public: bool = Field(False, description="Answer GET /metrics without an API key. "
+                                 "Off by default: with keys set, a scraper sends one "
+                                 "(Authorization: Bearer); /healthz and /readyz are always "
+                                 "public.")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Larger request bodies "
                                 "are refused with 413.")
     max_image_pixels: int = Field(16_000_000, ge=1, description="Decoded images above this "
                                   "many pixels are refused with 413.")
     max_text_chars: int = Field(1000, ge=1, description="Longest referring expression.")
-    allowed_uri_prefixes: list[str] = Field(default_factory=list, description="Image URIs must "
-                                            "start with one of these (e.g. s3://bucket/images/"
-                                            "); empty = image URIs are refused, base64 only.")
+    allowed_uri_prefixes: list[str] = Field(default_factory=list, description="Image URIs a "
+                                            "request may name: same scheme, host and port as "
+                                            "one of these, and a path under its folder (e.g. "
+                                            "s3://bucket/images/); no user@host, no '..', no "
+                                            "redirects. Empty = base64 images only.")
     max_batch_size: int = Field(32, ge=1, description="Requests batched into one engine call.")
     batch_wait_ms: float = Field(10.0, ge=0, description="How long a batch waits to fill.")
     num_replicas: int = Field(1, ge=1, description="Serve replicas (one engine each).")
@@ -41,3 +53,44 @@ class ServeConfig(Settings):
     storage: StorageOptions = Field(default_factory=StorageOptions,
                                     description="Object storage for the registry and images.")
     ray: RaySettings = Field(default_factory=RaySettings, description="The Ray cluster.")
+
+    def api_keys(self) -> list[str]:
+        """The API keys in this process's environment (``api_keys_env``), stripped."""
+        import os
+
+        return [k.strip() for k in os.environ.get(self.api_keys_env, "").split(",") if k.strip()]
+
+    def auth_refusal(self, host: str) -> str | None:
+        """Why the endpoint must not start without keys when its proxy listens on ``host``
+        (None: it may). No keys is allowed on a loopback host, or with ``insecure_no_auth``."""
+        if self.api_keys() or self.insecure_no_auth or is_loopback(host):
+            return None
+        return (f"no API keys: set {self.api_keys_env} (comma-separated keys) in the "
+                f"replicas' environment, or pass --insecure-no-auth (insecure_no_auth: true) "
+                f"to serve without authentication on {host!r}, which is not a loopback address")
+
+    @field_validator("allowed_uri_prefixes")
+    @classmethod
+    def _prefixes_parse(cls, v: list[str]) -> list[str]:
+        from serve.guards import UriAllowList
+
+        try:
+            UriAllowList(v)
+        except ValueError as e:
+            raise ValueError(f"--allowed-uri-prefixes: {e}") from None
+        return v
+
+
+def is_loopback(host: str | None) -> bool:
+    """True for a host only this machine reaches (127.0.0.0/8, ::1, localhost); False for
+    0.0.0.0, ::, names and anything unknown."""
+    import ipaddress
+
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -9,10 +9,20 @@ from serve.config import ServeConfig
 
 def start(cfg: ServeConfig, blocking: bool = True) -> str:
     """Deploy the app; returns its base URL. With ``blocking`` it serves until interrupted."""
+    import logging
+
     from ray import serve
 
     from serve.app import build_app
 
+    # Before Ray starts: no keys on a non-loopback host is refused (the replica checks again,
+    # against the host Serve really listens on, for `serve run`/`serve deploy` configs).
+    if why := cfg.auth_refusal(cfg.host):
+        raise SystemExit(f"groundlabel serve: {why}")
+    if not cfg.api_keys():
+        logging.getLogger("groundlabel.serve").warning(
+            "serving WITHOUT authentication on %s (%s)", cfg.host,
+            "--insecure-no-auth" if cfg.insecure_no_auth else "loopback only")
     cluster = cfg.ray.connect()  # RAY_ADDRESS (a cluster, or the Ray job it runs in), else local
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg), name="groundlabel", route_prefix="/")

@@ -159,3 +159,21 @@ def stop_nodes(procs) -> None:
         except ProcessLookupError:
             pass
         p.wait()
+
+
+def tcp_proxy(listen: int, target: int):
+    """Start tests/tcp_proxy.py (a process) forwarding 127.0.0.1:listen to :target; returns the
+    Popen once it accepts connections. Kill it to cut the target off; call again to restore."""
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("tcp_proxy.py")),
+                             str(listen), str(target)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()
+    if line.strip() != "ready":
+        proc.kill()
+        raise RuntimeError(f"tcp proxy on {listen} did not start")
+    time.sleep(0.05)
+    return proc

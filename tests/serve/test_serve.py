@@ -90,20 +90,34 @@ def test_answers_base64_and_uri(svc):
     r3 = _post(svc, {"image": "data:image/png;base64," + svc["b64"], "text": s.text,
                      "family": "qwen3_vl"})
     assert r3.status_code == 200
-    m = requests.get(f"{svc['url']}/v1/models", timeout=30).json()
+    m = requests.get(f"{svc['url']}/v1/models", headers={"X-API-Key": KEY}, timeout=30).json()
     assert m["family"] == "qwen3_vl" and {x["name"] for x in m["registry"]} >= {"adapter-a"}
     assert requests.get(f"{svc['url']}/healthz", timeout=30).json() == {"status": "ok"}
     assert requests.get(f"{svc['url']}/readyz", timeout=30).status_code == 200
-    assert "groundlabel_requests_total" in requests.get(f"{svc['url']}/metrics", timeout=30).text
+    metrics = requests.get(f"{svc['url']}/metrics", headers={"Authorization": f"Bearer {KEY}"},
+                           timeout=30).text
+    assert "groundlabel_requests_total" in metrics
+    assert "groundlabel_batch_retries_total" in metrics
+    assert "groundlabel_engine_rejections_total" in metrics
     spec = requests.get(f"{svc['url']}/openapi.json", timeout=30).json()
     assert "/v1/ground" in spec["paths"]
+    body = spec["paths"]["/v1/ground"]["post"]["requestBody"]["content"]["application/json"]
+    assert set(body["schema"]["required"]) == {"image", "text"}  # the schema fuzzing starts from
     assert requests.get(f"{svc['url']}/docs", timeout=30).status_code == 200
+
+
+def _png_b64(w: int, h: int) -> str:
+    from PIL import Image
+
+    return base64.b64encode(_png(Image.new("RGB", (w, h), (200, 30, 30)))).decode()
 
 
 @pytest.mark.parametrize("case", [
     "no_key", "wrong_key", "bearer_ok", "too_big", "bomb", "uri_outside", "uri_metadata",
     "uri_dotdot", "empty_text", "bad_json", "extra_field", "unknown_adapter", "corrupt",
-    "wrong_family", "no_route"])
+    "wrong_family", "no_route", "nested_json", "deep_json", "wrong_type", "huge_number",
+    "wide_image", "tall_image", "long_prompt", "models_no_key", "metrics_no_key",
+    "health_no_key"])
 def test_guards(svc, case):
     t = svc["sample"].text
     img = svc["b64"]
@@ -111,7 +125,18 @@ def test_guards(svc, case):
     want = {"no_key": 401, "wrong_key": 401, "bearer_ok": 200, "too_big": 413, "bomb": 413,
             "uri_outside": 403, "uri_metadata": 403, "uri_dotdot": 403, "empty_text": 422,
             "bad_json": 400, "extra_field": 422, "unknown_adapter": 404, "corrupt": 422,
-            "wrong_family": 422, "no_route": 404}[case]
+            "wrong_family": 422, "no_route": 404,
+            "nested_json": 400,     # nesting past MAX_JSON_DEPTH, inside a plausible body
+            "deep_json": 400,       # 50,000 levels: would raise RecursionError in the parser
+            "wrong_type": 422,      # text is a number
+            "huge_number": 400,     # 5,000 digits: past Python's int-parsing limit (4,300)
+            "wide_image": 422,      # 402x2 px: aspect ratio 201, over the label job's 200
+            "tall_image": 422,      # 2x402 px
+            "long_prompt": 413,     # 990 characters, ~3 tokens each: over max_model_len
+            "models_no_key": 401,   # /v1/models needs a key when keys are set
+            "metrics_no_key": 401,  # metrics_public is off by default
+            "health_no_key": 200,   # /healthz and /readyz stay public
+            }[case]
     if case == "no_key":
         r = _post(svc, {"image": img, "text": t}, key=None)
     elif case == "wrong_key":
@@ -142,12 +167,41 @@ def test_guards(svc, case):
                         "text": t})
     elif case == "wrong_family":
         r = _post(svc, {"image": img, "text": t, "family": "florence2"})
+    elif case == "nested_json":
+        r = _post(svc, raw=b'{"image": ' + b"[" * 20 + b'"x"' + b"]" * 20 + b', "text": "x"}',
+                  headers={"content-type": "application/json"})
+    elif case == "deep_json":
+        r = _post(svc, raw=b"[" * 50_000 + b"]" * 50_000,
+                  headers={"content-type": "application/json"})
+    elif case == "wrong_type":
+        r = _post(svc, {"image": img, "text": 5})
+    elif case == "huge_number":
+        r = _post(svc, raw=b'{"image": "x", "text": ' + b"9" * 5000 + b"}",
+                  headers={"content-type": "application/json"})
+    elif case == "wide_image":
+        r = _post(svc, {"image": _png_b64(402, 2), "text": t})
+    elif case == "tall_image":
+        r = _post(svc, {"image": _png_b64(2, 402), "text": t})
+    elif case == "long_prompt":
+        r = _post(svc, {"image": img, "text": "\U0001d518\u00e9\u4e2d" * 330})
+    elif case == "models_no_key":
+        r = requests.get(f"{svc['url']}/v1/models", timeout=30)
+    elif case == "metrics_no_key":
+        r = requests.get(f"{svc['url']}/metrics", timeout=30)
+    elif case == "health_no_key":
+        r = requests.get(f"{svc['url']}/readyz", timeout=30)
+        assert requests.get(f"{svc['url']}/healthz", timeout=30).status_code == 200
     else:
         r = requests.get(f"{svc['url']}/v2/nothing", timeout=30)
     assert r.status_code == want, (case, r.status_code, r.text)
     if want != 200:
         err = r.json()["error"]
         assert err["code"] and err["message"], r.text
+    codes = {"nested_json": "json_too_deep", "deep_json": "json_too_deep",
+             "wide_image": "bad_aspect_ratio", "tall_image": "bad_aspect_ratio",
+             "long_prompt": "prompt_too_long"}
+    if case in codes:
+        assert r.json()["error"]["code"] == codes[case], r.text
 
 
 def _expected(svc, adapter):
@@ -221,8 +275,11 @@ def test_broken_adapter_is_refused_and_the_old_one_keeps_serving(svc, tmp_path):
     time.sleep(4)
     r = _post(svc, {"image": svc["b64"], "text": svc["sample"].text})
     assert r.status_code == 200 and r.json()["adapter"] == before, r.text
-    models = requests.get(f"{svc['url']}/v1/models", timeout=30).json()
-    assert models["production"] == before and "adapter-broken" in models["refused"]
+    models = requests.get(f"{svc['url']}/v1/models", headers={"X-API-Key": KEY},
+                          timeout=30).json()
+    assert models["production"] == before
+    # A short stable reason code, never the exception text (paths, shapes, internals).
+    assert models["refused"]["adapter-broken"] == "load_failed", models["refused"]
     r = _post(svc, {"image": svc["b64"], "text": "x", "adapter": "adapter-broken"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_adapter"
     reg.rollback()
@@ -263,3 +320,97 @@ def test_fuzz_1000_malformed_requests_no_5xx(svc):
     assert requests.get(f"{svc['url']}/healthz", timeout=30).status_code == 200
     assert _post(svc, {"image": svc["b64"], "text": svc["sample"].text}).status_code == 200
     print("\nfuzz statuses:", {s: statuses.count(s) for s in sorted(set(statuses))})
+
+
+def test_property_based_fuzz_no_5xx_and_still_healthy(svc):
+    """Requests generated from the endpoint's own OpenAPI schema and beyond it (see
+    serve_fuzz.py): not one 5xx, every error a JSON error with a code, and afterwards the
+    endpoint is healthy and answers a normal request. GL_FUZZ_EXAMPLES sets the size (the
+    larger run: bench/bench_fuzz.py)."""
+    from hypothesis import HealthCheck, given, settings
+    from serve_fuzz import requests_
+
+    url = svc["url"]
+    spec = requests.get(f"{url}/openapi.json", timeout=30).json()
+    seen: dict[str, dict[int, int]] = {}
+
+    @settings(max_examples=int(os.environ.get("GL_FUZZ_EXAMPLES", "150")), deadline=None,
+              database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(requests_(spec, str(svc["tmp"] / "imgs") + "/", KEY))
+    def one(req):
+        r = requests.post(f"{url}/v1/ground", data=req.body, headers=req.headers, timeout=120)
+        by_kind = seen.setdefault(req.kind, {})
+        by_kind[r.status_code] = by_kind.get(r.status_code, 0) + 1
+        assert r.status_code < 500, (r.status_code, r.text[:300], req.body[:300])
+        if r.status_code >= 400:
+            assert r.json()["error"]["code"], r.text
+
+    one()
+    print("\nproperty fuzz statuses by kind:", json.dumps(seen, sort_keys=True))
+    assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
+    assert requests.get(f"{url}/readyz", timeout=30).status_code == 200
+    r = _post(svc, {"image": svc["b64"], "text": svc["sample"].text})
+    assert r.status_code == 200 and r.json()["boxes"], r.text
+
+
+def test_replicas_read_the_host_serve_really_listens_on(svc):
+    """The replica's auth check asks Serve's controller for the proxy host (a `serve deploy`
+    config sets it in http_options, apart from our args): here loopback, so a replica without
+    keys may start; unknown would count as exposed."""
+    import ray
+
+    from serve.app import _proxy_host
+    from serve.config import ServeConfig
+
+    cfg = ServeConfig(api_keys_env="GL_UNSET_KEYS")
+    host = ray.get(ray.remote(num_cpus=0)(_proxy_host).remote(cfg))
+    assert host == "127.0.0.1"
+    assert cfg.auth_refusal(host) is None and cfg.auth_refusal("0.0.0.0")
+
+
+@pytest.mark.parametrize("name", ["../adapter-a", "adapter-a/", "./adapter-a", "a/b", "x" * 101,
+                                  ".hidden", "a..b", "é"])
+def test_an_invalid_adapter_name_is_422_before_storage(svc, name):
+    r = _post(svc, {"image": svc["b64"], "text": "x", "adapter": name})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_adapter_name", r.text
+
+
+def test_an_adapter_failing_its_probe_never_answers_and_leaves_no_trace(svc, tmp_path):
+    """An adapter that passes the folder checks but that vLLM refuses at load time (DoRA): the
+    probe fails. Concurrent requests naming it while it is probed are all 404 (none reaches the
+    engine with it), the engine's adapter list lacks it afterwards, and the refusal is one
+    ``serve-refuse`` event for this replica however many requests named it."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    reg = svc["reg"]
+    dora = tmp_path / "dora"
+    shutil.copytree(svc["tmp"] / "registry" / "adapters" / "adapter-b", dora)
+    (dora / "meta.json").unlink()
+    cfg = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps(dict(cfg, use_dora=True)))
+    name = reg.register(dora, {"note": "DoRA: vLLM refuses it"}, name="adapter-dora")
+    time.sleep(1.5)  # > poll_s: the name is in the replica's listing
+
+    def ask(_):
+        return _post(svc, {"image": svc["b64"], "text": svc["sample"].text, "adapter": name})
+
+    with ThreadPoolExecutor(6) as pool:
+        rs = list(pool.map(ask, range(12)))
+    assert [r.status_code for r in rs] == [404] * 12, [(r.status_code, r.text) for r in rs]
+    assert all(r.json()["error"]["code"] == "unknown_adapter" for r in rs)
+    models = requests.get(f"{svc['url']}/v1/models", headers={"X-API-Key": KEY}, timeout=30).json()
+    assert name in models["refused"] and name not in models["loaded_adapters"], models
+    refusals = [e for e in reg.events() if e["kind"] == "serve-refuse" and e["name"] == name]
+    assert len(refusals) == 1 and refusals[0]["replica"] == models["replica"], refusals
+    assert _post(svc, {"image": svc["b64"], "text": svc["sample"].text}).status_code == 200
+
+
+def test_an_adapter_registered_after_start_is_found_after_the_next_poll(svc, tiny_model,
+                                                                          tmp_path):
+    reg = svc["reg"]
+    name = reg.register(_lora(tiny_model, tmp_path / "c", 11), {"note": "C"}, name="adapter-c")
+    time.sleep(1.5)  # > poll_s
+    r = _post(svc, {"image": svc["b64"], "text": svc["sample"].text, "adapter": name})
+    assert r.status_code == 200 and r.json()["adapter"] == name, r.text
+    assert r.json()["replica"]

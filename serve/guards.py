@@ -1,0 +1,265 @@
+"""The endpoint's guards, checked before a request reaches the engine: API keys, the body
+(size, JSON and its nesting depth, schema), the image (URI allow-list, fetch, decode, size,
+aspect ratio), the token budget (prompt + image + answer within ``max_model_len``) and the
+errors they raise (`ApiError`, answered as a 4xx JSON ``{"error": {"code", "message"}}``).
+
+Run::
+
+    python -c "from serve.guards import UriAllowList as U; print(U(['s3://b/img/']).why_not('s3://b/img/x.png'))"
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import posixpath
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+from pydantic import ValidationError
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@dataclass(frozen=True)
+class _Place:
+    """A URI taken apart: scheme, host, port, and a normalised absolute path."""
+
+    scheme: str
+    host: str
+    port: int | None
+    path: str
+
+
+def _parse(uri: str, *, what: str) -> _Place:
+    """``uri`` taken apart, or ValueError saying why it cannot be compared safely.
+
+    A plain path is a ``file`` URI. The path is percent-decoded BEFORE it is checked, so
+    ``%2e%2e`` is a ``..`` like any other.
+    """
+    if any(c in uri for c in ("\\", "\x00", "\r", "\n", "\t")):
+        raise ValueError(f"{what} has a backslash or a control character")
+    if "://" not in uri:
+        if not uri.startswith("/"):
+            raise ValueError(f"{what} must be an absolute path or a URI with a scheme")
+        uri = "file://" + uri
+    parts = urlsplit(uri)
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise ValueError(f"{what} carries user information (user@host): refused")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{what} has a bad port") from None
+    scheme = parts.scheme.lower()
+    path = unquote(parts.path) or "/"
+    segments = path.split("/")
+    if ".." in segments or "." in segments:
+        raise ValueError(f"{what} has '.' or '..' in its path")
+    path = posixpath.normpath(path)  # collapses '//' (the only change left to make)
+    if path.startswith("//"):
+        path = "/" + path.lstrip("/")
+    return _Place(scheme, (parts.hostname or "").lower(), port or _DEFAULT_PORTS.get(scheme),
+                  path)
+
+
+class UriAllowList:
+    """Image URIs a request may name, compared on PARSED parts, never on raw text:
+
+    * the scheme and the host (case-insensitive) and the port must be a prefix's own;
+    * the path must lie under the prefix's path, which is taken to end at a ``/``
+      (``s3://b/img`` allows ``s3://b/img/x.png``, never ``s3://b/img-private/x.png``);
+    * user information (``https://trusted@evil.example/``) is refused, in prefixes too;
+    * ``.``/``..`` segments (also percent-encoded), backslashes and control characters are
+      refused rather than normalised away.
+
+    An empty list allows nothing (requests send the image itself, base64). Redirects are
+    checked by the fetch, which follows none (`grounding.images.read_bytes`).
+    """
+
+    def __init__(self, prefixes: list[str]):
+        self.prefixes = list(prefixes)
+        self._places = []
+        for p in prefixes:
+            place = _parse(p, what=f"allowed URI prefix {p!r}")
+            path = place.path if place.path.endswith("/") else place.path + "/"
+            self._places.append(_Place(place.scheme, place.host, place.port, path))
+
+    def why_not(self, uri: str) -> str | None:
+        """None when ``uri`` is allowed, else the reason (safe to show to the client)."""
+        if not self._places:
+            return "image URIs are not accepted here: send the image as base64"
+        try:
+            got = _parse(uri, what="the image URI")
+        except ValueError as e:
+            return str(e)
+        for want in self._places:
+            if (got.scheme, got.host, got.port) == (want.scheme, want.host, want.port) and (
+                    got.path + "/").startswith(want.path) and got.path + "/" != want.path:
+                return None
+        return ("the image URI is not under an allowed prefix ("
+                + ", ".join(self.prefixes) + ")")
+
+
+class ApiError(Exception):
+    """A request refused with an HTTP status and a stable error code."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+# Image errors -> HTTP status.
+_IMAGE_STATUS = {"too_large": 413, "missing": 422, "fetch_failed": 422, "empty_image": 422,
+                 "corrupt": 422, "zero_size": 422, "bad_image_ref": 400}
+
+
+# A request body is one flat object (depth 1). Anything much deeper is hostile; the bound is
+# explicit so that no nesting reaches a recursive parser or validator (json's C scanner raises
+# RecursionError near depth 1000, which is caught too).
+MAX_JSON_DEPTH = 8
+
+
+def json_depth(value) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0, ``{}``/``[]`` 1), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict | list):
+            deepest = max(deepest, d)
+            if d > MAX_JSON_DEPTH:
+                break  # deep enough to refuse: no need to walk the rest
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def parse_json(body: bytes):
+    """The body parsed as JSON, or ApiError 400 (not JSON, or nested deeper than
+    `MAX_JSON_DEPTH`)."""
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        raise ApiError(400, "json_too_deep", f"JSON nested deeper than {MAX_JSON_DEPTH} "
+                       "levels") from None
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "bad_json", "the body is not JSON") from None
+    if json_depth(data) > MAX_JSON_DEPTH:
+        raise ApiError(400, "json_too_deep", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return data
+
+
+def check_auth(cfg, request) -> None:
+    """ApiError 401 unless the request carries one of the configured API keys (none configured:
+    allowed, which `serve.config.ServeConfig.auth_refusal` permits only on loopback or with
+    ``--insecure-no-auth``)."""
+    keys = cfg.api_keys()
+    if not keys:
+        return
+    got = request.headers.get("x-api-key") or ""
+    auth = request.headers.get("authorization") or ""
+    if auth.lower().startswith("bearer "):
+        got = got or auth[7:]
+    if not any(hmac.compare_digest(got.encode(), k.encode()) for k in keys):
+        raise ApiError(401, "unauthorized", "missing or wrong API key (X-API-Key header "
+                       "or Authorization: Bearer)")
+
+async def read_request(cfg, request, family: str):
+    """The body as a `GroundRequest`, or ApiError 4xx (size, JSON, schema, text, family)."""
+    from serve.schema import GroundRequest
+
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > cfg.max_body_bytes:
+        raise ApiError(413, "payload_too_large",
+                       f"body of {declared} bytes, limit {cfg.max_body_bytes}")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > cfg.max_body_bytes:
+            raise ApiError(413, "payload_too_large",
+                           f"body over the limit of {cfg.max_body_bytes} bytes")
+    data = parse_json(body)
+    try:
+        req = GroundRequest.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, p['loc'])) or 'body'}: {p['msg']}"
+                             for p in e.errors()[:5])
+        raise ApiError(422, "bad_request", problems) from None
+    if not req.text.strip():
+        raise ApiError(422, "empty_text", "text (the referring expression) is empty")
+    if len(req.text) > cfg.max_text_chars:
+        raise ApiError(413, "text_too_long",
+                       f"text has {len(req.text)} characters, limit {cfg.max_text_chars}")
+    if req.family and req.family != family:
+        raise ApiError(422, "wrong_family", f"this endpoint serves family {family!r}, "
+                       f"not {req.family!r}")
+    return req
+
+def load_image(cfg, uris: UriAllowList, ref: str):
+    """The request's image (RGB PIL), or ApiError 4xx."""
+    from grounding.images import ImageError, decode, is_base64_image, read_bytes
+
+    try:
+        is_ref = not (ref.startswith("data:") or is_base64_image(ref))
+        if is_ref and (why := uris.why_not(ref)):
+            raise ApiError(403, "uri_not_allowed", why)
+        # The allow-list checked this URI only: a redirect elsewhere is refused, not followed.
+        data = read_bytes(ref, cfg.storage, max_bytes=cfg.max_body_bytes,
+                          follow_redirects=False)
+        return decode(data, cfg.max_image_pixels)
+    except ImageError as e:
+        raise ApiError(_IMAGE_STATUS.get(e.code, 422), e.code, str(e)) from None
+
+
+def check_image_shape(resize, size: tuple[int, int]) -> tuple[int, int]:
+    """The model-input ``(width, height)`` of an image of ``size``, or ApiError 422 when the
+    model cannot take it: the label job's rule (`grounding.resize.smart_resize`, an aspect
+    ratio over `grounding.resize.MAX_RATIO`), checked here so it never fails inside vLLM."""
+    try:
+        return resize.resized_size(size)
+    except ValueError as e:
+        raise ApiError(422, "bad_aspect_ratio", f"image {size[0]}x{size[1]} cannot be resized "
+                       f"for the model: {e}") from None
+
+
+class TokenBudget:
+    """Tokens a request takes in the engine, counted as the model counts them, so that a
+    prompt over ``max_model_len`` is refused before it is batched (vLLM would fail the whole
+    batch with it).
+
+    Total = the chat prompt's text tokens (the model's own tokenizer; the one image
+    placeholder left out) + the image's tokens + ``max_new_tokens``. Image tokens are the
+    Qwen processor's: ``(resized_h / patch) * (resized_w / patch) / merge**2`` =
+    ``resized_h * resized_w / factor**2`` with ``factor = patch * merge`` and the resized size
+    from the checkpoint's `grounding.resize.ResizeSpec` (``smart_resize``).
+    """
+
+    def __init__(self, model: str, resize, max_model_len: int, max_new_tokens: int):
+        from transformers import AutoTokenizer
+
+        # Our own tokenizer object: the engine's is used by vLLM in another thread, and a Rust
+        # tokenizer shared across threads can fail with "Already borrowed".
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.resize, self.max_model_len, self.max_new_tokens = resize, max_model_len, max_new_tokens
+        pad = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.image_pad = pad if isinstance(pad, int) and pad != self.tokenizer.unk_token_id \
+            else None
+
+    def image_tokens(self, model_size: tuple[int, int]) -> int:
+        """Tokens of an image whose model input is ``model_size`` (width, height)."""
+        w, h = model_size
+        return (w // self.resize.factor) * (h // self.resize.factor)
+
+    def count(self, prompt: str, model_size: tuple[int, int]) -> int:
+        """Prompt + image + answer tokens of one request."""
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        pads = ids.count(self.image_pad) if self.image_pad is not None else 0
+        return len(ids) - pads + pads * self.image_tokens(model_size) + self.max_new_tokens
+
+    def check(self, prompt: str, model_size: tuple[int, int]) -> int:
+        """The request's token count, or ApiError 413 ``prompt_too_long``."""
+        n = self.count(prompt, model_size)
+        if n > self.max_model_len:
+            raise ApiError(413, "prompt_too_long",
+                           f"the request needs {n} tokens (prompt, image and "
+                           f"{self.max_new_tokens} answer tokens), the model takes "
+                           f"{self.max_model_len}: shorten the text")
+        return n
