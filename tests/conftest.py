@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import free_port
+from support import free_port, random_lora
 
 from grounding.paths import DEFAULT_MODEL
 
@@ -51,17 +51,7 @@ def hf_engine(tiny_model):
 def random_adapter(tiny_model, tmp_path_factory) -> Path:
     """A peft LoRA adapter on the language model's q/v projections with random (non-zero) A
     and B, so it must change the output wherever it is really applied."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForImageTextToText
-
-    torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_pretrained(tiny_model, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(
-        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    out = tmp_path_factory.mktemp("adapter") / "random-lora"
-    peft_model.save_pretrained(out)
-    return out
+    return random_lora(tiny_model, tmp_path_factory.mktemp("adapter") / "random-lora", 0)
 
 
 @pytest.fixture(scope="session")

@@ -177,3 +177,17 @@ def tcp_proxy(listen: int, target: int):
         raise RuntimeError(f"tcp proxy on {listen} did not start")
     time.sleep(0.05)
     return proc
+
+
+def random_lora(model, out, seed: int):
+    """A peft LoRA (q/v projections, r=8) with random non-zero A and B saved to ``out``: it
+    changes the answers wherever it is really applied."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    m = AutoModelForImageTextToText.from_pretrained(model, dtype=torch.float32)
+    get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                 init_lora_weights=False)).save_pretrained(out)
+    return out

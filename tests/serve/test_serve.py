@@ -13,24 +13,12 @@ import time
 
 import pytest
 import requests
-from support import bomb_png, free_port
+from support import bomb_png, free_port, random_lora
 
 from grounding.registry import AdapterRegistry
 
 pytestmark = pytest.mark.slow
 KEY = "test-key-1"
-
-
-def _lora(tiny_model, out, seed: int):
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForImageTextToText
-
-    torch.manual_seed(seed)
-    m = AutoModelForImageTextToText.from_pretrained(tiny_model, dtype=torch.float32)
-    get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                 init_lora_weights=False)).save_pretrained(out)
-    return out
 
 
 def _png(img) -> bytes:
@@ -50,7 +38,7 @@ def svc(ray_local, tiny_model, random_adapter, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     reg = AdapterRegistry(str(tmp / "registry"))
     a = reg.register(random_adapter, {"note": "A"}, name="adapter-a")
-    b = reg.register(_lora(tiny_model, tmp / "b", 7), {"note": "B"}, name="adapter-b")
+    b = reg.register(random_lora(tiny_model, tmp / "b", 7), {"note": "B"}, name="adapter-b")
     (tmp / "imgs").mkdir()
     sample = make_sample(3, "base", 0)
     sample.image.save(tmp / "imgs" / "one.png")
@@ -409,7 +397,7 @@ def test_an_adapter_failing_its_probe_never_answers_and_leaves_no_trace(svc, tmp
 def test_an_adapter_registered_after_start_is_found_after_the_next_poll(svc, tiny_model,
                                                                           tmp_path):
     reg = svc["reg"]
-    name = reg.register(_lora(tiny_model, tmp_path / "c", 11), {"note": "C"}, name="adapter-c")
+    name = reg.register(random_lora(tiny_model, tmp_path / "c", 11), {"note": "C"}, name="adapter-c")
     time.sleep(1.5)  # > poll_s
     r = _post(svc, {"image": svc["b64"], "text": svc["sample"].text, "adapter": name})
     assert r.status_code == 200 and r.json()["adapter"] == name, r.text
