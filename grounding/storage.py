@@ -57,3 +57,21 @@ def arrow_filesystem(uri: str, options: StorageOptions | None = None):
 
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def folder_files(path) -> dict[str, bytes]:
+    """The plain files of a (small) local folder, e.g. an adapter, by name: what a Ray task on
+    another node needs, since the folder itself exists only on this node."""
+    from pathlib import Path
+
+    return {f.name: f.read_bytes() for f in Path(path).iterdir() if f.is_file()}
+
+
+def write_folder(files: dict[str, bytes], dest) -> str:
+    """`folder_files` written back as folder ``dest`` (created); returns its path."""
+    from pathlib import Path
+
+    Path(dest).mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (Path(dest) / name).write_bytes(data)
+    return str(dest)

@@ -61,8 +61,10 @@ def merge(cfg: MergeConfig) -> str:
         return _merge_into(cfg, adapter)
     import ray
 
+    from grounding.storage import folder_files
+
     cfg.ray.connect(log_to_driver=False)
-    files = {f.name: f.read_bytes() for f in Path(adapter).iterdir() if f.is_file()}
+    files = folder_files(adapter)
     task = ray.remote(_merge_task).options(num_cpus=1, num_gpus=cfg.num_gpus,
                                            resources=cfg.task_resources, name="groundlabel-merge")
     return ray.get(task.remote(cfg, files))
@@ -70,10 +72,10 @@ def merge(cfg: MergeConfig) -> str:
 
 def _merge_task(cfg: MergeConfig, files: dict[str, bytes]) -> str:
     """The Ray task: the adapter's files into a folder of this node, then `_merge_into`."""
+    from grounding.storage import write_folder
+
     with tempfile.TemporaryDirectory(prefix="gl-merge-") as d:
-        for name, data in files.items():
-            (Path(d) / name).write_bytes(data)
-        return _merge_into(cfg, d)
+        return _merge_into(cfg, write_folder(files, d))
 
 
 def _adapter_dir(cfg: MergeConfig) -> str:

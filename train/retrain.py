@@ -111,16 +111,15 @@ def on_gate_node(cfg: RetrainConfig, adapter_dir: str, work):
     """
     import ray
 
+    from grounding.storage import folder_files, write_folder
+
     cfg.ray.connect(log_to_driver=False)
-    files = {f.name: f.read_bytes() for f in Path(adapter_dir).iterdir() if f.is_file()}
+    files = folder_files(adapter_dir)
 
     def task(files: dict[str, bytes], name: str):
         with tempfile.TemporaryDirectory(prefix="gl-gate-") as d:
-            local = Path(d) / name  # the folder name is the adapter's name in the gate
-            local.mkdir()
-            for fname, data in files.items():
-                (local / fname).write_bytes(data)
-            return work(str(local))
+            # the folder name is the adapter's name in the gate
+            return work(write_folder(files, Path(d) / name))
 
     # max_calls=1: the worker process exits after the gate, and vLLM's memory with it.
     remote = ray.remote(num_cpus=1, num_gpus=1 if cfg.use_gpu else 0,
