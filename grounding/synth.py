@@ -5,10 +5,14 @@ pixels of the generated (original) image. Generation is fully deterministic: sam
 set is drawn from ``random.Random(seed * 1_000_003 + i)`` (never ``hash(str)``, which changes per
 process), so an evaluation set is the same set in every process and on every machine.
 
-Two domains:
+Three domains:
 
-* ``base``: red / green / blue / yellow squares, circles and triangles. The tiny base model is
-  trained on it.
+* ``base``: red / green / blue / yellow squares, circles and triangles on a light grey
+  background, 128-224 px, 2-3 objects (`SynthConfig()`). The classic held-out set.
+* ``robust``: the base colours and shapes under ordinary variation (`VARIED`): plain
+  backgrounds of any colour, gradients and noise; sides 96-448 px with aspect ratios up to 3:1;
+  1-4 objects. The tiny base model is trained on a mix of both (`train.base`), and this set
+  checks that it holds up off the classic layout.
 * ``shifted``: the same shapes in purple / orange / cyan / pink, colours the base model never
   saw. Within one shifted image all objects share a shape, so only the colour word tells them
   apart: a model that cannot read the new colour words is at chance. This is the domain that
@@ -26,13 +30,15 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-Domain = Literal["base", "shifted"]
+Domain = Literal["base", "shifted", "robust"]
+DOMAINS: tuple[str, ...] = ("base", "shifted", "robust")
 
 PALETTES: dict[str, dict[str, tuple[int, int, int]]] = {
     "base": {
@@ -48,7 +54,9 @@ PALETTES: dict[str, dict[str, tuple[int, int, int]]] = {
         "pink": (245, 120, 190),
     },
 }
+PALETTES["robust"] = PALETTES["base"]
 SHAPES = ("square", "circle", "triangle")
+Background = Literal["grey", "varied"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,15 @@ class SynthConfig:
     max_frac: float = 0.42
     relation_prob: float = 0.15  # how often a relation is added to an expression
     duplicate_prob: float = 0.1  # how often a distractor copies the target's colour and shape
+    max_aspect: float = 1.0 / 0.57  # w/h or h/w at most (1.75: the old independent draw's limit)
+    background: Background = "grey"  # grey: light grey 200-245; varied: any colour, gradient, noise
+
+
+VARIED = SynthConfig(min_side=96, max_side=448, min_objects=1, max_objects=4, max_aspect=3.0,
+                     background="varied")
+"""The ``robust`` domain's generator: ordinary variation around the classic layout."""
+
+_MIN_CONTRAST = 110.0  # RGB distance background <-> object colour: a shape must stay visible
 
 
 @dataclass
@@ -147,13 +164,13 @@ def _describe(target: Obj, others: list[Obj], rng: random.Random, cfg: SynthConf
 def make_sample(index: int, domain: Domain = "base", seed: int = 0,
                 cfg: SynthConfig | None = None) -> Sample:
     """Draw sample ``index`` of the set ``(domain, seed)``; the same arguments give the same sample."""
-    from PIL import Image, ImageDraw
+    from PIL import ImageDraw
 
-    cfg = cfg or SynthConfig()
-    rng = _rng(seed + (0 if domain == "base" else 7919), index)
+    if cfg is None:
+        cfg = VARIED if domain == "robust" else SynthConfig()
+    rng = _rng(seed + _DOMAIN_OFFSET[domain], index)
     palette = PALETTES[domain]
-    w = rng.randint(cfg.min_side, cfg.max_side)
-    h = rng.randint(cfg.min_side, cfg.max_side)
+    w, h = _size(rng, cfg)
     n = rng.randint(cfg.min_objects, cfg.max_objects)
     feet = _place(rng, w, h, n, cfg)
     colors = list(palette)
@@ -172,7 +189,7 @@ def make_sample(index: int, domain: Domain = "base", seed: int = 0,
         # Every shape fills its square footprint (a triangle's apex at the top centre, its base
         # at the bottom), so the footprint is the tight gold box.
         objs.append(Obj(shape, color, foot))
-    if domain == "base" and len(objs) >= 2 and rng.random() < cfg.duplicate_prob:
+    if domain != "shifted" and len(objs) >= 2 and rng.random() < cfg.duplicate_prob:
         a, b = objs[0], objs[1]
         if max(a.side, b.side) >= 1.25 * min(a.side, b.side):  # sizes tell them apart
             objs[1] = Obj(a.shape, a.color, b.box)
@@ -181,8 +198,7 @@ def make_sample(index: int, domain: Domain = "base", seed: int = 0,
     others = objs[:target_i] + objs[target_i + 1:]
     text = _describe(target, others, rng, cfg)
 
-    bg = tuple(int(v) for v in (rng.randint(200, 245),) * 3)
-    img = Image.new("RGB", (w, h), bg)
+    img = _background(rng, w, h, cfg, [palette[o.color] for o in objs])
     draw = ImageDraw.Draw(img)
     for o in objs:
         fill = palette[o.color]
@@ -195,6 +211,66 @@ def make_sample(index: int, domain: Domain = "base", seed: int = 0,
             draw.polygon([((x1 + x2) / 2, y1), (x2 - 1, y2 - 1), (x1, y2 - 1)], fill=fill)
     return Sample(image=img, text=text, bbox=[float(v) for v in target.box], objects=objs,
                   domain=domain, index=index)
+
+
+_DOMAIN_OFFSET = {"base": 0, "shifted": 7919, "robust": 104729}
+
+
+def _size(rng: random.Random, cfg: SynthConfig) -> tuple[int, int]:
+    """Image width and height: both in [min_side, max_side], aspect ratio at most max_aspect."""
+    if cfg.background == "grey":  # the classic sets: two independent draws (kept bit-identical)
+        return rng.randint(cfg.min_side, cfg.max_side), rng.randint(cfg.min_side, cfg.max_side)
+    long = rng.randint(cfg.min_side, cfg.max_side)
+    aspect = math.exp(rng.uniform(0.0, math.log(cfg.max_aspect)))  # log-uniform: 1:1 to 3:1
+    short = max(cfg.min_side, round(long / aspect))
+    return (long, short) if rng.random() < 0.5 else (short, long)
+
+
+def _far(color: tuple[float, ...], others: list[tuple[int, int, int]]) -> bool:
+    return all(math.dist(color, o) >= _MIN_CONTRAST for o in others)
+
+
+def _background(rng: random.Random, w: int, h: int, cfg: SynthConfig,
+                fills: list[tuple[int, int, int]]):
+    """The empty canvas. ``varied``: a plain colour, a linear gradient or a noisy plain colour,
+    every colour on it at least `_MIN_CONTRAST` from each object's fill."""
+    from PIL import Image
+
+    if cfg.background == "grey":
+        return Image.new("RGB", (w, h), tuple(int(v) for v in (rng.randint(200, 245),) * 3))
+
+    def colour() -> tuple[int, int, int]:
+        for _ in range(200):
+            c = (rng.randint(0, 255), rng.randint(0, 255), rng.randint(0, 255))
+            if _far(c, fills):
+                return c
+        return (128, 128, 128) if _far((128, 128, 128), fills) else (255, 255, 255)
+
+    kind = rng.choice(("plain", "gradient", "noise"))
+    a = colour()
+    if kind == "plain":
+        return Image.new("RGB", (w, h), a)
+    import numpy as np
+
+    if kind == "gradient":
+        b = a
+        for _ in range(50):  # the whole line a -> b must keep its distance from every fill
+            b = colour()
+            if all(_far(tuple(x + t * (y - x) for x, y in zip(a, b, strict=True)), fills)
+                   for t in (0.25, 0.5, 0.75)):
+                break
+        else:
+            b = a
+        angle = rng.uniform(0, 2 * math.pi)
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        t = xx * math.cos(angle) + yy * math.sin(angle)
+        t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+        arr = np.asarray(a, np.float32) + t[..., None] * (np.asarray(b, np.float32) -
+                                                          np.asarray(a, np.float32))
+    else:
+        noise = np.random.default_rng(rng.getrandbits(32)).normal(0, rng.uniform(6, 20), (h, w, 3))
+        arr = np.asarray(a, np.float32) + noise
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
 
 
 def iter_samples(n: int, domain: Domain = "base", seed: int = 0,
@@ -234,5 +310,5 @@ def chance_accuracy(samples: list[Sample]) -> float:
     return hits / max(1, len(samples))
 
 
-__all__ = ["PALETTES", "SHAPES", "SynthConfig", "Sample", "make_sample", "iter_samples",
+__all__ = ["DOMAINS", "PALETTES", "SHAPES", "VARIED", "SynthConfig", "Sample", "make_sample", "iter_samples",
            "write_dataset", "chance_accuracy"]

@@ -173,8 +173,9 @@ class SynthConfig(Settings):
 
     out: str = Field(description="Output folder.")
     n: int = Field(100, ge=1, description="Number of samples.")
-    domain: Literal["base", "shifted"] = Field("base", description="base: red/green/blue/"
-                                               "yellow; shifted: unseen colours.")
+    domain: Literal["base", "shifted", "robust"] = Field(
+        "base", description="base: red/green/blue/yellow on grey; shifted: unseen colours; "
+        "robust: base colours on varied backgrounds, sizes and aspect ratios.")
     seed: int = Field(0, description="Set seed.")
 
 

@@ -34,8 +34,9 @@ from pipelines.output import JobOutput
 
 
 def prompt_version(family) -> str:
-    """Family name + a hash of its prompt template: changes whenever the prompt does."""
-    h = hashlib.sha1(family.prompt("{text}").encode()).hexdigest()[:8]
+    """Family name + a hash of its prompt template (and, for the generic family, its
+    coordinate convention): changes whenever the prompt does."""
+    h = hashlib.sha1(family.prompt_id().encode()).hexdigest()[:8]
     return f"{family.name}:{h}"
 
 
@@ -91,14 +92,14 @@ def plan(cfg: LabelJobConfig, output: JobOutput | None = None) -> JobPlan:
 
     Call it holding the output's lease (`label` does): it repairs the output and, with
     ``retry_transient``, removes the rows a rerun labels again."""
-    from grounding.checkpoint import detect_family, resize_spec
-    from grounding.families import get_family
+    from grounding.checkpoint import resize_spec
     from pipelines.stages.read import check_output_outside, fingerprints, list_shards
 
     check_output_outside(cfg.input, cfg.output, cfg.storage)
     output = output or JobOutput(cfg.output, cfg.storage)
     eng = cfg.inference
-    family = eng.family or detect_family(eng.model)
+    family_obj = eng.resolve_family()
+    family = family_obj.name
     engine = eng.model_copy(update={"family": family})
     adapters = _adapters_dir(cfg)
     old = output.job_record()
@@ -108,7 +109,7 @@ def plan(cfg: LabelJobConfig, output: JobOutput | None = None) -> JobPlan:
     else:
         default_adapter = _default_adapter(cfg, adapters)
     lineage = {"input": cfg.input.rstrip("/"), "model": eng.model, "family": family,
-               "prompt_version": prompt_version(get_family(family)),
+               "prompt_version": prompt_version(family_obj),
                "adapter_requested": cfg.adapter, "default_adapter": default_adapter,
                "registry": cfg.registry}
     shards = list_shards(cfg.input, cfg.storage)
@@ -128,7 +129,7 @@ def stages(cfg: LabelJobConfig, p: JobPlan) -> list:
     from pipelines.stages.parse_boxes import ParseBoxes
     from pipelines.stages.read import ReadShards
 
-    family = p.engine.family
+    family = p.engine.resolve_family()
     return [
         ReadShards.stage(cfg.storage, cfg.limit, rows_per_block=cfg.batch_size),
         FetchImages.stage(cfg.storage, p.resize, cfg.max_image_bytes, cfg.max_image_pixels,
@@ -136,7 +137,7 @@ def stages(cfg: LabelJobConfig, p: JobPlan) -> list:
         Infer.stage(p.engine, p.adapters, p.default_adapter, cfg.registry, cfg.storage,
                     actors=cfg.num_actors, batch_size=cfg.batch_size, cpus=cfg.cpus_per_actor,
                     gpus=cfg.gpus_per_actor, resources=cfg.actor_resources),
-        ParseBoxes.stage(family, p.resize, {"model": p.lineage["model"], "family": family,
+        ParseBoxes.stage(family, p.resize, {"model": p.lineage["model"], "family": family.name,
                                             "prompt_version": p.lineage["prompt_version"],
                                             "job_id": p.job["job_id"]},
                          batch_size=cfg.rows_per_part),

@@ -108,7 +108,6 @@ def _proxy_host(cfg: ServeConfig) -> str:
 @serve.ingress(api)
 class GroundingService:
     def __init__(self, cfg: ServeConfig):
-        from grounding.checkpoint import detect_family
         from grounding.engines import load_engine
         from grounding.engines.grounder import Grounder
         from serve.follower import Follower
@@ -125,9 +124,9 @@ class GroundingService:
             log.warning("serving WITHOUT authentication on %s (%s)", host,
                         "--insecure-no-auth" if cfg.insecure_no_auth else "loopback only")
         self.uris = UriAllowList(cfg.allowed_uri_prefixes)
-        family = cfg.inference.family or detect_family(cfg.inference.model)
+        family = cfg.inference.resolve_family().name
         self.engine = load_engine(cfg.inference.model_copy(update={"family": family}))
-        self.grounder = Grounder(self.engine, family)
+        self.grounder = Grounder(self.engine)
         self.family = family
         from serve.guards import TokenBudget
 

@@ -9,6 +9,12 @@ The recipe, and why:
   decay over a *time* budget (``--minutes``), since what a 2-core machine can afford is time.
 * Curriculum: the first ``--single-frac`` of the budget shows one object per image, so the model
   learns *where* before it has to learn *which*; then 1-3 objects with distractors.
+* Widened domain: a ``--varied-share`` of the samples come from `grounding.synth.VARIED` (any
+  background colour, gradients, noise; 96-448 px, aspect up to 3:1; 1-4 objects), the rest
+  from the classic layout, so ordinary images do not break the model. The best checkpoint is
+  chosen on the mean validation Acc@0.5 of the ``base`` and ``robust`` sets.
+* Resuming: ``--model`` may be a trained checkpoint (e.g. ``models/tiny-qwen3-vl``); training
+  continues from its weights (fresh optimizer state, hence the warm-up).
 * Targets are the exact Qwen3-VL answer text (``[{"bbox_2d": [...], "label": ...}]``, 0-1000)
   with coordinates rounded to a grid of ``--coord-step`` (10 = 1% of a side, far inside the IoU
   0.5 tolerance) so each coordinate is one of 101 classes instead of 1001.
@@ -41,7 +47,11 @@ class BaseTrainConfig(BaseModel):
     batch_size: int = Field(16, description="Samples per optimizer step.")
     lr: float = Field(1e-3, description="Peak learning rate.")
     warmup_steps: int = Field(100, description="Linear warm-up steps.")
-    single_frac: float = Field(0.15, description="Fraction of the budget with one object per image.")
+    single_frac: float = Field(0.15, description="Fraction of the budget with one object per image "
+                               "(0 when resuming from a trained checkpoint).")
+    varied_share: float = Field(0.6, ge=0.0, le=1.0, description="Share of training samples drawn "
+                                "from the varied generator (grounding.synth.VARIED) instead of the "
+                                "classic layout.")
     coord_step: int = Field(10, description="Round 0-1000 target coordinates to this grid.")
     eval_every: int = Field(300, description="Evaluate held-out Acc@0.5 every N steps.")
     eval_n: int = Field(96, description="Held-out samples per evaluation.")
@@ -161,10 +171,18 @@ def _setup(cfg: BaseTrainConfig):
 
 
 def _next_samples(cfg: BaseTrainConfig, st: _Loop, synth) -> list:
-    """The next ``batch_size`` synthetic samples (indices ``st.idx`` on), advancing ``st.idx``."""
-    from grounding.synth import make_sample
+    """The next ``batch_size`` synthetic samples (indices ``st.idx`` on), advancing ``st.idx``.
 
-    samples = [make_sample(st.idx + j, "base", cfg.seed, synth) for j in range(cfg.batch_size)]
+    Sample ``i`` comes from the varied generator when ``Random(i)`` says so (a ``varied_share``
+    of them), else from ``synth`` (the curriculum's classic layout)."""
+    import random
+
+    from grounding.synth import VARIED, make_sample
+
+    samples = []
+    for i in range(st.idx, st.idx + cfg.batch_size):
+        varied = random.Random(i).random() < cfg.varied_share
+        samples.append(make_sample(i, "base", cfg.seed, VARIED if varied else synth))
     st.idx += cfg.batch_size
     return samples
 
@@ -210,9 +228,17 @@ def _maybe_evaluate(cfg: BaseTrainConfig, st: _Loop, engine, model, processor, o
     """Every ``eval_every`` steps: held-out Acc@0.5, logged, best checkpoint kept."""
     if st.step % cfg.eval_every != 0:
         return
-    m = _evaluate(engine, cfg.model, "base", cfg.eval_n, cfg.val_seed)
-    _log(log, {"step": st.step, "t": round(time.time() - st.t0, 1), "eval_base": m})
-    _keep_if_best(cfg, st, m["acc@0.5"], model, processor, out)
+    m = _validate(cfg, engine)
+    _log(log, {"step": st.step, "t": round(time.time() - st.t0, 1), "eval": m})
+    _keep_if_best(cfg, st, m["mean"], model, processor, out)
+
+
+def _validate(cfg: BaseTrainConfig, engine) -> dict:
+    """Validation Acc@0.5 on ``base`` and ``robust`` and their mean (what checkpoints are
+    chosen on: the classic layout and its ordinary variations weigh the same)."""
+    accs = {d: _evaluate(engine, cfg.model, d, cfg.eval_n, cfg.val_seed)["acc@0.5"]
+            for d in ("base", "robust")}
+    return {**accs, "mean": sum(accs.values()) / len(accs)}
 
 
 def _final_metrics(cfg: BaseTrainConfig, st: _Loop, engine, model, processor,
@@ -223,8 +249,7 @@ def _final_metrics(cfg: BaseTrainConfig, st: _Loop, engine, model, processor,
     from grounding.engines import EngineConfig
     from grounding.engines.hf_engine import HFEngine
 
-    m = _evaluate(engine, cfg.model, "base", cfg.eval_n, cfg.val_seed)
-    _keep_if_best(cfg, st, m["acc@0.5"], model, processor, out)
+    _keep_if_best(cfg, st, _validate(cfg, engine)["mean"], model, processor, out)
     best_engine = HFEngine(EngineConfig(model=str(out), engine="transformers", max_new_tokens=48))
     metrics = {
         "steps": st.step,
@@ -232,8 +257,9 @@ def _final_metrics(cfg: BaseTrainConfig, st: _Loop, engine, model, processor,
         "train_seconds": round(time.time() - st.t0, 1),
         "base": _evaluate(best_engine, str(out), "base", cfg.final_eval_n, cfg.test_seed),
         "shifted": _evaluate(best_engine, str(out), "shifted", cfg.final_eval_n, cfg.test_seed),
+        "robust": _evaluate(best_engine, str(out), "robust", cfg.final_eval_n, cfg.test_seed),
         "validation": {d: _evaluate(best_engine, str(out), d, cfg.final_eval_n, cfg.val_seed)
-                       for d in ("base", "shifted")},
+                       for d in ("base", "shifted", "robust")},
         "recipe": cfg.model_dump(),
     }
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -34,7 +34,8 @@ class SynthEvalConfig(Settings):
     inference: EngineConfig = Field(default_factory=EngineConfig,
                                     description="The model and engine to evaluate.")
     adapter: str | None = Field(None, description="LoRA adapter folder to evaluate (optional).")
-    domain: Literal["base", "shifted"] = Field("base", description="Synthetic domain.")
+    domain: Literal["base", "shifted", "robust"] = Field("base", description="Synthetic domain: "
+                                                         "base, shifted or robust (grounding.synth).")
     n: int = Field(200, ge=1, description="Held-out samples.")
     seed: int = Field(TEST_SEED, description=f"Set seed (default {TEST_SEED}: the untouched "
                       f"test set; {VAL_SEED} is the validation set checkpoints are chosen on, "

@@ -119,15 +119,14 @@ def _example_maker(cfg: RetrainConfig, model, processor, items, images, rank: in
     """``example(i)``: item ``i`` as a training example, rendered as the engine would."""
     import random
 
-    from grounding.checkpoint import detect_family, resize_spec
+    from grounding.checkpoint import resize_spec
     from grounding.engines.hf_engine import HFEngine
-    from grounding.families import get_family
     from train.data import make_example
 
     inf = cfg.inference
     engine = HFEngine(inf.model_copy(update={"engine": "transformers"}), model=model,
                       processor=processor)
-    family = get_family(inf.family or detect_family(inf.model))
+    family = inf.resolve_family()
     resize = resize_spec(inf.model, inf.min_pixels, inf.max_pixels)
     step = cfg.coord_step or _checkpoint_meta(inf.model).get("coord_step", 1)
     aug_rng = random.Random(cfg.seed + 7919 * rank)

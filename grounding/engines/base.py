@@ -28,8 +28,19 @@ class EngineConfig(BaseModel):
     engine: Literal["vllm", "transformers"] = Field(
         "vllm", description="vllm: the production engine (CPU build here, CUDA on GPU nodes); "
         "transformers: the reference/fallback engine.")
-    family: str | None = Field(None, description="Model family for prompt/parse formats; "
-                               "None detects it from the checkpoint's architecture.")
+    family: str | None = Field(None, description="Model family for prompt/parse formats "
+                               "(generic: any chat VLM asked for [x1,y1,x2,y2]); None detects "
+                               "it from the checkpoint's architecture.")
+    constrained: bool = Field(True, description="Decode under the family's answer grammar "
+                              "(vLLM structured outputs; xgrammar in the transformers engine), "
+                              "so every answer is well formed; --no-constrained turns it off.")
+    prompt_template: str | None = Field(None, description="Generic family only: the prompt, "
+                                        "with {text} for the referring expression (default: "
+                                        "'Locate {text} in the image and return the bounding "
+                                        "box as [x1,y1,x2,y2].').")
+    coords: Literal["pixels", "resized_pixels", "norm1000", "norm1"] | None = Field(
+        None, description="Generic family only: what its numbers mean: original pixels, "
+        "resized-input pixels, 0-1000 or 0-1 of the image (default norm1000).")
     dtype: str = Field("float32", description="Compute dtype (float32 on CPU; bfloat16 on GPU).")
     max_model_len: int = Field(1024, ge=64, description="Longest prompt + answer, in tokens "
                                "(1024 fits the tiny model; a real Qwen2.5-VL on 1024x768 images "
@@ -55,7 +66,23 @@ class EngineConfig(BaseModel):
                              f"{self.min_pixels})")
         if self.max_new_tokens < 1:
             raise ValueError(f"`--max-new-tokens` must be >= 1, got {self.max_new_tokens}")
+        if (self.prompt_template is not None or self.coords is not None) and \
+                self.family != "generic":
+            raise ValueError("`--prompt-template` and `--coords` are settings of the generic "
+                             "family: add `--family generic`")
+        if self.family == "generic":
+            self.resolve_family()  # a bad template is an error now, not at the first request
         return self
+
+    def resolve_family(self):
+        """The `grounding.families.Family` object these settings ask for: ``family`` (the
+        generic one with its template and coordinates) or the one the checkpoint's
+        architecture names."""
+        from grounding.checkpoint import detect_family
+        from grounding.families import get_family
+
+        return get_family(self.family or detect_family(self.model), self.prompt_template,
+                          self.coords)
 
 
 @dataclass
@@ -65,6 +92,7 @@ class EngineInput:
     prompt: str
     image: Any  # PIL.Image.Image, RGB
     adapter: str | None = None
+    grammar: str | None = None  # regex the answer must match in full (None: unconstrained)
 
 
 @dataclass

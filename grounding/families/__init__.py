@@ -13,6 +13,10 @@ and strict with our arguments.
 | internvl2  | ``<ref>dog</ref><box>[[x1, y1, x2, y2]]</box>``                      | 0-1000            |
 | florence2  | ``dog<loc_x1><loc_y1><loc_x2><loc_y2>``                              | bins 0-999        |
 | paligemma  | ``<locY1><locX1><locY2><locX2> dog``                                 | 0-1023 of 1024    |
+| generic    | ``[x1, y1, x2, y2]`` (any chat VLM; prompt template is a setting)    | a setting         |
+
+Every family also has ``grammar``: the regular expression of a well-formed answer, which the
+engines decode under by default (`EngineConfig.constrained`).
 
 Adding a family: write ``grounding/families/<name>.py`` with a `Family` subclass and a
 ``FAMILY`` object, then add it to ``_ALL`` below.
@@ -24,7 +28,15 @@ Adding a family: write ``grounding/families/<name>.py`` with a `Family` subclass
 
 from __future__ import annotations
 
-from grounding.families import florence2, internvl2, paligemma, qwen2_5_vl, qwen2_vl, qwen3_vl
+from grounding.families import (
+    florence2,
+    generic,
+    internvl2,
+    paligemma,
+    qwen2_5_vl,
+    qwen2_vl,
+    qwen3_vl,
+)
 from grounding.families._base import Coords, Family, ParseResult, Status
 
 __all__ = [
@@ -46,6 +58,7 @@ _ALL: tuple[Family, ...] = (
     internvl2.FAMILY,
     florence2.FAMILY,
     paligemma.FAMILY,
+    generic.FAMILY,
 )
 
 FAMILIES: dict[str, Family] = {family.name: family for family in _ALL}
@@ -61,14 +74,23 @@ ARCHITECTURES: dict[str, str] = {
 """HF ``config.architectures[0]`` -> family name."""
 
 
-def get_family(name: str) -> Family:
-    """The family registered as ``name``; `ValueError` listing the known names otherwise."""
+def get_family(name: str, template: str | None = None, coords: str | None = None) -> Family:
+    """The family registered as ``name``; `ValueError` listing the known names otherwise.
+
+    ``template`` and ``coords`` set the generic family's prompt template and coordinate
+    convention (see `grounding.families.generic`); other families refuse them."""
     try:
-        return FAMILIES[name]
+        family = FAMILIES[name]
     except (KeyError, TypeError):
         raise ValueError(
             f"unknown model family {name!r}; known: {', '.join(sorted(FAMILIES))}"
         ) from None
+    if template is None and coords is None:
+        return family
+    if name != "generic":
+        raise ValueError(f"a prompt template and coordinate convention are settings of the "
+                         f"generic family only, not of {name!r} (use --family generic)")
+    return generic.Generic(template, coords)  # type: ignore[arg-type]
 
 
 def family_for_architecture(arch: str) -> str:

@@ -224,6 +224,16 @@ def object_fragments(text: str) -> list[Raw]:
     return raws
 
 
+def open_object_box(text: str) -> list[Raw]:
+    """The box of an object cut off after its coordinates (``{"bbox_2d": [1, 2, 3, 4], "lab``):
+    the four numbers are complete, only the label was lost to the token limit."""
+    start = text.rfind("{")
+    if start < 0 or "}" in text[start:]:
+        return []
+    box = _LOOSE_BOX.search(text, start)
+    return [Raw(tuple(to_float(g) for g in box.groups()))] if box else []  # type: ignore[misc]
+
+
 def is_nothing(value: Any) -> bool:
     """True for JSON that says "no objects": ``[]``, ``{}``, ``null``, or lists of those."""
     if value is None:
@@ -243,6 +253,7 @@ def read_json_boxes(text: str) -> Found:
     truncated = cut is not None
     if truncated:
         raws.extend(object_fragments(body[cut:]))
+        raws.extend(open_object_box(body[cut:]))
     if failed or not raws:
         # Not-quite-JSON (single quotes, trailing commas): a failed outer value may have let a
         # bare inner [x1, y1, x2, y2] decode without its label, so read whole objects instead.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 
 from grounding.boxes import Box
+from grounding.families import _grammar as g
 from grounding.families._base import Encoder, Family
 from grounding.families._text import Found, Raw, clean_label, conclude, loc_groups, strip_special
 
@@ -49,6 +50,11 @@ class Florence2(Family):
         return "".join(
             (box.label or "") + "".join(f"<loc_{v}>" for v in encode(box)) for box in boxes
         )
+
+    def _grammar(self) -> str:
+        # label<loc_x1><loc_y1><loc_x2><loc_y2>, repeated; the empty answer says no object.
+        box = rf"(?:{g.label('<>')})?" + "".join(rf"<loc_{g.N999}>" for _ in range(4))
+        return rf"(?:{box}){{0,{g.MAX_BOXES}}}"
 
 
 FAMILY = Florence2()

@@ -17,6 +17,7 @@ import re
 from itertools import groupby
 
 from grounding.boxes import Box
+from grounding.families import _grammar as g
 from grounding.families._base import Encoder, Family
 from grounding.families._text import (
     QUAD,
@@ -68,6 +69,11 @@ class InternVL2(Family):
             ref = "" if label is None else f"<ref>{label}</ref>"
             parts.append(f"{ref}<box>[{quads}]</box>")
         return "".join(parts)
+
+    def _grammar(self) -> str:
+        # One <box> of 1+ quads per ref; the empty answer says no such object.
+        block = rf"(?:<ref>{g.label('<>')}</ref>)?<box>\[{g.listed(g.quad(g.N1000), ', ')}\]</box>"
+        return rf"(?:{block}){{0,{g.MAX_BOXES}}}"
 
 
 FAMILY = InternVL2()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 
 from grounding.boxes import Box
+from grounding.families import _grammar as g
 from grounding.families._base import Encoder, Family
 from grounding.families._text import Found, Raw, clean_label, conclude, loc_groups, strip_special
 
@@ -52,6 +53,11 @@ class PaliGemma(Family):
             locs = "".join(f"<loc{v:04d}>" for v in (y1, x1, y2, x2))
             parts.append(locs if box.label is None else f"{locs} {box.label}")
         return " ; ".join(parts)
+
+    def _grammar(self) -> str:
+        # <locY1><locX1><locY2><locX2> label, joined by " ; "; the empty answer: no object.
+        box = "".join(rf"<loc{g.LOC1024}>" for _ in range(4)) + rf"(?: {g.label('<>;')})?"
+        return rf"(?:{g.listed(box, ' ; ')})?"
 
 
 FAMILY = PaliGemma()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 
 from grounding.boxes import Box
+from grounding.families import _grammar as g
 from grounding.families._base import Encoder, Family, json_items
 from grounding.families._text import Found, read_json_boxes
 
@@ -39,6 +40,11 @@ class Qwen25VL(Family):
         items = json_items(boxes, encode)
         lines = ["\t" + json.dumps(item, ensure_ascii=False) for item in items]
         return "```json\n[\n" + ",\n".join(lines) + "\n]\n```"
+
+    def _grammar(self) -> str:
+        # The cookbook's fence as `_render` writes it; an empty list says no such object.
+        items = g.listed("\t" + g.json_item(g.PIXELS), ",\n")
+        return rf"```json\n\[\n(?:{items})?\n\]\n```"
 
 
 FAMILY = Qwen25VL()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 
 from grounding.boxes import Box
+from grounding.families import _grammar as g
 from grounding.families._base import Encoder, Family
 from grounding.families._text import (
     NUM,
@@ -66,6 +67,13 @@ class Qwen2VL(Family):
             )
             parts.append(f"{ref}<|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>")
         return "".join(parts)
+
+    def _grammar(self) -> str:
+        # Boxes, each after an optional ref; the empty answer says no such object.
+        n = g.N1000
+        ref = rf"(?:<\|object_ref_start\|>{g.label('<>')}<\|object_ref_end\|>)?"
+        box = rf"{ref}<\|box_start\|>\({n},{n}\),\({n},{n}\)<\|box_end\|>"
+        return rf"(?:{box}){{0,{g.MAX_BOXES}}}"
 
 
 FAMILY = Qwen2VL()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 
 from grounding.boxes import Box
+from grounding.families import _grammar as g
 from grounding.families._base import Encoder, Family, json_items
 from grounding.families._text import Found, read_json_boxes
 
@@ -35,6 +36,10 @@ class Qwen3VL(Family):
 
     def _render(self, boxes: list[Box], encode: Encoder) -> str:
         return json.dumps(json_items(boxes, encode), ensure_ascii=False)
+
+    def _grammar(self) -> str:
+        # A plain JSON list as json.dumps writes it; "[]" says there is no such object.
+        return rf"\[(?:{g.listed(g.json_item(g.N1000), ', ')})?\]"
 
 
 FAMILY = Qwen3VL()

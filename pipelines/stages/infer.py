@@ -35,7 +35,7 @@ class Infer(StageFn):
                 self.engine.add_adapter(name, path)
             except ValueError as e:  # a corrupt adapter fails its rows, not the job
                 self.bad_adapters[name] = str(e)
-        self.grounder = Grounder(self.engine, engine.family)
+        self.grounder = Grounder(self.engine)
         self.default_adapter = default_adapter
         self.registry = None
         if registry:

@@ -19,13 +19,14 @@ class ParseBoxes(StageFn):
     needs = ("row_id", "raw_text", "tokens", "logprobs", "width", "height", "error_code")
     after = "stage 'infer'"
 
-    def __init__(self, family: str, resize: ResizeSpec, lineage: dict):
+    def __init__(self, family, resize: ResizeSpec, lineage: dict):
+        """``family``: a `grounding.families.Family` (or a registered family's name)."""
         self.family = family
         self.resize = resize
         self.lineage = lineage
 
     @classmethod
-    def stage(cls, family: str, resize: ResizeSpec, lineage: dict, batch_size: int) -> Stage:
+    def stage(cls, family, resize: ResizeSpec, lineage: dict, batch_size: int) -> Stage:
         # batch_size = rows per output part: each parse batch is written as one Parquet part
         return Stage(cls, {"family": family, "resize": resize, "lineage": lineage},
                      batch_size=batch_size)

@@ -99,8 +99,15 @@ CASES = [
         "clipped",
         (1, 0, 0),
     ),
-    # entirely outside the image: zero area after clipping, dropped
-    ("qwen2_vl", "<|box_start|>(1100,1100),(1200,1200)<|box_end|>", [], "unparseable", (0, 0, 1)),
+    # entirely outside the image: clipped to the corner and widened to one grid unit (flagged
+    # clipped; its score still ranks it for review)
+    (
+        "qwen2_vl",
+        "<|box_start|>(1100,1100),(1200,1200)<|box_end|>",
+        [(999, 499.5, 1000, 500, None)],
+        "clipped",
+        (1, 0, 0),
+    ),
     # prose only
     ("qwen2_vl", "I cannot find a dog in this image.", [], "unparseable", (0, 0, 0)),
     # nothing at all
@@ -125,10 +132,11 @@ CASES = [
         (0, 0, 0),
     ),
     # cut off inside a label string
+    # (the second box's four numbers are complete: it is kept, without its lost label)
     (
         "qwen2_5_vl",
         '[{"bbox_2d": [0, 0, 504, 252], "label": "a"}, {"bbox_2d": [1, 2, 3, 4], "label": "ca',
-        [(0, 0, 1000 * 504 / RW, 250, "a")],
+        [(0, 0, 1000 * 504 / RW, 250, "a"), (*q25(1, 2, 3, 4), None)],
         "truncated",
         (0, 0, 0),
     ),
@@ -333,6 +341,7 @@ def test_registry():
         "internvl2",
         "florence2",
         "paligemma",
+        "generic",
     }
     for name, family in FAMILIES.items():
         assert family.name == name
@@ -486,7 +495,9 @@ def test_render_parse_round_trip(name):
         text = family.render(boxes, size, resize)
         result = family.parse(text, size, resize)
         assert result.status == "ok", (text, result.message)
-        assert [b.label for b in result.boxes] == [b.label for b in boxes], text
+        # the generic answer "[x1, y1, x2, y2]" carries no label
+        labels = [None if name == "generic" else b.label for b in boxes]
+        assert [b.label for b in result.boxes] == labels, text
         # half a step of the grid; PaliGemma clamps 1024 to <loc1023>, a whole step at the edge
         tol = 1.0 if name == "paligemma" else 0.5
         for got, want in zip(result.boxes, boxes, strict=True):
