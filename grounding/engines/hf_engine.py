@@ -3,6 +3,11 @@
 Batched greedy ``generate`` with left padding; LoRA adapters through one `peft.PeftModel`
 (``load_adapter`` once per name, ``set_adapter`` per batch group, the base through
 ``disable_adapter``). Log-probs are the log-softmax of the chosen token's logits.
+
+Answer grammars (`EngineInput.grammar`) are applied with xgrammar, the library vLLM's
+structured outputs use by default, as a logits processor: the same token masks as vLLM, so
+constrained answers agree token for token between the engines. Log-probs then come from the
+masked logits (the model's distribution over the tokens the grammar allows), as in vLLM.
 """
 
 from __future__ import annotations
@@ -69,6 +74,31 @@ class HFEngine(Engine):
                     out[i] = g
         return out  # type: ignore[return-value]
 
+    def _compiled(self, grammar: str):
+        """The xgrammar grammar of a regex for this tokenizer, compiled once per regex."""
+        import xgrammar as xgr
+
+        if getattr(self, "_xgr_compiler", None) is None:
+            vocab = self.model.config.get_text_config().vocab_size
+            info = xgr.TokenizerInfo.from_huggingface(self.processor.tokenizer, vocab_size=vocab)
+            self._xgr_compiler = xgr.GrammarCompiler(info)
+            self._xgr_cache: dict[str, object] = {}
+        if grammar not in self._xgr_cache:
+            self._xgr_cache[grammar] = self._xgr_compiler.compile_regex(grammar)
+        return self._xgr_cache[grammar]
+
+    def _grammar_processor(self, inputs: list[EngineInput]):
+        """An xgrammar logits processor for a batch with grammars (None: unconstrained).
+        Rows without a grammar get the regex of any text (xgrammar takes one per row)."""
+        if all(i.grammar is None for i in inputs):
+            return None
+        from transformers import LogitsProcessorList
+        from xgrammar.contrib.hf import LogitsProcessor
+
+        grammars = [self._compiled(i.grammar if i.grammar is not None else r"(?s:.)*")
+                    for i in inputs]
+        return LogitsProcessorList([LogitsProcessor(grammars)])
+
     def _generate(self, model, inputs: list[EngineInput]) -> list[Generation]:
         import torch
 
@@ -78,7 +108,8 @@ class HFEngine(Engine):
         with torch.inference_mode():
             res = model.generate(**enc, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
                                  output_scores=True, return_dict_in_generate=True,
-                                 pad_token_id=tok.pad_token_id)
+                                 pad_token_id=tok.pad_token_id,
+                                 logits_processor=self._grammar_processor(inputs))
         new = res.sequences[:, enc["input_ids"].shape[1]:]
         logp = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in res.scores], dim=1)
         gens = []
@@ -92,6 +123,8 @@ class HFEngine(Engine):
                 ids.append(tid)
                 lps.append(float(logp[row, t, tid]))
             gens.append(Generation(
-                text=tok.decode(ids, skip_special_tokens=True), token_ids=ids, logprobs=lps,
+                # Special tokens kept, as in the vLLM engine: some families' boxes are made of
+                # them (Qwen2-VL's <|box_start|>); the parser strips end tokens.
+                text=tok.decode(ids, skip_special_tokens=False), token_ids=ids, logprobs=lps,
                 tokens=[tok.decode([i]) for i in ids]))
         return gens

@@ -116,7 +116,7 @@ class VLLMEngine(Engine):
             # skip_special_tokens=False: Qwen2-VL's <|box_start|> and its kin are special
             # tokens, and the parser needs them; end tokens are stripped by the parser.
             cache[grammar] = SamplingParams(temperature=0.0, max_tokens=self.cfg.max_new_tokens,
-                                            logprobs=1, skip_special_tokens=True,
+                                            logprobs=1, skip_special_tokens=False,
                                             structured_outputs=so)
         return cache[grammar]
 
@@ -141,14 +141,18 @@ class VLLMEngine(Engine):
             order += part
         outs = [o for _, o in sorted(zip(order, outs, strict=True), key=lambda p: p[0])]
         gens = []
+        special = set(self.tokenizer.all_special_ids)
         for out in outs:
             c = out.outputs[0]
+            ids = list(c.token_ids)
+            if c.finish_reason == "stop" and ids and ids[-1] in special:
+                ids.pop()  # the end token is not part of the answer (as in the HF engine)
             lps, toks = [], []
-            for tid, lp in zip(c.token_ids, c.logprobs or [], strict=False):
+            for tid, lp in zip(ids, c.logprobs or [], strict=False):
                 entry = lp.get(tid)
                 lps.append(float(entry.logprob) if entry is not None else float("nan"))
                 toks.append(entry.decoded_token if entry is not None else "")
-            gens.append(Generation(text=c.text, token_ids=list(c.token_ids), logprobs=lps,
+            gens.append(Generation(text=c.text, token_ids=ids, logprobs=lps,
                                    tokens=toks))
         return gens
 

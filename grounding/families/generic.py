@@ -72,8 +72,9 @@ class Generic(Family):
         raws = [Raw(tuple(to_float(v) for v in m.groups())) for m in QUAD.finditer(text)]
         if not raws and text.strip().replace(" ", "") in ("[]", "[[]]"):
             return Found(empty=True, note="the model answered with no box")
-        tail = text[text.rfind("]") + 1:] if raws else text
-        truncated = "[" in tail and any(ch.isdigit() for ch in tail)  # cut inside a box
+        tail = (text[text.rfind("]") + 1:] if raws else text).strip()
+        # cut inside a box, or right after a separator that promised another one
+        truncated = tail.startswith(",") or ("[" in tail and any(c.isdigit() for c in tail))
         return conclude(raws, truncated, text, "no [x1,y1,x2,y2] box in the model text")
 
     def _render(self, boxes: list[Box], encode: Encoder) -> str:

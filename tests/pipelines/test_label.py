@@ -52,6 +52,37 @@ def test_local_job_labels_every_row_and_eval_agrees(ray_local, synth_shard, tmp_
     assert ev["n"] == 12 and ev["acc@0.5"] == pytest.approx(s["metrics"]["acc@0.5"])
 
 
+def test_generic_family_end_to_end_with_an_untrained_template(ray_local, tmp_path):
+    """Any chat VLM through the generic family: a prompt the bundled model was never trained on,
+    0-1 coordinates, on the widened (robust) set. Every row is well formed by construction (in
+    the grammar, or cut by the token limit after a complete box), and the template's version is
+    in the lineage."""
+    import regex
+
+    from grounding.engines import EngineConfig
+    from grounding.families import get_family
+    from grounding.synth import write_dataset
+    from pipelines.label import label, prompt_version
+
+    shard = write_dataset(tmp_path / "in", 16, "robust", seed=1000)
+    template = "Where exactly is {text}? Reply with [x1,y1,x2,y2] as fractions of the image."
+    eng = EngineConfig(family="generic", prompt_template=template, coords="norm1")
+    s = label(_job(input=str(shard), output=str(tmp_path / "out"), inference=eng))
+    assert s["rows"] == 16 and s["errors"] == {}
+    family = get_family("generic", template, "norm1")
+    rows = _rows(str(tmp_path / "out"))
+    assert {r["prompt_version"] for r in rows} == {prompt_version(family)}
+    assert prompt_version(family) != prompt_version(get_family("generic"))
+    for r in rows:
+        assert r["family"] == "generic" and r["error_code"] is None, r
+        # boxes, or the grammar's "no such object" ([]): never a parse failure
+        assert r["status"] in ("ok", "clipped", "truncated", "empty"), r
+        assert bool(r["boxes"]) == (r["status"] != "empty"), r
+        assert regex.fullmatch(family.grammar, r["raw_text"], partial=r["status"] == "truncated")
+        for b in r["boxes"]:
+            assert 0 <= b["x1"] < b["x2"] <= r["width"] and 0 <= b["y1"] < b["y2"] <= r["height"]
+
+
 def _put_dataset_on_s3(endpoint: str, shard: Path, bucket: str) -> str:
     import s3fs
 
