@@ -8,6 +8,10 @@ Run::
 
     groundlabel eval-synth --domain base --n 200
     groundlabel eval-synth --domain shifted --n 200
+    groundlabel eval-synth --domain robust --n 200 --no-constrained   # free decoding
+
+Answers are decoded under the family's grammar unless ``--no-constrained``; the result also
+gives the share of "no such object" answers (``no_object_rate``).
 """
 
 from __future__ import annotations
@@ -62,15 +66,18 @@ def evaluate_synthetic(cfg: SynthEvalConfig, engine=None, synth=None) -> dict:
         if name not in engine.adapters:
             engine.add_adapter(name, cfg.adapter)
     grounder = Grounder(engine)
-    pairs = []
+    pairs, statuses = [], []
     for i in range(0, len(samples), cfg.batch_size):
         chunk = samples[i:i + cfg.batch_size]
         res = grounder.ground([GroundingRequest(s.image, s.text, name) for s in chunk])
         pairs += [(r.boxes[0] if r.boxes else None, Box.from_list(s.bbox))
                   for s, r in zip(chunk, res, strict=True)]
+        statuses += [r.status for r in res]
     m = grounding_metrics(pairs)
     m.update(chance=chance_accuracy(samples), domain=cfg.domain, seed=cfg.seed,
-             engine=cfg.inference.engine, model=cfg.inference.model, adapter=cfg.adapter)
+             engine=cfg.inference.engine, model=cfg.inference.model, adapter=cfg.adapter,
+             constrained=cfg.inference.constrained,
+             no_object_rate=statuses.count("empty") / len(samples))
     if own:
         engine.close()
     return m

@@ -140,3 +140,19 @@ def test_generic_settings_are_checked():
     assert fam.prompt("the cat") == "Where is the cat? Reply [x1,y1,x2,y2] in pixels."
     assert fam.parse("[10, 20, 30, 40]", (100, 100)).boxes[0].to_list() == [10, 20, 30, 40]
     assert fam.parse("[]", (100, 100)).status == "empty"
+
+
+def test_engine_settings_refuse_a_bad_generic_setup():
+    """Clear errors before any model loads: generic settings without the generic family, or a
+    template without its placeholder."""
+    from grounding.engines import EngineConfig
+
+    with pytest.raises(ValueError, match="--family generic"):
+        EngineConfig(prompt_template="Find {text}.")
+    with pytest.raises(ValueError, match="--family generic"):
+        EngineConfig(coords="pixels")
+    with pytest.raises(ValueError, match=r"\{text\} exactly once"):
+        EngineConfig(family="generic", prompt_template="Find it.")
+    cfg = EngineConfig(family="generic", prompt_template="Find {text}.", coords="norm1")
+    fam = cfg.resolve_family()
+    assert (fam.name, fam.coords, fam.prompt("a cat")) == ("generic", "norm1", "Find a cat.")
