@@ -21,12 +21,15 @@ def test_tiny_build_then_train_smoke(tmp_path):
                           "--threads", "1"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((out / "train_metrics.json").read_text())
-    assert metrics["steps"] > 0 and metrics["base"]["n"] == 4 and metrics["shifted"]["n"] == 4
+    assert metrics["steps"] > 0
+    assert metrics["base"]["n"] == metrics["shifted"]["n"] == metrics["robust"]["n"] == 4
     # reported on the untouched test seed; the checkpoint was chosen on the validation seed
-    assert metrics["base"]["seed"] == metrics["shifted"]["seed"] == 1000
-    assert metrics["validation"]["base"]["seed"] == 0
+    assert metrics["base"]["seed"] == metrics["shifted"]["seed"] == metrics["robust"]["seed"] == 1000
+    assert metrics["validation"]["base"]["seed"] == metrics["validation"]["robust"]["seed"] == 0
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
-    assert any("eval_base" in r for r in log)
+    # checkpoints are chosen on the mean of the base and robust validation sets
+    evals = [r["eval"] for r in log if "eval" in r]
+    assert evals and all(e["mean"] == (e["base"] + e["robust"]) / 2 for e in evals)
 
     from safetensors.torch import load_file
 
