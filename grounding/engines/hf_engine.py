@@ -29,6 +29,8 @@ class HFEngine(Engine):
             processor = AutoProcessor.from_pretrained(cfg.model, **kw)
         self.processor = processor
         self.processor.tokenizer.padding_side = "left"
+        self._xgr_compiler = None  # built at the first grammar (xgrammar is a heavy import)
+        self._xgr_cache: dict[str, object] = {}
         if model is None:
             model = AutoModelForImageTextToText.from_pretrained(
                 cfg.model, dtype=getattr(torch, cfg.dtype))
@@ -78,11 +80,10 @@ class HFEngine(Engine):
         """The xgrammar grammar of a regex for this tokenizer, compiled once per regex."""
         import xgrammar as xgr
 
-        if getattr(self, "_xgr_compiler", None) is None:
+        if self._xgr_compiler is None:
             vocab = self.model.config.get_text_config().vocab_size
             info = xgr.TokenizerInfo.from_huggingface(self.processor.tokenizer, vocab_size=vocab)
             self._xgr_compiler = xgr.GrammarCompiler(info)
-            self._xgr_cache: dict[str, object] = {}
         if grammar not in self._xgr_cache:
             self._xgr_cache[grammar] = self._xgr_compiler.compile_regex(grammar)
         return self._xgr_cache[grammar]

@@ -62,6 +62,7 @@ class VLLMEngine(Engine):
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self._lora_ids: dict[str, int] = {}
+        self._params_by_grammar: dict[str | None, object] = {}
 
     def chat_prompt(self, instruction: str) -> str:
         msgs = [{"role": "user",
@@ -110,7 +111,7 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
-        cache = self.__dict__.setdefault("_param_cache", {})
+        cache = self._params_by_grammar
         if grammar not in cache:
             so = StructuredOutputsParams(regex=grammar) if grammar is not None else None
             # skip_special_tokens=False: Qwen2-VL's <|box_start|> and its kin are special
