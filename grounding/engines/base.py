@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from grounding.families.generic import Convention
 from grounding.paths import DEFAULT_MODEL
 
 
@@ -38,7 +39,7 @@ class EngineConfig(BaseModel):
                                         "with {text} for the referring expression (default: "
                                         "'Locate {text} in the image and return the bounding "
                                         "box as [x1,y1,x2,y2].').")
-    coords: Literal["pixels", "resized_pixels", "norm1000", "norm1"] | None = Field(
+    coords: Convention | None = Field(
         None, description="Generic family only: what its numbers mean: original pixels, "
         "resized-input pixels, 0-1000 or 0-1 of the image (default norm1000).")
     dtype: str = Field("float32", description="Compute dtype (float32 on CPU; bfloat16 on GPU).")

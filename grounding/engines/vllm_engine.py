@@ -63,6 +63,7 @@ class VLLMEngine(Engine):
         self.tokenizer = self.llm.get_tokenizer()
         self._lora_ids: dict[str, int] = {}
         self._params_by_grammar: dict[str | None, object] = {}
+        self._special_ids = set(self.tokenizer.all_special_ids)
 
     def chat_prompt(self, instruction: str) -> str:
         msgs = [{"role": "user",
@@ -142,11 +143,10 @@ class VLLMEngine(Engine):
             order += part
         outs = [o for _, o in sorted(zip(order, outs, strict=True), key=lambda p: p[0])]
         gens = []
-        special = set(self.tokenizer.all_special_ids)
         for out in outs:
             c = out.outputs[0]
             ids = list(c.token_ids)
-            if c.finish_reason == "stop" and ids and ids[-1] in special:
+            if c.finish_reason == "stop" and ids and ids[-1] in self._special_ids:
                 ids.pop()  # the end token is not part of the answer (as in the HF engine)
             lps, toks = [], []
             for tid, lp in zip(ids, c.logprobs or [], strict=False):

@@ -81,9 +81,8 @@ class Generic(Family):
         if not boxes:
             return "[]"
         if self.coords == "norm1":  # encode gives thousandths
-            return ", ".join("[{}]".format(", ".join(f"{v / 1000:.3f}".rstrip("0").rstrip(".")
-                                                      if v % 1000 else str(v // 1000)
-                                                      for v in encode(b))) for b in boxes)
+            return ", ".join("[{}]".format(", ".join(f"{v / 1000:g}" for v in encode(b)))
+                             for b in boxes)
         return ", ".join("[{}, {}, {}, {}]".format(*encode(b)) for b in boxes)
 
     def _grammar(self) -> str:
