@@ -114,7 +114,10 @@ def from_job_rows(rows: list[dict]) -> list[dict]:
             continue
         boxes = [[b["x1"], b["y1"], b["x2"], b["y2"]] for b in r.get("boxes") or []]
         scores = [b.get("score") for b in r.get("boxes") or []]
-        out.append(item(r.get("image"), r["text"], boxes, width=r.get("width"),
-                        height=r.get("height"), scores=scores or None, score=r.get("score"),
-                        **{k: r.get(k) for k in LINEAGE}))
+        it = item(r.get("image"), r["text"], boxes, width=r.get("width"),
+                  height=r.get("height"), scores=scores or None, score=r.get("score"),
+                  **{k: r.get(k) for k in LINEAGE})
+        if r.get("calibrated_score") is not None:  # the job's own calibration, when it had one
+            it["calibrated"] = r["calibrated_score"]
+        out.append(it)
     return out

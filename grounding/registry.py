@@ -9,6 +9,10 @@ Layout under the registry root::
                                   visible, and a name can never be taken twice
     events/00000001.json ...      every promotion, refusal and rollback, in order (exclusive
                                   create: concurrent writers each get their own number)
+    calibration/<adapter|_base>/<model+prompt digest>/00000001.json ...
+                                  calibrations (`grounding.calibration`) of the adapter (or
+                                  the base model) for one model + prompt version; each refit is
+                                  the next number (exclusive create), the newest is in force
     production.json               the pointer: {"name": ..., "event": N}, one atomic PUT
     _lock                         the lock (`grounding.lease`): held by a retrain from training
                                   to promotion and by every promotion and rollback; renewed by
@@ -178,6 +182,44 @@ class AdapterRegistry:
 
             shutil.rmtree(tmp, ignore_errors=True)
         return str(dest)
+
+    # -- calibrations ----------------------------------------------------------------------
+    def _cal_dir(self, key) -> str:
+        owner = check_name(key.adapter) if key.adapter else "_base"
+        return self._p("calibration", owner, key.digest())
+
+    def save_calibration(self, cal) -> str:
+        """Store a `grounding.calibration.Calibration` as its key's next version; returns its
+        path. The adapter must be registered (base-model calibrations need no adapter)."""
+        if cal.key.adapter:
+            self.show(cal.key.adapter)
+        atomic.probe(self.fs, self.root, f"adapter registry {self.uri}")
+        d = self._cal_dir(cal.key)
+        self.fs.makedirs(d, exist_ok=True)
+        n = len(self._cal_files(d)) + 1
+        while True:
+            path = join(d, f"{n:08d}.json")
+            try:
+                atomic.create(self.fs, path, cal.model_dump_json(indent=1).encode())
+                return path
+            except FileExistsError:
+                n += 1
+
+    def _cal_files(self, d: str) -> list[str]:
+        if not self.fs.exists(d):
+            return []
+        self.fs.invalidate_cache(d)
+        return sorted(p for p in self.fs.ls(d, detail=False) if p.endswith(".json"))
+
+    def calibration(self, key):
+        """The newest `Calibration` for ``key`` (model + adapter + prompt version), or None."""
+        from grounding.calibration import Calibration
+
+        files = self._cal_files(self._cal_dir(key))
+        if not files:
+            return None
+        cal = Calibration.model_validate_json(self.fs.cat_file(files[-1]))
+        return cal if cal.key == key else None
 
     # -- production pointer ----------------------------------------------------------------
     def production(self) -> str | None:

@@ -5,6 +5,10 @@ One record per review decision. A decision is one of
 * ``accept``: the prediction was right; ``boxes`` are the predicted boxes.
 * ``correct``: the reviewer drew the right boxes (possibly none: "no such object").
 * ``reject``: the item is unusable (ambiguous text, bad image); it is never trained on.
+* ``auto``: no person looked: the prediction was auto-accepted because its calibrated score
+  cleared a precision target (``groundlabel review export --auto-accept-precision``). It is not
+  a training label unless asked for (the model would learn from itself), it never replaces a
+  person's decision on the same item, and a person's later decision replaces it (the audit).
 
 Layout under the store root::
 
@@ -22,7 +26,8 @@ lost. Version ``v`` is the first ``v`` commits: a snapshot that never changes, s
 can name exactly the labels it used.
 
 Reading: ``snapshot(version)`` gives the latest decision per ``item_id`` (later commits win;
-within a commit, later rows win); ``history(version)`` gives every record, the audit trail.
+within a commit, later rows win; a person's decision always wins over ``auto``);
+``history(version)`` gives every record, the audit trail.
 
 Boxes are ``[x1, y1, x2, y2]`` float pixels of the original image (xyxy).
 """
@@ -39,24 +44,39 @@ from grounding import atomic
 from grounding.labels import LINEAGE
 from grounding.storage import StorageOptions, filesystem, join
 
-DECISIONS = ("accept", "correct", "reject")
+DECISIONS = ("accept", "correct", "reject", "auto")
+HUMAN = ("accept", "correct", "reject")
+TRAIN = ("accept", "correct")
 
 SCHEMA = pa.schema([
     pa.field("record_id", pa.string(), metadata={"doc": "unique id of this decision"}),
     pa.field("item_id", pa.string(), metadata={"doc": "the (image, text) item decided on"}),
-    pa.field("decision", pa.string(), metadata={"doc": "accept | correct | reject"}),
+    pa.field("decision", pa.string(), metadata={"doc": "accept | correct | reject | auto"}),
     pa.field("image", pa.string(), metadata={"doc": "image reference, never bytes"}),
     pa.field("width", pa.int32()), pa.field("height", pa.int32()),
     pa.field("text", pa.string()),
     pa.field("boxes", pa.list_(pa.list_(pa.float64())),
              metadata={"doc": "reviewed boxes, xyxy float pixels of the original image"}),
     pa.field("predicted_boxes", pa.list_(pa.list_(pa.float64()))),
-    pa.field("predicted_score", pa.float64()),
+    pa.field("predicted_score", pa.float64(), metadata={"doc": "raw answer score"}),
+    pa.field("calibrated_score", pa.float64(),
+             metadata={"doc": "calibrated P(right) when routed; null otherwise"}),
+    pa.field("auto_precision", pa.float64(),
+             metadata={"doc": "auto: the precision target it was accepted under"}),
+    pa.field("calibration", pa.string(), metadata={"doc": "auto: id of the calibration used"}),
     pa.field("reviewer", pa.string()),
     pa.field("reviewed_at", pa.string(), metadata={"doc": "ISO 8601, UTC"}),
     pa.field("source", pa.string(), metadata={"doc": "label-studio, import:coco, ..."}),
     *[pa.field(k, pa.string()) for k in LINEAGE],
 ])
+
+
+def _conform(t: pa.Table) -> pa.Table:
+    """A data file as `SCHEMA`: files written before a column existed get it as nulls."""
+    for f in SCHEMA:
+        if f.name not in t.column_names:
+            t = t.append_column(f.name, pa.nulls(len(t), f.type))
+    return t.select(SCHEMA.names).cast(SCHEMA)
 
 
 class StoreError(RuntimeError):
@@ -69,11 +89,12 @@ def _now() -> str:
 
 def decision_record(item: dict, decision: str, *, predicted: dict | None = None,
                     reviewer: str | None = None, reviewed_at: str | None = None,
-                    source: str = "api") -> dict:
+                    source: str = "api", **route) -> dict:
     """A store record for a decision on a labeled item (`grounding.labels`).
 
     ``predicted`` is the labeled item of the prediction that was reviewed (lineage and predicted
-    boxes come from it when given).
+    boxes come from it when given). ``route``: ``calibrated_score``, ``auto_precision`` and
+    ``calibration`` of an auto-accepted or routed prediction.
     """
     if decision not in DECISIONS:
         raise StoreError(f"decision must be one of {DECISIONS}, got {decision!r}")
@@ -82,7 +103,8 @@ def decision_record(item: dict, decision: str, *, predicted: dict | None = None,
            "image": item.get("image"), "width": item.get("width"), "height": item.get("height"),
            "text": item["text"], "boxes": [list(map(float, b)) for b in item.get("boxes") or []],
            "predicted_boxes": pred.get("boxes"), "predicted_score": pred.get("score"),
-           "reviewer": reviewer, "reviewed_at": reviewed_at or _now(), "source": source}
+           "reviewer": reviewer, "reviewed_at": reviewed_at or _now(), "source": source,
+           **{k: route.get(k) for k in ("calibrated_score", "auto_precision", "calibration")}}
     rec.update({k: item.get(k) or pred.get(k) for k in LINEAGE})
     return rec
 
@@ -164,7 +186,7 @@ class ReviewStore:
         tables = []
         for c in commits:
             with self.fs.open(join(self.root, c["data"]), "rb") as f:
-                t = pq.read_table(f).cast(SCHEMA)
+                t = _conform(pq.read_table(f))
             tables.append(t.append_column("version", pa.array([c["version"]] * len(t), pa.int64())))
         if not tables:
             return SCHEMA.append(pa.field("version", pa.int64())).empty_table()
@@ -175,8 +197,14 @@ class ReviewStore:
         ``decisions`` (``("accept", "correct")`` gives training labels)."""
         hist = self.history(version)
         latest: dict[str, int] = {}
-        for i, item in enumerate(hist.column("item_id").to_pylist()):
+        human: set[str] = set()
+        for i, (item, d) in enumerate(zip(hist.column("item_id").to_pylist(),
+                                          hist.column("decision").to_pylist(), strict=True)):
+            if d == "auto" and item in human:
+                continue  # a machine never overrules a person
             latest[item] = i  # later rows (later commits, later in a commit) win
+            if d != "auto":
+                human.add(item)
         keep = sorted(latest.values())
         t = hist.take(pa.array(keep, pa.int64()))
         if set(decisions) != set(DECISIONS):
@@ -184,10 +212,10 @@ class ReviewStore:
             t = t.filter(pa.array(mask))
         return t
 
-    def labels(self, version: int | None = None) -> list[dict]:
+    def labels(self, version: int | None = None, include_auto: bool = False) -> list[dict]:
         """Training labels as labeled items (`grounding.labels`): accepted and corrected items
-        of a snapshot."""
-        rows = self.snapshot(version, ("accept", "correct")).to_pylist()
+        of a snapshot (and auto-accepted ones with ``include_auto``)."""
+        rows = self.snapshot(version, TRAIN + (("auto",) if include_auto else ())).to_pylist()
         return [{k: r.get(k) for k in ("item_id", "image", "width", "height", "text", "boxes",
                                         *LINEAGE)} | {"scores": None, "score": None}
                 for r in rows]

@@ -60,7 +60,8 @@ VERBS: dict[str, Verb] = {
                    "one new version.", "pipelines.review:ImportConfig",
                    "pipelines.review:import_labels"),
     "review export": Verb("A job's predictions as Label Studio tasks, least-confident first, "
-                          "plus the project's label_config.xml.",
+                          "plus the project's label_config.xml; with --auto-accept-precision, "
+                          "rows sure enough skip people (recorded as `auto`).",
                           "pipelines.review:ReviewExportConfig", "pipelines.review:export_tasks"),
     "review import": Verb("A Label Studio JSON export into the store (same as `groundlabel "
                           "import --from labelstudio`).", "pipelines.review:ImportConfig",
@@ -73,6 +74,10 @@ VERBS: dict[str, Verb] = {
     "review pull": Verb("Import a Label Studio project's reviews into the store (keeps the raw "
                         "export next to it).", "pipelines.review:ReviewPullConfig",
                         "pipelines.review:pull_from_label_studio"),
+    "review calibrate": Verb("Fit calibrated confidence (P(right) from the raw score) per "
+                             "model + adapter + prompt version from the store's reviews, into "
+                             "the registry.", "pipelines.routing:CalibrateConfig",
+                             "pipelines.routing:calibrate"),
     "review log": Verb("The store's versions: what each commit added.",
                        "pipelines.review:ReviewLogConfig", "pipelines.review:review_log"),
     "serve": Verb("Start the online endpoint (Ray Serve + FastAPI): POST /v1/ground, hot-swaps "

@@ -28,7 +28,8 @@ class LabelJobConfig(Settings):
                                      " each registered under its folder name.")
     registry: str | None = Field(None, description="Adapter registry (folder or s3://): "
                                  "adapter names (and `production`) resolve there; each actor "
-                                 "downloads what its rows name.")
+                                 "downloads what its rows name. Its calibrations give each row "
+                                 "a calibrated_score beside the raw score.")
     num_actors: int = Field(1, ge=1, description="Inference actors (one engine each).")
     actor_resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources each inference actor needs, "

@@ -130,6 +130,15 @@ def stages(cfg: LabelJobConfig, p: JobPlan) -> list:
     from pipelines.stages.read import ReadShards
 
     family = p.engine.resolve_family()
+    calibrations = {}
+    if cfg.registry:  # the job's default adapter (or the base model) resolved once, here
+        from grounding.calibration import Key
+        from grounding.registry import AdapterRegistry
+
+        key = Key(model=p.lineage["model"], adapter=p.default_adapter,
+                  prompt_version=p.lineage["prompt_version"])
+        calibrations[p.default_adapter] = AdapterRegistry(cfg.registry,
+                                                          cfg.storage).calibration(key)
     return [
         ReadShards.stage(cfg.storage, cfg.limit, rows_per_block=cfg.batch_size),
         FetchImages.stage(cfg.storage, p.resize, cfg.max_image_bytes, cfg.max_image_pixels,
@@ -140,7 +149,8 @@ def stages(cfg: LabelJobConfig, p: JobPlan) -> list:
         ParseBoxes.stage(family, p.resize, {"model": p.lineage["model"], "family": family.name,
                                             "prompt_version": p.lineage["prompt_version"],
                                             "job_id": p.job["job_id"]},
-                         batch_size=cfg.rows_per_part),
+                         batch_size=cfg.rows_per_part, calibrations=calibrations,
+                         registry=cfg.registry, storage=cfg.storage),
     ]
 
 

@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field
 from grounding.settings import EmbedImages, JobOutputURI, Settings, StoreURI, StoreVersion
 from grounding.storage import StorageOptions, filesystem, join
 from pipelines.output import JobOutput
+from pipelines.routing import Routing
 
 FORMATS = "seed, swift, coco, parquet, labelstudio"
 LabelFormat = Literal["seed", "swift", "coco", "parquet", "labelstudio"]
@@ -88,6 +89,7 @@ class ReviewExportConfig(Settings):
     model_version: str | None = Field(None, description="model_version of the predictions "
                                       "(default: model/adapter/prompt version of each row).")
     images: TaskImages = Field(default_factory=TaskImages, description="Task images.")
+    routing: Routing = Field(default_factory=Routing, description="Auto-accept routing.")
     storage: StorageOptions = Field(default_factory=StorageOptions, description="Object storage.")
 
 
@@ -115,6 +117,7 @@ class ReviewPushConfig(Settings):
     project: int | None = Field(None, description="Add the tasks to this existing project "
                                 "instead.")
     images: TaskImages = Field(default_factory=TaskImages, description="Task images.")
+    routing: Routing = Field(default_factory=Routing, description="Auto-accept routing.")
     storage: StorageOptions = Field(default_factory=StorageOptions, description="Object storage.")
 
 
@@ -271,6 +274,12 @@ def export_tasks(cfg: ReviewExportConfig) -> dict:
         from grounding.labels import LabelFormatError
 
         raise LabelFormatError(output, problems)
+    from pipelines.routing import route
+
+    routed = route(items, cfg.routing, opts, JobOutput(output, opts).job_record().get("job_id"))
+    for it in routed["audit"]:
+        it["route"] = "audit"
+    items = routed["review"] + routed["audit"]
 
     pngs = embed_all(items, output, opts) if embed_images else {}
 
@@ -287,8 +296,13 @@ def export_tasks(cfg: ReviewExportConfig) -> dict:
     write(items, fs, path, model_version=cfg.model_version, image_url=url)
     with fs.open(join(parent, "label_config.xml"), "wt") as f:
         f.write(LABEL_CONFIG)
-    return {"job": output, "tasks": tasks_uri, "n": len(items),
-            "label_config": join(tasks_uri.rsplit("/", 1)[0], "label_config.xml")}
+    out = {"job": output, "tasks": tasks_uri, "n": len(items),
+           "label_config": join(tasks_uri.rsplit("/", 1)[0], "label_config.xml")}
+    if cfg.routing.auto_accept_precision is not None:
+        out |= {"auto_accepted": len(routed["auto"]), "audited": len(routed["audit"]),
+                "to_review": len(routed["review"]), "store_version": routed["version"],
+                "keys": routed["keys"]}
+    return out
 
 
 class LabelStudioError(RuntimeError):
@@ -322,8 +336,9 @@ def push_to_label_studio(cfg: ReviewPushConfig) -> dict:
 
     url, token, project = cfg.label_studio.url.rstrip("/"), cfg.label_studio.token(), cfg.project
     with tempfile.TemporaryDirectory() as d:
-        export_tasks(ReviewExportConfig(output=cfg.output, tasks=f"{d}/tasks.json",
-                                        images=cfg.images, storage=cfg.storage))
+        routed = export_tasks(ReviewExportConfig(output=cfg.output, tasks=f"{d}/tasks.json",
+                                                 images=cfg.images, routing=cfg.routing,
+                                                 storage=cfg.storage))
         with open(f"{d}/tasks.json") as f:
             tasks = json.load(f)
     with _ls_session(url, token) as s:
@@ -333,7 +348,8 @@ def push_to_label_studio(cfg: ReviewPushConfig) -> dict:
             project = _ls_call(s, "POST", f"{url}/api/projects",
                                json={"title": title[:50], "label_config": LABEL_CONFIG})["id"]
         res = _ls_call(s, "POST", f"{url}/api/projects/{project}/import", json=tasks)
-    return {"project": project, "tasks": res.get("task_count", len(tasks)), "url": url}
+    return {"project": project, "tasks": res.get("task_count", len(tasks)), "url": url} | {
+        k: v for k, v in routed.items() if k in ("auto_accepted", "audited", "keys")}
 
 
 def pull_from_label_studio(cfg: ReviewPullConfig) -> dict:

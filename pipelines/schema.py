@@ -10,7 +10,9 @@ Output (one Parquet row per input row, in ``OUTPUT/parts/*.parquet``):
 | image          | string               | input image reference (never image bytes) |
 | text           | string               | referring expression |
 | boxes          | list<struct>         | ``x1, y1, x2, y2`` (float pixels of the ORIGINAL image, xyxy), ``score`` (0-1), ``label`` |
-| score          | double               | answer confidence: geometric-mean probability of the coordinate tokens |
+| score          | double               | answer confidence: geometric-mean probability of the coordinate tokens (raw) |
+| calibrated_score | double             | P(the answer is right) from the registry's calibration of this model + adapter + prompt version (`grounding.calibration`); null without one |
+| calibration    | string               | id of that calibration |
 | status         | string               | ``ok``, ``clipped``, ``truncated``, ``empty``, ``unparseable``, or ``error`` |
 | error_code     | string               | see `grounding.errors` (meaning, transient or not); null when the row was labeled |
 | error          | string               | human-readable error |
@@ -56,7 +58,8 @@ GENERATED = pa.schema([
 OUTPUT = pa.schema([
     ("row_id", pa.string()), ("shard", pa.string()), ("source_id", pa.string()),
     ("image", pa.string()), ("text", pa.string()), ("boxes", pa.list_(BOX)),
-    ("score", pa.float64()), ("status", pa.string()), ("error_code", pa.string()),
+    ("score", pa.float64()), ("calibrated_score", pa.float64()), ("calibration", pa.string()),
+    ("status", pa.string()), ("error_code", pa.string()),
     ("error", pa.string()), ("raw_text", pa.string()), ("width", pa.int32()),
     ("height", pa.int32()), ("gold", pa.list_(pa.float64())), ("model", pa.string()),
     ("adapter", pa.string()), ("family", pa.string()), ("prompt_version", pa.string()),

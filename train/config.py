@@ -27,6 +27,9 @@ class RetrainConfig(Settings):
     registry: RegistryURI
     version: int | None = Field(None, ge=1, description="Store version to train on (default: "
                                 "newest).")
+    train_on_auto: bool = Field(False, description="Also train on auto-accepted predictions "
+                                "(decision `auto`; off by default: the model would learn from "
+                                "itself). They are never held out for the gate.")
     inference: EngineConfig = Field(default_factory=EngineConfig, description="The base "
                                     "checkpoint (kept frozen; its pixels settings are used for "
                                     "training too) and the engine of the gate.")

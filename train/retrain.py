@@ -141,6 +141,11 @@ def retrain(cfg: RetrainConfig) -> dict:
         raise StoreError(f"{cfg.store} has no reviewed labels yet")
     items = store.labels(version)
     train_side, held = split(items, cfg.holdout_frac)
+    if cfg.train_on_auto:  # training side only: the gate judges against people's labels
+        human = {it["item_id"] for it in items}
+        held_images = {it["image"] for it in held}
+        train_side += [it for it in store.labels(version, include_auto=True)
+                       if it["item_id"] not in human and it["image"] not in held_images]
     if not held or (not train_side and not cfg.candidate):
         raise StoreError(f"version {version} has {len(items)} usable labels: too few to train "
                          f"and hold out {cfg.holdout_frac:.0%}")

@@ -3,13 +3,17 @@
 Out (``write`` / `to_tasks`): one task per item, least-confident first, in Label Studio's task
 import JSON::
 
-    {"data": {"image": URL, "text": EXPR, "item_id": ..., "predicted_boxes": [[x1,y1,x2,y2]], ...},
+    {"data": {"image": URL, "text": EXPR, "item_id": ..., "predicted_boxes": [[x1,y1,x2,y2]],
+              "score": raw, "calibrated_score": p, "route": "review" | "audit", ...},
      "predictions": [{"model_version": ..., "score": s, "result": [
         {"id": ..., "from_name": "label", "to_name": "image", "type": "rectanglelabels",
          "original_width": W, "original_height": H, "image_rotation": 0, "score": s_k,
          "value": {"x": %, "y": %, "width": %, "height": %, "rotation": 0,
                    "rectanglelabels": ["target"]}}]}]}
 
+The prediction's ``score`` (the one Label Studio sorts tasks by) is the calibrated P(right)
+when there is one (`pipelines.routing`), else the raw answer score; each region carries its
+box's raw score. ``route: audit`` marks an auto-accepted row sent to people as a check.
 ``x, y, width, height`` are percent of the original image (top-left corner and size), which
 is Label Studio's convention; our boxes are xyxy pixels of the same image.
 `LABEL_CONFIG` is the project's labeling config: the box tool, the expression as a header, and
@@ -63,9 +67,16 @@ def from_percent(v: dict, w: int, h: int) -> list[float]:
     return [x1, y1, x1 + v["width"] * w / 100, y1 + v["height"] * h / 100]
 
 
+def task_score(it: dict) -> float | None:
+    """The one score Label Studio sorts and filters a task by: the calibrated P(right) when the
+    item has one, else the raw answer score."""
+    return it["calibrated"] if it.get("calibrated") is not None else it.get("score")
+
+
 def _order(it: dict) -> tuple:
     # Least confident first; no score at all (unparseable / empty answers) before any score.
-    return (it.get("score") is not None, it.get("score") or 0.0, it["item_id"])
+    s = task_score(it)
+    return (s is not None, s or 0.0, it["item_id"])
 
 
 def _same_ref(ref: str) -> str:
@@ -94,9 +105,12 @@ def to_tasks(items: list[dict], model_version: str | None = None, label: str = L
                 "text": it["text"], "item_id": it["item_id"], "width": w, "height": h,
                 "predicted_boxes": it["boxes"]}
         data.update({k: it[k] for k in LINEAGE if it.get(k) is not None})
+        # Data columns too: Label Studio's data manager sorts and filters by any of them.
+        data.update({"score": it.get("score"), "calibrated_score": it.get("calibrated"),
+                     "route": it.get("route", "review")})
         pred = {"model_version": model_version or _version(it), "result": result}
-        if it.get("score") is not None:
-            pred["score"] = it["score"]
+        if task_score(it) is not None:
+            pred["score"] = task_score(it)
         tasks.append({"data": data, "predictions": [pred]})
     return tasks
 

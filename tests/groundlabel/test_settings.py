@@ -28,6 +28,7 @@ STORAGE_VERBS = {
     "review import": ["x.json", "--store", "store/"],
     "review push": ["out/", "--url", "http://ls"],
     "review pull": ["--url", "http://ls", "--project", "1", "--store", "store/"],
+    "review calibrate": ["st/", "--registry", "reg/"],
     "review log": ["store/"],
     "serve": [],
     "retrain": ["--store", "store/", "--registry", "reg/"],
@@ -75,7 +76,7 @@ def test_label_stages_carry_the_jobs_storage(tmp_path, synth_shard):
                          s3_region="eu-west-3")
     p = plan(cfg)
     carried = [s.settings["storage"] for s in stages(cfg, p) if "storage" in s.settings]
-    assert len(carried) == 3  # read, fetch_images, infer (the registry)
+    assert len(carried) == 4  # read, fetch_images, infer and parse_boxes (the registry)
     assert all(s.s3_region == "eu-west-3" for s in carried)
     assert p.output.storage.s3_region == "eu-west-3"
 

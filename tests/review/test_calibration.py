@@ -1,0 +1,307 @@
+"""Calibrated confidence: outcomes from reviews, isotonic / Platt fits, ECE, lower bounds, the
+auto-accept threshold's guarantee, the store's `auto` decision, the registry's calibrations and
+routing a job's predictions (auto, audit, people; too few reviews)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from grounding import calibration as C
+from grounding.labels import item
+from grounding.registry import AdapterRegistry, RegistryError
+from grounding.store import ReviewStore, decision_record
+
+KEY = C.Key(model="models/m", adapter=None, prompt_version="qwen3_vl:abcd1234")
+
+
+def _truth(s):
+    """The world of these tests: raw scores are overconfident, P(right) = s**3."""
+    return s ** 3
+
+
+def _draw(n: int, seed: int, key=KEY) -> list[C.Outcome]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        s = rng.random() ** 0.3  # mostly high raw scores, as a model's are
+        out.append(C.Outcome(item_id=f"{seed}-{i}", key=key, score=s,
+                             hit=rng.random() < _truth(s)))
+    return out
+
+
+# ---------------------------------------------------------------------------------- outcomes
+
+
+def test_outcome_of_each_decision():
+    pred = item("/i.png", "the cat", [[0, 0, 10, 10]], width=20, height=20, score=0.8,
+                model="m", prompt_version="p")
+    near = item("/i.png", "the cat", [[1, 0, 10, 10]], width=20, height=20)
+    far = item("/i.png", "the cat", [[10, 10, 20, 20]], width=20, height=20)
+    none = item("/i.png", "the cat", [], width=20, height=20)
+    rec = lambda it, d: decision_record(it, d, predicted=pred)  # noqa: E731
+    assert C.outcome(rec(pred, "accept")) is True
+    assert C.outcome(rec(near, "correct")) is True          # IoU 0.9: the prediction was right
+    assert C.outcome(rec(far, "correct")) is False
+    assert C.outcome(rec(none, "correct")) is False         # "no such object": a miss
+    assert C.outcome(rec(pred, "reject")) is None            # unusable item: left out
+    assert C.outcome(rec(pred, "auto")) is None              # nobody looked: left out
+    unscored = decision_record(pred, "accept", predicted=dict(pred, score=None))
+    assert C.outcome(unscored) is None
+    assert C.key_of(rec(pred, "accept")) == C.Key(model="m", adapter=None, prompt_version="p")
+
+
+def test_boxes_match_pairs_one_to_one():
+    a, b = [0, 0, 10, 10], [20, 20, 30, 30]
+    assert C.boxes_match([a, b], [b, a])
+    assert not C.boxes_match([a, a], [a, b])   # both predictions on one true box
+    assert not C.boxes_match([a], [a, b])
+    assert C.boxes_match([], [])
+
+
+# ---------------------------------------------------------------------------------- fitting
+
+
+@pytest.mark.parametrize("method", ["isotonic", "platt"])
+def test_fit_improves_ece_on_held_out_reviews(method):
+    data = _draw(3000, seed=1)
+    cal = C.fit(data, method)
+    assert cal.n_fit + cal.n_holdout == 3000 and 1300 < cal.n_holdout < 1700
+    fit_ids = {o.item_id for o in data if not C.held_out(o.item_id)}
+    assert len(fit_ids) == cal.n_fit  # the held-out part is exactly the hash's choice
+    q = cal.quality()
+    assert q["ece_raw"] > 0.15                       # s**3 is far from s
+    assert q["ece_calibrated"] < 0.05                # ... and the fit fixes it, held out
+    assert q["ece_calibrated"] < q["ece_raw"] / 3
+    grid = np.linspace(0.05, 0.95, 19)
+    assert np.abs(cal(grid) - _truth(grid)).max() < 0.15    # isotonic steps: coarse
+    assert all(np.diff(cal(grid)) >= -1e-12)          # monotone in the raw score
+
+
+def test_isotonic_matches_scikit_learn_and_survives_json():
+    from sklearn.isotonic import IsotonicRegression
+
+    data = _draw(500, seed=2)
+    cal = C.fit(data, "isotonic")
+    part = [o for o in data if not C.held_out(o.item_id)]
+    iso = IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(
+        [o.score for o in part], [o.hit for o in part])
+    xs = np.linspace(-0.2, 1.2, 57)
+    np.testing.assert_allclose(cal(xs), iso.predict(xs), atol=1e-12)
+    back = C.Calibration.model_validate_json(cal.model_dump_json())
+    np.testing.assert_allclose(back(xs), cal(xs))
+    assert cal.one(None) is None and math.isnan(cal([None])[0])
+
+
+def test_too_few_reviews_say_how_many_more():
+    with pytest.raises(C.TooFewReviews) as e:
+        C.fit(_draw(20, seed=3))
+    assert e.value.needed == math.ceil(C.MIN_FIT / (1 - C.HOLDOUT)) - 20
+    assert "more needed" in str(e.value)
+    all_hits = [o.model_copy(update={"hit": True}) for o in _draw(200, seed=3)]
+    with pytest.raises(C.TooFewReviews, match="only hits"):
+        C.fit(all_hits)
+
+
+def test_ece_and_reliability_by_hand():
+    p = [0.05, 0.15, 0.15, 0.95, 1.0]
+    y = [False, True, False, True, True]
+    rel = C.reliability(p, y, bins=10)
+    assert [(b["lo"], b["n"]) for b in rel] == [(0.0, 1), (0.1, 2), (0.9, 2)]
+    assert rel[1]["hit_rate"] == 0.5 and rel[2]["mean_p"] == pytest.approx(0.975)
+    want = (1 * 0.05 + 2 * abs(0.15 - 0.5) + 2 * abs(0.975 - 1.0)) / 5
+    assert C.ece(p, y) == pytest.approx(want)
+    assert C.ece([], []) is None
+
+
+# ---------------------------------------------------------------------------------- bounds
+
+
+def test_lower_bounds_agree_with_scipy():
+    from scipy.stats import binomtest
+
+    for k, n in [(90, 100), (59, 59), (5, 40), (0, 10), (300, 310)]:
+        # one-sided at 95 % = the low end of a two-sided 90 % interval
+        ci_exact = binomtest(k, n).proportion_ci(confidence_level=0.90, method="exact")
+        ci_wilson = binomtest(k, n).proportion_ci(confidence_level=0.90, method="wilson")
+        assert C.lower_bound(k, n, 0.95) == pytest.approx(ci_exact.low, abs=1e-9)
+        assert C.lower_bound(k, n, 0.95, "wilson") == pytest.approx(ci_wilson.low, abs=1e-9)
+        assert C.upper_bound(k, n, 0.95) == pytest.approx(ci_exact.high, abs=1e-9)
+    assert C.min_holdout(0.95) == 59       # 0.95 ** 59 < 0.05 <= 0.95 ** 58
+    assert C.min_holdout(0.98) == 149
+
+
+def test_threshold_keeps_its_promise_over_many_draws():
+    """The set chosen for 0.8 has true precision >= 0.8 in (about) 95 % of draws or more."""
+    target, fails, chosen = 0.8, 0, 0
+    rng = np.random.default_rng(0)
+    big = rng.random(400_000) ** 0.3
+    for seed in range(60):
+        cal = C.fit(_draw(1000, seed=100 + seed))
+        thr = C.choose_threshold(cal, target)
+        if thr.threshold is None:
+            continue
+        chosen += 1
+        above = big[cal(big) >= thr.threshold - 1e-12]
+        fails += _truth(above).mean() < target   # the true precision of what it accepts
+        assert thr.lower >= target and thr.n >= C.min_holdout(target)
+    assert chosen >= 50          # it does accept something nearly every time ...
+    assert fails <= 6            # ... and breaks the promise at most ~5 % of the time (+ slack)
+
+
+def test_threshold_refuses_with_too_few_or_too_poor_reviews():
+    cal = C.fit(_draw(80, seed=5))            # ~40 held out < 59 needed for 0.95
+    thr = C.choose_threshold(cal, 0.95)
+    assert thr.threshold is None and thr.needed > 0 and "more review" in thr.reason
+    poor = [o.model_copy(update={"hit": random.Random(o.item_id).random() < 0.3})
+            for o in _draw(2000, seed=6)]
+    thr = C.choose_threshold(C.fit(poor), 0.95)
+    assert thr.threshold is None and thr.needed == 0 and "no threshold reaches" in thr.reason
+    assert C.reviews_needed(0, 0.95) == max(math.ceil(C.MIN_FIT / 0.5), math.ceil(59 / 0.5))
+    assert C.reviews_needed(10_000, 0.95) == 0
+
+
+# ---------------------------------------------------------------------------------- store
+
+
+def _pred(i: int, score: float, box=(0, 0, 10, 10), adapter=None) -> dict:
+    return item(f"/img/{i}.png", "the red square", [list(box)], width=40, height=40,
+                score=score, scores=[score], model=KEY.model, adapter=adapter,
+                prompt_version=KEY.prompt_version, job_id="j1", row_id=f"s:{i}")
+
+
+def test_auto_never_overrules_a_person_and_is_not_trained_on(tmp_path):
+    st = ReviewStore(str(tmp_path / "store"))
+    a, b, c = _pred(1, 0.9), _pred(2, 0.9), _pred(3, 0.9)
+    st.append([decision_record(a, "correct", predicted=a)], source="people")
+    st.append([decision_record(x, "auto", predicted=x, calibrated_score=0.97,
+                               auto_precision=0.95, calibration="cal-x") for x in (a, b, c)],
+              source="auto")
+    st.append([decision_record(b, "accept", predicted=b)], source="people")   # the audit
+    snap = {r["item_id"]: r["decision"] for r in st.snapshot().to_pylist()}
+    assert snap == {a["item_id"]: "correct", b["item_id"]: "accept", c["item_id"]: "auto"}
+    assert {it["item_id"] for it in st.labels()} == {a["item_id"], b["item_id"]}
+    assert {it["item_id"] for it in st.labels(include_auto=True)} == {
+        a["item_id"], b["item_id"], c["item_id"]}
+    auto = [r for r in st.history().to_pylist() if r["decision"] == "auto"]
+    assert {r["auto_precision"] for r in auto} == {0.95} and auto[0]["calibration"] == "cal-x"
+
+
+def test_store_files_from_before_the_new_columns_still_read(tmp_path):
+    st = ReviewStore(str(tmp_path / "store"))
+    st.append([decision_record(_pred(1, 0.5), "accept", predicted=_pred(1, 0.5))], source="t")
+    data = next((tmp_path / "store" / "data").glob("*.parquet"))
+    old = pq.read_table(data).drop_columns(["calibrated_score", "auto_precision", "calibration"])
+    pq.write_table(old, data)
+    rows = st.history().to_pylist()
+    assert rows[0]["decision"] == "accept" and rows[0]["calibrated_score"] is None
+    assert isinstance(st.snapshot(), pa.Table)
+
+
+# ---------------------------------------------------------------------------------- registry
+
+
+def test_registry_keeps_calibrations_per_adapter_newest_first(tmp_path, random_adapter):
+    reg = AdapterRegistry(str(tmp_path / "reg"))
+    assert reg.calibration(KEY) is None
+    first, second = C.fit(_draw(300, seed=7)), C.fit(_draw(300, seed=8), "platt")
+    reg.save_calibration(first)
+    reg.save_calibration(second)
+    assert reg.calibration(KEY).id == second.id
+    name = reg.register(random_adapter, {"note": "test"})
+    akey = KEY.model_copy(update={"adapter": name})
+    assert reg.calibration(akey) is None            # the base model's is not the adapter's
+    ad = C.fit(_draw(300, seed=9, key=akey))
+    reg.save_calibration(ad)
+    assert reg.calibration(akey).id == ad.id and reg.calibration(KEY).id == second.id
+    other = KEY.model_copy(update={"prompt_version": "qwen3_vl:ffff0000"})
+    assert reg.calibration(other) is None
+    with pytest.raises(RegistryError):
+        reg.save_calibration(C.fit(_draw(300, seed=9, key=KEY.model_copy(
+            update={"adapter": "gl-not-registered"}))))
+
+
+# ---------------------------------------------------------------------------------- routing
+
+
+def _review_world(tmp_path, n_reviews: int, seed: int = 11):
+    """A store of people's reviews of earlier predictions (P(right) = score**3), and a registry
+    with the calibration fitted on them by `groundlabel review calibrate`."""
+    from pipelines.routing import CalibrateConfig, calibrate
+
+    rng = random.Random(seed)
+    st = ReviewStore(str(tmp_path / "store"))
+    recs = []
+    for i in range(n_reviews):
+        s = rng.random() ** 0.3
+        p = _pred(10_000 + i, s)
+        right = rng.random() < _truth(s)
+        if right:
+            recs.append(decision_record(p, "accept", predicted=p))
+        else:
+            recs.append(decision_record(dict(p, boxes=[[20, 20, 30, 30]]), "correct", predicted=p))
+    st.append(recs, source="people")
+    reg = str(tmp_path / "reg")
+    out = calibrate(CalibrateConfig(store=str(tmp_path / "store"), registry=reg))
+    return st, reg, out
+
+
+def test_route_auto_accepts_audits_and_sends_the_rest(tmp_path):
+    from pipelines.routing import Routing, audit, route
+
+    st, reg, cal_out = _review_world(tmp_path, 1200)
+    (k,) = cal_out["keys"]
+    assert k["calibration"] and k["ece_calibrated"] < k["ece_raw"]
+    rng = random.Random(3)
+    items = [_pred(i, rng.random() ** 0.3) for i in range(400)]
+    cfg = Routing(auto_accept_precision=0.9, audit_share=0.05, registry=reg, store=st.uri)
+    r = route(items, cfg, None, job_id="j1")
+    (info,) = r["keys"]
+    thr = info["threshold"]
+    assert thr is not None and info["precision_lower_bound"] >= 0.9
+    assert r["auto"] and all(it["calibrated"] >= thr - 1e-12 for it in r["auto"])
+    assert all(it.get("calibrated") is None or it["calibrated"] < thr for it in r["review"])
+    assert len(r["auto"]) + len(r["review"]) == 400
+    assert len(r["audit"]) == math.ceil(0.05 * len(r["auto"]))
+    assert {id(x) for x in r["audit"]} <= {id(x) for x in r["auto"]}
+    committed = [x for x in st.history().to_pylist() if x["decision"] == "auto"]
+    assert len(committed) == len(r["auto"]) and r["version"] == st.latest()
+    assert all(x["auto_precision"] == 0.9 and x["calibration"] == k["calibration"]
+               for x in committed)
+    # people review the audited rows: realised precision, and the alarm when it is too low
+    assert audit(st)[0]["audited"] == 0
+    wrong = [decision_record(dict(x, boxes=[[25, 25, 35, 35]]), "correct", predicted=x)
+             for x in r["audit"]]
+    st.append(wrong, source="people")
+    (a,) = audit(st)
+    assert a["audited"] == len(r["audit"]) and a["precision"] == 0.0 and a["alarm"]
+
+
+def test_route_with_too_few_reviews_auto_accepts_nothing(tmp_path):
+    from pipelines.routing import Routing, route
+
+    st, reg, cal_out = _review_world(tmp_path, 40)
+    assert cal_out["keys"][0]["calibration"] is None and cal_out["keys"][0]["needed"] > 0
+    items = [_pred(i, 0.99) for i in range(50)]
+    r = route(items, Routing(auto_accept_precision=0.95, registry=reg, store=st.uri), None)
+    (info,) = r["keys"]
+    assert r["auto"] == [] and len(r["review"]) == 50 and r["version"] is None
+    assert info["needed"] == C.reviews_needed(40, 0.95) and "more are needed" in info["why"]
+    assert not any(x["decision"] == "auto" for x in st.history().to_pylist())
+    # with a calibration but a holdout too small for 0.98: still nothing, and why
+    st2, reg2, _ = _review_world(tmp_path / "b", 200)
+    r = route(items, Routing(auto_accept_precision=0.98, registry=reg2, store=st2.uri), None)
+    assert r["auto"] == [] and r["keys"][0]["needed"] > 0
+
+
+def test_route_needs_a_store_and_a_registry(tmp_path):
+    from grounding.store import StoreError
+    from pipelines.routing import Routing, route
+
+    with pytest.raises(StoreError, match="--registry"):
+        route([_pred(1, 0.9)], Routing(auto_accept_precision=0.9), None)
