@@ -7,6 +7,11 @@ What it shows:
 * Acc@0.5, mean IoU and the parse-failure rate, when the rows carry true boxes;
 * rows per status, and rows per error code with its meaning (`pipelines.schema.ERROR_CODES`) plus
   up to 20 example error rows;
+* with ``--registry``: per model + adapter + prompt version of the rows, its calibration
+  (`grounding.calibration`): expected calibration error of the raw and the calibrated score and
+  a reliability diagram, both on the calibration's HELD-OUT reviews (never those it was fitted
+  on); with ``--store`` too: the audit of auto-accepted rows (realised precision against the
+  target, with an alarm when it is below);
 * thumbnails of the least confident labeled rows (``unparseable`` / ``empty`` first, then the
   lowest ``score``): the model's boxes in red with their scores, the reviewed label (if given) or
   else the row's true box in green.
@@ -25,6 +30,7 @@ data is HTML-escaped, once.
 Run::
 
     groundlabel report runs/label-1            # -> runs/label-1/_report/report.html
+    groundlabel report runs/label-1 --registry adapters/ --store reviewed/   # + calibration
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ THUMB_MAX = 320      # long side of a thumbnail, pixels
 DRAW_MAX = 640       # larger images are shrunk to this before drawing, so lines stay visible
 MAX_ERROR_EXAMPLES = 20
 LOW_STATUS = ("unparseable", "empty")
-COLUMNS = ["row_id", "image", "text", "boxes", "score", "status", "error_code", "error",
+COLUMNS = ["row_id", "image", "text", "boxes", "score", "calibrated_score", "status", "error_code", "error",
            "width", "height", "gold", "model", "adapter", "family", "prompt_version", "job_id"]
 
 class ReportConfig(Settings):
@@ -57,26 +63,35 @@ class ReportConfig(Settings):
     store: str | None = Field(None, description="Reviewed-label store: draw its reviewed boxes "
                               "(green) instead of the input's true boxes.")
     version: StoreVersion = None
+    registry: str | None = Field(None, description="Adapter registry: show the calibration of "
+                                 "the rows' model + adapter + prompt version (ECE, reliability "
+                                 "diagram on held-out reviews).")
     storage: StorageOptions = Field(default_factory=StorageOptions, description="Object storage.")
 
 
 def report(cfg: ReportConfig) -> str:
     """Write the report of ``cfg.output``; returns the path of report.html."""
-    reviewed = None
+    reviewed, audits = None, None
     if cfg.store:
         from grounding.store import ReviewStore
+        from pipelines.routing import audit
 
-        snap = ReviewStore(cfg.store, cfg.storage).snapshot(cfg.version, ("accept", "correct"))
+        store = ReviewStore(cfg.store, cfg.storage)
+        snap = store.snapshot(cfg.version, ("accept", "correct"))
         reviewed = {r["row_id"]: r["boxes"] for r in snap.to_pylist() if r["row_id"]}
-    return write_report(cfg.output, cfg.out, cfg.storage, n_thumbs=cfg.n, reviewed=reviewed)
+        audits = audit(store, cfg.version)
+    return write_report(cfg.output, cfg.out, cfg.storage, n_thumbs=cfg.n, reviewed=reviewed,
+                        registry=cfg.registry, audits=audits)
 
 
 def write_report(output: str, out_dir: str | None = None, opts: StorageOptions | None = None,
-                 n_thumbs: int = 24, reviewed: dict[str, list[list[float]]] | None = None) -> str:
+                 n_thumbs: int = 24, reviewed: dict[str, list[list[float]]] | None = None,
+                 registry: str | None = None, audits: list[dict] | None = None) -> str:
     """Write ``report.html`` (and ``thumbs/``) for the job output ``output``; return its path.
 
     ``reviewed`` maps ``row_id`` -> reviewed boxes (``[x1, y1, x2, y2]`` in original pixels);
-    where a row has one, it is drawn in green instead of the row's true box.
+    where a row has one, it is drawn in green instead of the row's true box. ``registry``:
+    where the calibrations are; ``audits``: `pipelines.routing.audit` of the store.
     """
     from pipelines.summary import summarize
 
@@ -115,8 +130,9 @@ def write_report(output: str, out_dir: str | None = None, opts: StorageOptions |
             f.write(png)
         cards.append(_card(row, f"thumbs/{name}", size, None, kind if green else None))
 
+    calib = _calibrations(table, registry, opts) if registry else None
     html = _page(output, summary, info, _lineage(table), _error_examples(table), cards,
-                 n_thumbs)
+                 n_thumbs, calib, audits)
     with fs.open(f"{root.rstrip('/')}/report.html", "w", encoding="utf-8") as f:
         f.write(html)
     return join(out_dir, "report.html")
@@ -133,6 +149,26 @@ def _lineage(table) -> dict[str, list[str]]:
     for col in ("job_id", "model", "adapter", "family", "prompt_version"):
         vals = pc.unique(table[col].drop_null()).to_pylist()
         out[col] = sorted(str(v) for v in vals)
+    return out
+
+
+def _calibrations(table, registry: str, opts) -> list[dict]:
+    """The newest calibration of each model + adapter + prompt version among the rows, with
+    its held-out quality (`grounding.calibration.Calibration.quality`)."""
+    from grounding.calibration import Key
+    from grounding.registry import AdapterRegistry
+
+    reg = AdapterRegistry(registry, opts)
+    combos = table.select(["model", "adapter", "prompt_version"]).group_by(
+        ["model", "adapter", "prompt_version"]).aggregate([]).to_pylist()
+    out = []
+    for c in sorted(combos, key=lambda c: tuple(str(v) for v in c.values())):
+        if not c["model"] or not c["prompt_version"]:
+            continue
+        key = Key(model=c["model"], adapter=c["adapter"] or None,
+                  prompt_version=c["prompt_version"])
+        cal = reg.calibration(key)
+        out.append({"key": key.show(), "cal": cal, "quality": cal.quality() if cal else None})
     return out
 
 
@@ -252,6 +288,8 @@ def _card(row: dict, src: str | None, size, why: str | None, green: str | None) 
     """One thumbnail card: the image (``src``, ``size``) or why it is not shown, and caption."""
     w, h = size if src else (None, None)
     return {"text": row.get("text") or "", "score": _fmt(row.get("score")),
+            "calibrated": (None if row.get("calibrated_score") is None
+                           else _fmt(row["calibrated_score"])),
             "status": row.get("status") or "-", "row_id": row["row_id"], "green": green,
             "src": src, "width": w, "height": h, "why": why or "image not shown"}
 
@@ -312,12 +350,74 @@ def _example_rows(examples: list[dict]) -> list[dict]:
             for r in examples]
 
 
+PLOT = 240          # side of the reliability diagram's plotting square, CSS pixels
+PAD = 36            # room for the axes' labels
+
+
+def _diagram(q: dict) -> dict:
+    """Reliability diagram view data: bars of the calibrated score's bins (hit rate per bin of
+    calibrated P), points of the raw score's bins, and the diagonal; SVG user units, y down."""
+    def xy(p: float, r: float) -> tuple[float, float]:
+        return round(PAD + p * PLOT, 1), round(PAD / 2 + (1 - r) * PLOT, 1)
+
+    bars = []
+    for b in q["reliability_calibrated"]:
+        x0, y0 = xy(b["lo"], b["hit_rate"])
+        x1, _ = xy(b["hi"], 0)
+        bars.append({"x": x0 + 1, "y": y0, "w": round(x1 - x0 - 2, 1),
+                     "h": round(PAD / 2 + PLOT - y0, 1), "n": b["n"],
+                     "title": f"calibrated {b['lo']:.1f}-{b['hi']:.1f}: {b['n']} rows, "
+                              f"mean P {b['mean_p']:.3f}, right {b['hit_rate']:.3f}"})
+    pts = [dict(zip(("x", "y"), xy(b["mean_p"], b["hit_rate"]), strict=True),
+                title=f"raw {b['lo']:.1f}-{b['hi']:.1f}: {b['n']} rows, mean score "
+                      f"{b['mean_p']:.3f}, right {b['hit_rate']:.3f}")
+           for b in q["reliability_raw"]]
+    x0, y0 = xy(0, 0)
+    x1, y1 = xy(1, 1)
+    ticks = [{"v": f"{t:.1f}", "x": xy(t, 0)[0], "y": xy(0, t)[1]} for t in (0, 0.5, 1.0)]
+    return {"size": PLOT + PAD * 2, "bars": bars, "points": pts, "line": " ".join(
+        f"{p['x']},{p['y']}" for p in pts), "diag": (x0, y0, x1, y1), "ticks": ticks,
+        "axis_y": y0, "axis_x": x0}
+
+
+def _calibration_view(calib: list[dict] | None) -> list[dict] | None:
+    if calib is None:
+        return None
+    out = []
+    for c in calib:
+        cal, q = c["cal"], c["quality"]
+        if cal is None:
+            out.append({"key": c["key"], "id": None})
+            continue
+        out.append({"key": c["key"], "id": cal.id, "rows": [
+            ("calibration", cal.id), ("method", cal.method),
+            ("fitted on", f"{cal.n_fit} reviews (store {cal.store or '-'} version "
+                          f"{cal.store_version or '-'})"),
+            ("held out", f"{q['n_holdout']} reviews, {_fmt(q['hit_rate'])} right"),
+            ("ECE, raw score (held out)", _fmt(q["ece_raw"])),
+            ("ECE, calibrated (held out)", _fmt(q["ece_calibrated"]))],
+            "ece_raw": _fmt(q["ece_raw"]), "ece_calibrated": _fmt(q["ece_calibrated"]),
+            "diagram": _diagram(q)})
+    return out
+
+
+def _audit_view(audits: list[dict] | None) -> list[dict] | None:
+    if audits is None:
+        return None
+    return [{"target": _fmt(a["target"], 2), "audited": a["audited"], "right": a["right"],
+             "precision": _fmt(a["precision"]),
+             "interval": "-" if a["lower"] is None else f"{a['lower']:.3f}-{a['upper']:.3f}",
+             "alarm": a["alarm"]} for a in audits]
+
+
 def _page(output: str, s: dict, info: dict, lin: dict, examples: list[dict],
-          cards: list[dict], n_thumbs: int) -> str:
+          cards: list[dict], n_thumbs: int, calib: list[dict] | None = None,
+          audits: list[dict] | None = None) -> str:
     return _render(TEMPLATE, output=output, job=_job_rows(output, s, info, lin),
                    metrics=_metric_rows(s.get("metrics")), statuses=_status_rows(s["status"]),
                    errors=_error_rows(s["errors"]), examples=_example_rows(examples),
-                   max_examples=MAX_ERROR_EXAMPLES, cards=cards, n_thumbs=n_thumbs)
+                   max_examples=MAX_ERROR_EXAMPLES, cards=cards, n_thumbs=n_thumbs,
+                   calibrations=_calibration_view(calib), audits=_audit_view(audits))
 
 
 def _render(name: str, **view) -> str:

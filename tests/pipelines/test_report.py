@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -189,31 +190,25 @@ def _need_browser() -> None:
     pytest.skip(msg)
 
 
-def test_report_renders_in_headless_chromium(tmp_path, monkeypatch):
-    """Serve the report on loopback and check, in a real browser, that every image rendered."""
+@contextmanager
+def _chromium(tmp_path, folder: Path, monkeypatch):
+    """A headless Chromium (Selenium) and a loopback server of ``folder``: yields
+    ``(driver, base_url)``."""
     _need_browser()
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    from pipelines.report import write_report
 
     monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never download anything
-    job = fake_job(tmp_path)
-    report = Path(write_report(str(job["out"])))
-    expected = _imgs(report.read_text())
-    assert len(expected) == 8  # 9 labeled rows, one image gone
 
     class Quiet(SimpleHTTPRequestHandler):
         def log_message(self, *a):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(report.parent)))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(folder)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}/"
-
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(CHROMIUM)
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -224,10 +219,34 @@ def test_report_renders_in_headless_chromium(tmp_path, monkeypatch):
     driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
     try:
         driver.set_page_load_timeout(60)
-        driver.get(base + "report.html")
-        WebDriverWait(driver, 30).until(lambda d: d.execute_script(
-            "return document.readyState === 'complete' && "
-            "Array.from(document.images).every(i => i.complete)"))
+        yield driver, base
+    finally:
+        driver.quit()
+        server.shutdown()
+        server.server_close()
+
+
+def _load(driver, url: str) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(url)
+    WebDriverWait(driver, 30).until(lambda d: d.execute_script(
+        "return document.readyState === 'complete' && "
+        "Array.from(document.images).every(i => i.complete)"))
+
+
+def test_report_renders_in_headless_chromium(tmp_path, monkeypatch):
+    """Serve the report on loopback and check, in a real browser, that every image rendered."""
+    from pipelines.report import write_report
+
+    _need_browser()
+    job = fake_job(tmp_path)
+    report = Path(write_report(str(job["out"])))
+    expected = _imgs(report.read_text())
+    assert len(expected) == 8  # 9 labeled rows, one image gone
+
+    with _chromium(tmp_path, report.parent, monkeypatch) as (driver, base):
+        _load(driver, base + "report.html")
         imgs = driver.execute_script(
             "return Array.from(document.images).map(i => "
             "[i.getAttribute('src'), i.complete, i.naturalWidth, i.naturalHeight]);")
@@ -243,7 +262,76 @@ def test_report_renders_in_headless_chromium(tmp_path, monkeypatch):
         driver.set_window_size(1280, min(int(height) + 140, 6000))
         shot = tmp_path / "report-screenshot.png"
         assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
-    finally:
-        driver.quit()
-        server.shutdown()
-        server.server_close()
+
+
+def _calibrated_world(tmp_path):
+    """A registry holding a calibration of the fake job's model + prompt (fitted on reviews
+    whose raw scores are overconfident: P(right) = score**3), and a store in which people
+    audited three auto-accepted rows and found two wrong."""
+    import random
+
+    from grounding import calibration as C
+    from grounding.labels import item
+    from grounding.registry import AdapterRegistry
+    from grounding.store import ReviewStore, decision_record
+
+    key = C.Key(model="/models/tiny-qwen3-vl", adapter=None, prompt_version="qwen3_vl:1a2b3c4d")
+    rng = random.Random(0)
+    data = []
+    for i in range(1500):
+        s = rng.random() ** 0.3
+        data.append(C.Outcome(item_id=f"r{i}", key=key, score=s, hit=rng.random() < s ** 3))
+    cal = C.fit(data)
+    reg = tmp_path / "reg"
+    AdapterRegistry(str(reg)).save_calibration(cal)
+    st = ReviewStore(str(tmp_path / "store"))
+    preds = [item(f"/i/{i}.png", "the red square", [[0, 0, 10, 10]], width=40, height=40,
+                  score=0.99, model=key.model, prompt_version=key.prompt_version)
+             for i in range(3)]
+    st.append([decision_record(p, "auto", predicted=p, calibrated_score=0.97,
+                               auto_precision=0.95, calibration=cal.id) for p in preds],
+              source="auto")
+    st.append([decision_record(preds[0], "accept", predicted=preds[0])]
+              + [decision_record(dict(p, boxes=[[20, 20, 40, 40]]), "correct", predicted=p)
+                 for p in preds[1:]], source="people")
+    return cal, str(reg), str(tmp_path / "store")
+
+
+def test_report_shows_the_reliability_diagram_and_the_audit_alarm_in_chromium(
+        tmp_path, monkeypatch):
+    """ECE before/after and the reliability diagram of the held-out reviews, and the alarm of
+    an audit below target, as a person sees them in a real browser."""
+    from pipelines.report import ReportConfig, report
+
+    _need_browser()
+    job = fake_job(tmp_path)
+    cal, reg, store = _calibrated_world(tmp_path)
+    q = cal.quality()
+    assert q["ece_calibrated"] < q["ece_raw"]
+    page = Path(report(ReportConfig(output=str(job["out"]), registry=reg, store=store)))
+    with _chromium(tmp_path, page.parent, monkeypatch) as (driver, base):
+        _load(driver, base + "report.html")
+        svg = driver.find_element("css selector", "svg.rel")
+        assert svg.is_displayed() and svg.size["width"] > 200 and svg.size["height"] > 200
+        bars = driver.find_elements("css selector", "svg.rel rect.bar")
+        raw = driver.find_elements("css selector", "svg.rel circle.raw")
+        assert len(bars) == len(q["reliability_calibrated"]) >= 3
+        assert len(raw) == len(q["reliability_raw"]) >= 3
+        # each bar is as tall as its bin's share of right answers (y grows downwards)
+        heights = [float(b.get_attribute("height")) for b in bars]
+        want = [b["hit_rate"] * 240 for b in q["reliability_calibrated"]]
+        assert heights == pytest.approx(want, abs=0.2)
+        text = driver.find_element("tag name", "body").text
+        assert f"ECE, raw score (held out) {q['ece_raw']:.3f}" in text
+        assert f"{q['ece_calibrated']:.3f}" in text and cal.id in text
+        alarm = driver.find_element("css selector", "p.alarm")
+        assert alarm.is_displayed() and "below the target 0.95" in alarm.text
+        assert "1 of 3" in alarm.text
+        height = driver.execute_script("return document.documentElement.scrollHeight;")
+        driver.set_window_size(1280, min(int(height) + 140, 6000))
+        shot = tmp_path / "calibration-screenshot.png"
+        assert driver.save_screenshot(str(shot))
+        if os.environ.get("GROUNDLABEL_KEEP_SCREENSHOT"):
+            import shutil
+
+            shutil.copy(shot, os.environ["GROUNDLABEL_KEEP_SCREENSHOT"])
