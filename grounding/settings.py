@@ -142,4 +142,7 @@ StoreVersion = Annotated[int | None, Field(ge=1, description="Store version (def
 EmbedImages = Annotated[bool, Field(description="Put each image in the file as a metadata-free "
                                     "PNG data: URI (default: references only; image bytes never "
                                     "leave unless asked).")]
+BlurFaces = Annotated[bool, Field(description="Blur detected faces in every image written out "
+                                  "(embedded images, report thumbnails); boxes are unchanged "
+                                  "(`grounding.faces`).")]
 

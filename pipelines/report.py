@@ -41,7 +41,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from grounding.settings import JobOutputURI, Settings, StoreVersion
+from grounding.settings import BlurFaces, JobOutputURI, Settings, StoreVersion
 from grounding.storage import StorageOptions, filesystem, join
 from pipelines.output import JobOutput
 
@@ -66,6 +66,7 @@ class ReportConfig(Settings):
     registry: str | None = Field(None, description="Adapter registry: show the calibration of "
                                  "the rows' model + adapter + prompt version (ECE, reliability "
                                  "diagram on held-out reviews).")
+    blur_faces: BlurFaces = False
     storage: StorageOptions = Field(default_factory=StorageOptions, description="Object storage.")
 
 
@@ -81,17 +82,19 @@ def report(cfg: ReportConfig) -> str:
         reviewed = {r["row_id"]: r["boxes"] for r in snap.to_pylist() if r["row_id"]}
         audits = audit(store, cfg.version)
     return write_report(cfg.output, cfg.out, cfg.storage, n_thumbs=cfg.n, reviewed=reviewed,
-                        registry=cfg.registry, audits=audits)
+                        registry=cfg.registry, audits=audits, blur_faces=cfg.blur_faces)
 
 
 def write_report(output: str, out_dir: str | None = None, opts: StorageOptions | None = None,
                  n_thumbs: int = 24, reviewed: dict[str, list[list[float]]] | None = None,
-                 registry: str | None = None, audits: list[dict] | None = None) -> str:
+                 registry: str | None = None, audits: list[dict] | None = None,
+                 blur_faces: bool = False) -> str:
     """Write ``report.html`` (and ``thumbs/``) for the job output ``output``; return its path.
 
     ``reviewed`` maps ``row_id`` -> reviewed boxes (``[x1, y1, x2, y2]`` in original pixels);
     where a row has one, it is drawn in green instead of the row's true box. ``registry``:
-    where the calibrations are; ``audits``: `pipelines.routing.audit` of the store.
+    where the calibrations are; ``audits``: `pipelines.routing.audit` of the store;
+    ``blur_faces``: blur detected faces in the thumbnails (`grounding.faces`).
     """
     from pipelines.summary import summarize
 
@@ -121,7 +124,7 @@ def write_report(output: str, out_dir: str | None = None, opts: StorageOptions |
         if green is None and row.get("gold") is not None:
             green = [row["gold"]]
         try:
-            png, size = _thumbnail(row, green or [], opts)
+            png, size = _thumbnail(row, green or [], opts, blur_faces)
         except Exception as e:  # noqa: BLE001 - a report shows what it cannot draw, never dies
             cards.append(_card(row, None, None, _why(e), kind if green else None))
             continue
@@ -231,8 +234,10 @@ def _boxes(items, **kw):
     return out
 
 
-def _thumbnail(row: dict, green: list, opts: StorageOptions) -> tuple[bytes, tuple[int, int]]:
-    """PNG bytes (no metadata) of the row's image with its boxes drawn, and the PNG's size."""
+def _thumbnail(row: dict, green: list, opts: StorageOptions,
+               blur_faces: bool = False) -> tuple[bytes, tuple[int, int]]:
+    """PNG bytes (no metadata) of the row's image with its boxes drawn, and the PNG's size;
+    faces are blurred (on the original pixels, before any resize) with ``blur_faces``."""
     from PIL import Image
 
     from grounding.draw import draw_boxes
@@ -243,6 +248,10 @@ def _thumbnail(row: dict, green: list, opts: StorageOptions) -> tuple[bytes, tup
         raise ImageError("inline", "the image was inline in the input; the output keeps no "
                                    "image bytes")
     img = load_image(ref, opts)
+    if blur_faces:
+        from grounding.faces import blur_faces as blur
+
+        img, _ = blur(img)
     pred, gold = _boxes(row.get("boxes")), _boxes(green)
     long_side = max(img.size)
     if long_side > DRAW_MAX:  # draw on a smaller copy: 2-3 px lines must survive the shrink

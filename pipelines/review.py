@@ -19,9 +19,16 @@ import os
 from collections import Counter
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
-from grounding.settings import EmbedImages, JobOutputURI, Settings, StoreURI, StoreVersion
+from grounding.settings import (
+    BlurFaces,
+    EmbedImages,
+    JobOutputURI,
+    Settings,
+    StoreURI,
+    StoreVersion,
+)
 from grounding.storage import StorageOptions, filesystem, join
 from pipelines.output import JobOutput
 from pipelines.routing import Routing
@@ -38,6 +45,14 @@ class TaskImages(BaseModel):
     image_url_prefix: str | None = Field(None, description="... into this URL prefix (e.g. "
                                          "/data/local-files/?d=).")
     embed_images: EmbedImages = False
+    blur_faces: BlurFaces = False
+
+    @model_validator(mode="after")
+    def _blur_needs_embed(self) -> TaskImages:
+        if self.blur_faces and not self.embed_images:
+            raise ValueError("--blur-faces needs --embed-images: without it the tasks hold "
+                             "image references, no image bytes")
+        return self
 
 
 class ExportConfig(Settings):
@@ -52,7 +67,15 @@ class ExportConfig(Settings):
                                                             "metavar": "FORMAT"})
     version: StoreVersion = None
     embed_images: EmbedImages = False
+    blur_faces: BlurFaces = False
     storage: StorageOptions = Field(default_factory=StorageOptions, description="Object storage.")
+
+    @model_validator(mode="after")
+    def _blur_needs_embed(self) -> ExportConfig:
+        if self.blur_faces and not self.embed_images:
+            raise ValueError("--blur-faces needs --embed-images: without it the file holds "
+                             "image references, no image bytes")
+        return self
 
 
 class ImportConfig(Settings):
@@ -203,7 +226,8 @@ def export_labels(cfg: ExportConfig) -> dict:
     from grounding.convert import write_labels
 
     items, rejects, what = load_items(cfg.source, cfg.from_fmt, cfg.storage, cfg.version)
-    write_labels(items, cfg.out, cfg.to, cfg.storage, embed_images=cfg.embed_images)
+    write_labels(items, cfg.out, cfg.to, cfg.storage, embed_images=cfg.embed_images,
+                 blur_faces=cfg.blur_faces)
     return {"from": what, "to": cfg.to, "out": cfg.out, "items": len(items),
             "boxes": sum(len(it["boxes"]) for it in items)}
 
@@ -281,7 +305,7 @@ def export_tasks(cfg: ReviewExportConfig) -> dict:
         it["route"] = "audit"
     items = routed["review"] + routed["audit"]
 
-    pngs = embed_all(items, output, opts) if embed_images else {}
+    pngs = embed_all(items, output, opts, cfg.images.blur_faces) if embed_images else {}
 
     def url(ref: str) -> str:
         if embed_images:

@@ -47,6 +47,55 @@ def out_box(b: list[float], score: float) -> dict:
     return {"x1": b[0], "y1": b[1], "x2": b[2], "y2": b[3], "score": score, "label": None}
 
 
+def draw_face(size: int = 120, canvas: tuple[int, int] = (640, 480),
+              centre: tuple[int, int] | None = None, seed: int = 0):
+    """A generated frontal face (no photo, no download): a skin oval with hair, eyes (whites,
+    irises, pupils), brows, a shaded nose and lips, drawn at 4x and shrunk, side-lit, softened
+    and lightly noised so a face detector sees a face. Returns ``(PIL RGB image, face box)``,
+    the box xyxy in pixels of that image (``size`` wide, 1.3 x ``size`` tall)."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFilter
+
+    W, H = canvas
+    cx, cy = centre or (W // 2, H // 2)
+    S = 4
+    img = Image.new("RGB", (W * S, H * S), (150, 170, 190))
+    d = ImageDraw.Draw(img)
+    w, h = size * S, int(size * 1.3) * S
+    x0, y0 = cx * S - w // 2, cy * S - h // 2
+
+    def oval(a, b, c, e, fill):  # face-relative corners, 0..1
+        d.ellipse([x0 + a * w, y0 + b * h, x0 + c * w, y0 + e * h], fill=fill)
+
+    skin, shade = (224, 172, 140), (196, 140, 110)
+    oval(-0.06, 0.38, 0.06, 0.58, shade)
+    oval(0.94, 0.38, 1.06, 0.58, shade)
+    oval(0.0, 0.0, 1.0, 1.0, skin)
+    oval(0.02, -0.06, 0.98, 0.36, (60, 40, 30))
+    oval(0.06, 0.10, 0.94, 0.40, skin)
+    for ex in (0.30, 0.70):
+        oval(ex - 0.15, 0.33, ex + 0.15, 0.36, (70, 50, 40))
+        oval(ex - 0.13, 0.41, ex + 0.13, 0.49, shade)
+        oval(ex - 0.11, 0.425, ex + 0.11, 0.475, (245, 245, 240))
+        oval(ex - 0.05, 0.42, ex + 0.05, 0.48, (90, 60, 40))
+        oval(ex - 0.025, 0.435, ex + 0.025, 0.465, (10, 10, 10))
+    d.polygon([(x0 + 0.5 * w, y0 + 0.48 * h), (x0 + 0.42 * w, y0 + 0.66 * h),
+               (x0 + 0.58 * w, y0 + 0.66 * h)], fill=shade)
+    oval(0.42, 0.64, 0.48, 0.68, (120, 80, 60))
+    oval(0.52, 0.64, 0.58, 0.68, (120, 80, 60))
+    oval(0.32, 0.74, 0.68, 0.84, (170, 80, 80))
+    d.line([x0 + 0.33 * w, y0 + 0.79 * h, x0 + 0.67 * w, y0 + 0.79 * h], fill=(90, 30, 30),
+           width=max(1, S * size // 100))
+    img = img.resize((W, H), Image.LANCZOS)
+    arr = np.asarray(img).astype(np.float32) * np.linspace(1.08, 0.88, W)[None, :, None]
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    img = img.filter(ImageFilter.GaussianBlur(max(0.5, size / 100)))
+    arr = np.asarray(img).astype(np.float32)
+    arr += np.random.default_rng(seed).normal(0, 4.0, arr.shape)
+    box = (cx - size // 2, cy - int(size * 1.3) // 2, cx + size // 2, cy + int(size * 1.3) // 2)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), box
+
+
 def fake_job(tmp: Path) -> dict:
     """``tmp/out``: a job output of 12 rows (9 labeled, 3 errors) over real image files."""
     from grounding.synth import write_dataset

@@ -81,11 +81,15 @@ def _check_inside(res: ReadResult) -> None:
 
 
 def write_labels(items: list[dict], uri: str, fmt: str, opts: StorageOptions | None = None,
-                 embed_images: bool = False, **kw) -> str:
-    """Write labeled items to ``uri`` in ``fmt``; returns ``uri``."""
+                 embed_images: bool = False, blur_faces: bool = False, **kw) -> str:
+    """Write labeled items to ``uri`` in ``fmt``; returns ``uri``. ``blur_faces`` blurs faces
+    in the embedded images (`grounding.faces`)."""
     writer = _registry()[_check(fmt)][1]
+    if blur_faces and not embed_images:
+        raise ValueError("--blur-faces needs --embed-images: without it no image bytes are "
+                         "written, only references")
     if embed_images:
-        pngs = embed_all(items, uri, opts)
+        pngs = embed_all(items, uri, opts, blur_faces)
         if fmt == "labelstudio":
             kw["image_url"] = pngs.__getitem__  # keeps our ref in data.image_ref
         else:
@@ -104,22 +108,29 @@ def _check(fmt: str) -> str:
     return fmt
 
 
-def embedded(ref: str | None, opts: StorageOptions | None = None) -> str | None:
-    """The image as a ``data:image/png`` URI of a fresh RGB PNG: pixels only, no EXIF/GPS."""
+def embedded(ref: str | None, opts: StorageOptions | None = None,
+             blur_faces: bool = False) -> str | None:
+    """The image as a ``data:image/png`` URI of a fresh RGB PNG: pixels only, no EXIF/GPS;
+    with ``blur_faces``, detected faces blurred (`grounding.faces.blur_faces`)."""
     import base64
     import io
 
     from grounding.images import decode, read_bytes
 
-    if not ref or ref.startswith(("data:", "inline:")):
-        return ref
-    img = decode(read_bytes(ref, opts))
+    if not ref or ref.startswith("inline:") or (ref.startswith("data:") and not blur_faces):
+        return ref  # inline: no bytes kept; data: already bytes, unchanged unless blurred
+    img = decode(read_bytes(ref, opts)).convert("RGB")
+    if blur_faces:
+        from grounding.faces import blur_faces as blur
+
+        img, _ = blur(img)
     buf = io.BytesIO()
-    img.convert("RGB").save(buf, format="PNG")
+    img.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def embed_all(items: list[dict], where: str, opts: StorageOptions | None = None) -> dict:
+def embed_all(items: list[dict], where: str, opts: StorageOptions | None = None,
+              blur_faces: bool = False) -> dict:
     """``{ref: data URI}`` for every item's image; raises LabelFormatError listing every image
     that cannot be read (nothing is written then)."""
     from grounding.images import ImageError
@@ -131,7 +142,7 @@ def embed_all(items: list[dict], where: str, opts: StorageOptions | None = None)
         if ref in out:
             continue
         try:
-            out[ref] = embedded(ref, opts)
+            out[ref] = embedded(ref, opts, blur_faces)
         except ImageError as e:
             problems.append(f"item {it['item_id']}: cannot embed its image: {e}")
     if problems:
