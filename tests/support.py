@@ -96,6 +96,26 @@ def draw_face(size: int = 120, canvas: tuple[int, int] = (640, 480),
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), box
 
 
+def fake_calibration(reg: Path, model: str = "/models/tiny-qwen3-vl",
+                     prompt_version: str = "qwen3_vl:1a2b3c4d"):
+    """A calibration of ``fake_job``'s model + prompt in a registry at ``reg``, fitted on 1500
+    simulated reviews whose raw scores are overconfident (P(right) = score**3)."""
+    import random
+
+    from grounding import calibration as C
+    from grounding.registry import AdapterRegistry
+
+    key = C.Key(model=model, adapter=None, prompt_version=prompt_version)
+    rng = random.Random(0)
+    data = []
+    for i in range(1500):
+        s = rng.random() ** 0.3
+        data.append(C.Outcome(item_id=f"r{i}", key=key, score=s, hit=rng.random() < s ** 3))
+    cal = C.fit(data)
+    AdapterRegistry(str(reg)).save_calibration(cal)
+    return cal
+
+
 def fake_job(tmp: Path) -> dict:
     """``tmp/out``: a job output of 12 rows (9 labeled, 3 errors) over real image files."""
     from grounding.synth import write_dataset

@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from support import SECRET, fake_job, out_box
+from support import SECRET, fake_calibration, fake_job, out_box
 
 from pipelines import schema
 
@@ -268,22 +268,12 @@ def _calibrated_world(tmp_path):
     """A registry holding a calibration of the fake job's model + prompt (fitted on reviews
     whose raw scores are overconfident: P(right) = score**3), and a store in which people
     audited three auto-accepted rows and found two wrong."""
-    import random
-
-    from grounding import calibration as C
     from grounding.labels import item
-    from grounding.registry import AdapterRegistry
     from grounding.store import ReviewStore, decision_record
 
-    key = C.Key(model="/models/tiny-qwen3-vl", adapter=None, prompt_version="qwen3_vl:1a2b3c4d")
-    rng = random.Random(0)
-    data = []
-    for i in range(1500):
-        s = rng.random() ** 0.3
-        data.append(C.Outcome(item_id=f"r{i}", key=key, score=s, hit=rng.random() < s ** 3))
-    cal = C.fit(data)
     reg = tmp_path / "reg"
-    AdapterRegistry(str(reg)).save_calibration(cal)
+    cal = fake_calibration(reg)
+    key = cal.key
     st = ReviewStore(str(tmp_path / "store"))
     preds = [item(f"/i/{i}.png", "the red square", [[0, 0, 10, 10]], width=40, height=40,
                   score=0.99, model=key.model, prompt_version=key.prompt_version)

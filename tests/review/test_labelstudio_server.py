@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import fake_job
+from support import fake_calibration, fake_job
 
 sys.path.insert(0, str(Path(__file__).parent))
 from labelstudio_server import LS_VENV, label_studio_available, start_label_studio  # noqa: E402
@@ -26,11 +26,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
 
 def test_job_to_label_studio_and_back_into_the_store(tmp_path, capsys, monkeypatch):
     job = fake_job(tmp_path)
+    cal = fake_calibration(tmp_path / "reg")
     with start_label_studio(tmp_path / "ls") as (url, token):
         monkeypatch.setenv("LABEL_STUDIO_API_KEY", token)
-        assert main(["review", "push", str(job["out"]), "--url", url]) == 0
+        assert main(["review", "push", str(job["out"]), "--url", url,
+                     "--registry", str(tmp_path / "reg")]) == 0
         pushed = json.loads(capsys.readouterr().out)
         assert pushed["tasks"] == 9
+        _check_scores_in_label_studio(url, token, pushed["project"], cal)
         did = json.loads(subprocess.run(
             [str(LS_VENV / "bin" / "python"), str(Path(__file__).with_name("ls_reviewer.py")),
              url, token, str(pushed["project"])],
@@ -61,3 +64,36 @@ def test_job_to_label_studio_and_back_into_the_store(tmp_path, capsys, monkeypat
     # tasks went out least-confident first: the reviewed ones are the 4 lowest scores
     assert max(r["predicted_score"] or 0 for r in rows.values()) <= 0.55
     assert list(Path(store, "exports").glob("labelstudio-*.json"))  # raw export kept
+
+
+def _check_scores_in_label_studio(url: str, token: str, project: int, cal) -> None:
+    """What Label Studio itself holds: per task the prediction's score (calibrated), its model
+    version and per-region raw scores, the scores as data columns, and its own
+    ``predictions_score`` / ``predictions_model_versions`` task columns."""
+    import requests
+
+    s = requests.Session()
+    s.headers["Authorization"] = f"Token {token}"
+    got = s.get(f"{url}/api/tasks", params={"project": project, "page_size": 100,
+                                             "fields": "all"}, timeout=60)
+    assert got.status_code == 200, got.text[:300]
+    body = got.json()
+    tasks = body["tasks"] if isinstance(body, dict) else body
+    assert len(tasks) == 9
+    for t in tasks:
+        d = t["data"]
+        (pred,) = t["predictions"]
+        assert pred["model_version"] == "tiny-qwen3-vl/qwen3_vl:1a2b3c4d"
+        if d["score"] is None:   # unparseable: no score to calibrate
+            assert d["calibrated_score"] is None
+            continue
+        assert d["calibrated_score"] == pytest.approx(cal.one(d["score"]))
+        assert pred["score"] == pytest.approx(d["calibrated_score"])
+        assert all(r["score"] > 0 for r in pred["result"])   # each region's own raw score
+    # Label Studio's own task columns, which its data manager sorts and filters by
+    for t in tasks:
+        assert "tiny-qwen3-vl/qwen3_vl:1a2b3c4d" in t["predictions_model_versions"]
+        if t["data"]["calibrated_score"] is not None:
+            assert t["predictions_score"] == pytest.approx(t["data"]["calibrated_score"])
+    scores = [t["predictions_score"] for t in tasks if t["predictions_score"] is not None]
+    assert scores == sorted(scores)  # imported least confident first
