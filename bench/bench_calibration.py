@@ -131,19 +131,24 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--out", default="bench/calibration.json")
+    ap.add_argument("--rows", help="Reuse the labeled rows of an earlier --out (routing only).")
     a = ap.parse_args()
+    earlier = json.load(open(a.rows))["domains"] if a.rows else None
     res: dict = {"command": "bench/bench_calibration.py " + " ".join(
         f"--{k} {v}" for k, v in vars(a).items() if k != "model"), "model": a.model,
         "targets": TARGETS, "domains": {}}
     for domain in ("base", "shifted"):
-        rows, rps = label(a.model, domain, a.n, a.batch)
+        if earlier:
+            rows, rps = earlier[domain]["labeled"], earlier[domain]["rows_per_s"]
+        else:
+            rows, rps = label(a.model, domain, a.n, a.batch)
         runs = [route_once(rows, a.reviews, seed) for seed in range(a.seeds)]
         res["domains"][domain] = {
             "rows": len(rows), "rows_per_s": round(rps, 1),
             "hit_rate": sum(r["hit"] for r in rows) / len(rows),
             "ece_raw": [round(r["ece_raw"], 4) for r in runs],
             "ece_calibrated": [round(r["ece_calibrated"], 4) for r in runs],
-            "summary": summarise(runs), "runs": runs}
+            "summary": summarise(runs), "runs": runs, "labeled": rows}
         print(f"[{domain}] {len(rows)} rows, right {res['domains'][domain]['hit_rate']:.3f}",
               flush=True)
     with open(a.out, "w") as f:

@@ -26,7 +26,10 @@ Routing (`choose_threshold`): the auto-accept threshold on the calibrated score 
 point of a fixed grid whose held-out rows above it have a one-sided lower confidence bound on
 precision (Clopper-Pearson, or Wilson) of at least the target. The grid is walked from the top
 and the walk stops at the first point that fails (fixed-sequence testing, as in Learn-then-Test),
-so trying many thresholds does not spend the confidence level. The guarantee holds for rows
+so trying many thresholds does not spend the confidence level. The walk starts where at least
+`START` of the held-out rows (and never fewer than can pass at all) lie above the threshold: a
+first test on a handful of top rows would end the walk on their luck alone. Which thresholds are
+tested depends on the scores only, never on whether the rows were right. The guarantee holds for rows
 drawn like the reviewed ones; the audit share in `pipelines.review` measures whether they were.
 With too few held-out reviews no threshold can pass, and `reviews_needed` says how many more.
 """
@@ -46,6 +49,7 @@ MIN_FIT = 30          # reviews in the fitting part (both outcomes present) befo
 HOLDOUT = 0.5         # share of a key's reviews held out for ECE and the threshold
 BINS = 10             # equal-width bins of the reliability table and ECE
 GRID = 200            # threshold grid 1.0, 0.995, ..., 0.005 on the calibrated score
+START = 0.1           # the walk's first test covers at least this share of the held-out rows
 
 Method = Literal["isotonic", "platt"]
 Bound = Literal["clopper-pearson", "wilson"]
@@ -346,6 +350,7 @@ def choose_threshold(cal: Calibration, target: float, confidence: float = 0.95,
         raise ValueError(f"precision target must be in (0, 1), got {target}")
     p, y = cal.holdout_calibrated(), cal.holdout_hits
     m0 = min_holdout(target, confidence, bound)
+    start = max(m0, math.ceil(START * len(p)))
     base = Threshold(target=target, confidence=confidence, bound=bound, threshold=None)
     if len(p) < m0:
         more = math.ceil((m0 - len(p)) / holdout)
@@ -358,8 +363,8 @@ def choose_threshold(cal: Calibration, target: float, confidence: float = 0.95,
     for i in range(grid, 0, -1):
         t = i / grid
         above = [j for j, v in enumerate(p) if v >= t - 1e-12]
-        if len(above) < m0:
-            continue  # too few rows to test here: cannot pass, so not a step of the sequence
+        if len(above) < start:
+            continue  # too few rows for a first test: not a step of the sequence
         k = sum(bool(y[j]) for j in above)
         lb = lower_bound(k, len(above), confidence, bound)
         if lb < target:

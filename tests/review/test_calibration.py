@@ -259,11 +259,11 @@ def test_route_auto_accepts_audits_and_sends_the_rest(tmp_path):
     assert k["calibration"] and k["ece_calibrated"] < k["ece_raw"]
     rng = random.Random(3)
     items = [_pred(i, rng.random() ** 0.3) for i in range(400)]
-    cfg = Routing(auto_accept_precision=0.9, audit_share=0.05, registry=reg, store=st.uri)
+    cfg = Routing(auto_accept_precision=0.8, audit_share=0.05, registry=reg, store=st.uri)
     r = route(items, cfg, None, job_id="j1")
     (info,) = r["keys"]
     thr = info["threshold"]
-    assert thr is not None and info["precision_lower_bound"] >= 0.9
+    assert thr is not None and info["precision_lower_bound"] >= 0.8
     assert r["auto"] and all(it["calibrated"] >= thr - 1e-12 for it in r["auto"])
     assert all(it.get("calibrated") is None or it["calibrated"] < thr for it in r["review"])
     assert len(r["auto"]) + len(r["review"]) == 400
@@ -271,7 +271,7 @@ def test_route_auto_accepts_audits_and_sends_the_rest(tmp_path):
     assert {id(x) for x in r["audit"]} <= {id(x) for x in r["auto"]}
     committed = [x for x in st.history().to_pylist() if x["decision"] == "auto"]
     assert len(committed) == len(r["auto"]) and r["version"] == st.latest()
-    assert all(x["auto_precision"] == 0.9 and x["calibration"] == k["calibration"]
+    assert all(x["auto_precision"] == 0.8 and x["calibration"] == k["calibration"]
                for x in committed)
     # people review the audited rows: realised precision, and the alarm when it is too low
     assert audit(st)[0]["audited"] == 0
