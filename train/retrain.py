@@ -128,6 +128,24 @@ def on_gate_node(cfg: RetrainConfig, adapter_dir: str, work):
     return ray.get(remote.remote(files, Path(adapter_dir).name))
 
 
+def labels_for_training(store, version: int, holdout_frac: float,
+                        train_on_auto: bool = False) -> tuple[list, list, list]:
+    """``(people's labels, training side, held-out side)`` of a store version.
+
+    Held-out labels are always people's (the gate judges against them). With ``train_on_auto``
+    the auto-accepted predictions join the training side only, minus any whose image is held
+    out (no image straddles the split)."""
+    items = store.labels(version)
+    train_side, held = split(items, holdout_frac)
+    if train_on_auto:
+        human = {it["item_id"] for it in items}
+        held_images = {it["image"] for it in held}
+        train_side = train_side + [it for it in store.labels(version, include_auto=True)
+                                   if it["item_id"] not in human
+                                   and it["image"] not in held_images]
+    return items, train_side, held
+
+
 def retrain(cfg: RetrainConfig) -> dict:
     """Snapshot -> split by image -> train (Ray Train) -> gate (vLLM) -> register -> promote or
     refuse."""
@@ -139,13 +157,8 @@ def retrain(cfg: RetrainConfig) -> dict:
     version = cfg.version or store.latest()
     if not version:
         raise StoreError(f"{cfg.store} has no reviewed labels yet")
-    items = store.labels(version)
-    train_side, held = split(items, cfg.holdout_frac)
-    if cfg.train_on_auto:  # training side only: the gate judges against people's labels
-        human = {it["item_id"] for it in items}
-        held_images = {it["image"] for it in held}
-        train_side += [it for it in store.labels(version, include_auto=True)
-                       if it["item_id"] not in human and it["image"] not in held_images]
+    items, train_side, held = labels_for_training(store, version, cfg.holdout_frac,
+                                                  cfg.train_on_auto)
     if not held or (not train_side and not cfg.candidate):
         raise StoreError(f"version {version} has {len(items)} usable labels: too few to train "
                          f"and hold out {cfg.holdout_frac:.0%}")

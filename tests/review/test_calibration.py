@@ -305,3 +305,21 @@ def test_route_needs_a_store_and_a_registry(tmp_path):
 
     with pytest.raises(StoreError, match="--registry"):
         route([_pred(1, 0.9)], Routing(auto_accept_precision=0.9), None)
+
+
+def test_auto_labels_train_only_when_asked_and_are_never_held_out(tmp_path):
+    from train.retrain import labels_for_training
+
+    st = ReviewStore(str(tmp_path / "store"))
+    people = [_pred(i, 0.5) for i in range(40)]
+    autos = [_pred(1000 + i, 0.99) for i in range(40)]
+    st.append([decision_record(p, "accept", predicted=p) for p in people], source="people")
+    st.append([decision_record(a, "auto", predicted=a, auto_precision=0.9) for a in autos],
+              source="auto")
+    auto_ids = {a["item_id"] for a in autos}
+    items, train, held = labels_for_training(st, st.latest(), 0.25)
+    assert not auto_ids & {it["item_id"] for it in items + train + held}
+    items2, train2, held2 = labels_for_training(st, st.latest(), 0.25, train_on_auto=True)
+    assert items2 == items and held2 == held
+    assert auto_ids <= {it["item_id"] for it in train2}
+    assert not auto_ids & {it["item_id"] for it in held2}
