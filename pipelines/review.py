@@ -37,6 +37,14 @@ FORMATS = "seed, swift, coco, parquet, labelstudio"
 LabelFormat = Literal["seed", "swift", "coco", "parquet", "labelstudio"]
 
 
+def _blur_needs_embed(cfg, what: str):
+    """``--blur-faces`` is refused without ``--embed-images``: there would be nothing to blur."""
+    if cfg.blur_faces and not cfg.embed_images:
+        raise ValueError(f"--blur-faces needs --embed-images: without it {what} holds image "
+                         "references, no image bytes")
+    return cfg
+
+
 class TaskImages(BaseModel):
     """Task images: how Label Studio reaches each image."""
 
@@ -47,12 +55,7 @@ class TaskImages(BaseModel):
     embed_images: EmbedImages = False
     blur_faces: BlurFaces = False
 
-    @model_validator(mode="after")
-    def _blur_needs_embed(self) -> TaskImages:
-        if self.blur_faces and not self.embed_images:
-            raise ValueError("--blur-faces needs --embed-images: without it the tasks hold "
-                             "image references, no image bytes")
-        return self
+    _blur = model_validator(mode="after")(lambda self: _blur_needs_embed(self, "the tasks"))
 
 
 class ExportConfig(Settings):
@@ -70,12 +73,7 @@ class ExportConfig(Settings):
     blur_faces: BlurFaces = False
     storage: StorageOptions = Field(default_factory=StorageOptions, description="Object storage.")
 
-    @model_validator(mode="after")
-    def _blur_needs_embed(self) -> ExportConfig:
-        if self.blur_faces and not self.embed_images:
-            raise ValueError("--blur-faces needs --embed-images: without it the file holds "
-                             "image references, no image bytes")
-        return self
+    _blur = model_validator(mode="after")(lambda self: _blur_needs_embed(self, "the file"))
 
 
 class ImportConfig(Settings):

@@ -225,6 +225,12 @@ def parse_task(task, labels: set[str]) -> tuple[dict | None, list[str]]:
 
 
 def _pred_score(task: dict) -> float | None:
+    """The prediction's RAW score: our tasks keep it in ``data.score`` (the prediction's own
+    score may be the calibrated one, which must never be calibrated again); tasks from
+    elsewhere have only the prediction's score."""
+    data = task.get("data") or {}
+    if isinstance(data.get("score"), int | float) and not isinstance(data["score"], bool):
+        return float(data["score"])
     preds = [p for p in task.get("predictions") or [] if isinstance(p, dict)]
     return preds[-1].get("score") if preds else None
 

@@ -323,3 +323,17 @@ def test_auto_labels_train_only_when_asked_and_are_never_held_out(tmp_path):
     assert items2 == items and held2 == held
     assert auto_ids <= {it["item_id"] for it in train2}
     assert not auto_ids & {it["item_id"] for it in held2}
+
+
+def test_label_studio_round_trip_keeps_the_raw_score_for_calibration():
+    """Tasks carry the calibrated score for sorting; what comes back is the raw one, so a
+    refit never calibrates a calibrated score."""
+    from grounding.convert.labelstudio import LABEL, parse_task, to_tasks
+
+    p = dict(_pred(1, 0.42), calibrated=0.91)
+    (task,) = to_tasks([p])
+    assert task["predictions"][0]["score"] == 0.91 and task["data"]["score"] == 0.42
+    task["annotations"] = [{"id": 1, "result": task["predictions"][0]["result"]}]
+    it, problems = parse_task(task, {LABEL})
+    assert not problems and it["_decision"] == "accept"
+    assert it["_predicted"]["score"] == 0.42

@@ -63,6 +63,9 @@ def test_job_to_label_studio_and_back_into_the_store(tmp_path, capsys, monkeypat
             assert r["boxes"] == []
     # tasks went out least-confident first: the reviewed ones are the 4 lowest scores
     assert max(r["predicted_score"] or 0 for r in rows.values()) <= 0.55
+    # ... and the store got the RAW scores back (the tasks were sorted by calibrated ones)
+    raw = {0.91, 0.83, 0.72, 0.64, 0.55, 0.97, 0.1, 0.2, None}
+    assert {r["predicted_score"] for r in rows.values()} <= raw
     assert list(Path(store, "exports").glob("labelstudio-*.json"))  # raw export kept
 
 
