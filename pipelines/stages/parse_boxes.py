@@ -43,13 +43,15 @@ class ParseBoxes(StageFn):
 
     def calibration(self, adapter: str | None):
         if adapter not in self.calibrations:
-            from grounding.calibration import Key
-            from grounding.registry import AdapterRegistry
+            self.calibrations[adapter] = None
+            if self.registry:
+                from grounding.calibration import Key
+                from grounding.registry import AdapterRegistry
 
-            key = Key(model=self.lineage["model"], adapter=adapter,
-                      prompt_version=self.lineage["prompt_version"])
-            self.calibrations[adapter] = (AdapterRegistry(self.registry, self.storage)
-                                          .calibration(key) if self.registry else None)
+                key = Key(model=self.lineage["model"], adapter=adapter,
+                          prompt_version=self.lineage["prompt_version"])
+                self.calibrations[adapter] = AdapterRegistry(self.registry,
+                                                             self.storage).calibration(key)
         return self.calibrations[adapter]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
