@@ -97,6 +97,7 @@ class Calibration(BaseModel):
     a: float = Field(0.0, description="Platt: slope on logit(score).")
     b: float = Field(0.0, description="Platt: intercept.")
     n_fit: int = Field(description="Reviews it was fitted on.")
+    holdout: float = Field(HOLDOUT, description="Share of the key's reviews held out.")
     holdout_scores: list[float] = Field(description="Raw scores of the held-out reviews.")
     holdout_hits: list[bool] = Field(description="Whether each held-out prediction was right.")
     store: str | None = Field(None, description="Reviewed-label store it came from.")
@@ -259,7 +260,8 @@ def fit(data: list[Outcome], method: Method = "isotonic", holdout: float = HOLDO
     stamp = dt.datetime.now(dt.UTC)
     digest = hashlib.sha256(repr((key, method, sorted(params.items()))).encode()).hexdigest()[:6]
     return Calibration(id=f"cal-{stamp:%Y%m%d-%H%M%S}-{digest}", key=key, method=method,
-                       n_fit=len(fit_part), holdout_scores=[o.score for o in hold],
+                       n_fit=len(fit_part), holdout=holdout,
+                       holdout_scores=[o.score for o in hold],
                        holdout_hits=[o.hit for o in hold], store=store,
                        store_version=store_version,
                        fitted_at=stamp.isoformat(timespec="seconds"), **params)
@@ -342,10 +344,12 @@ class Threshold(BaseModel):
 
 
 def choose_threshold(cal: Calibration, target: float, confidence: float = 0.95,
-                     bound: Bound = "clopper-pearson", holdout: float = HOLDOUT,
+                     bound: Bound = "clopper-pearson", holdout: float | None = None,
                      grid: int = GRID) -> Threshold:
     """The lowest grid threshold whose held-out precision bound reaches ``target`` (module
-    docstring). With none, ``threshold`` is None and ``reason``/``needed`` say why."""
+    docstring). With none, ``threshold`` is None and ``reason``/``needed`` say why (``holdout``:
+    the share of new reviews that will be held out; default: the calibration's)."""
+    holdout = cal.holdout if holdout is None else holdout
     if not 0.0 < target < 1.0:
         raise ValueError(f"precision target must be in (0, 1), got {target}")
     p, y = cal.holdout_calibrated(), cal.holdout_hits

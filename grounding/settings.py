@@ -134,7 +134,8 @@ class RaySettings(BaseModel):
 
 # ---- Shared fields that are not groups: one description each, reused by every verb ----------
 RegistryURI = Annotated[str, Field(description="Adapter registry (folder or s3://): immutable "
-                                   "adapter names, their metrics, and the production pointer.")]
+                                   "adapter names, their metrics, the production pointer and "
+                                   "the calibrations.")]
 StoreURI = Annotated[str, Field(description="Reviewed-label store (folder or s3://).")]
 JobOutputURI = Annotated[str, Field(description="Job output folder (local or s3://), as "
                                     "written by `groundlabel label`.")]
