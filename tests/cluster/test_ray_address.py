@@ -62,7 +62,9 @@ def test_schedule_with_ray_address_trains_on_that_cluster(cluster, tmp_path):
     from grounding.synth import write_dataset
     from pipelines.review import ImportConfig, import_labels
 
-    data = write_dataset(tmp_path / "synth", 16, "shifted", seed=11)
+    # 40 images: the held-out side is a hash of each image's path (under pytest's tmp dir, so
+    # it changes per run); with 16, no image was held out in about 1 run in 35 (0.8 ** 16)
+    data = write_dataset(tmp_path / "synth", 40, "shifted", seed=11)
     store, reg = str(tmp_path / "store"), str(tmp_path / "reg")
     import_labels(ImportConfig(input=str(data), from_fmt="seed", store=store))
     cmd = [sys.executable, "-m", "groundlabel", "schedule", "--once", "--min-new-labels", "1",
