@@ -78,8 +78,8 @@ def route_once(rows: list[dict], reviews: int, seed: int) -> dict:
     s = np.array([r["score"] for r in job])
     hit = np.array([r["hit"] for r in job])
     p = cal(s)
-    out: dict = {"ece_raw": cal.quality()["ece_raw"],
-                 "ece_calibrated": cal.quality()["ece_calibrated"], "targets": {}}
+    q = cal.quality()
+    out: dict = {"ece_raw": q["ece_raw"], "ece_calibrated": q["ece_calibrated"], "targets": {}}
     for t in TARGETS:
         thr_c = choose_threshold(cal, t)
         thr_r = choose_threshold(ident, t, holdout=1.0)

@@ -105,12 +105,6 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     return {"store": cfg.store, "version": v, "keys": out}
 
 
-def _key(it: dict):
-    from grounding.calibration import key_of
-
-    return key_of(it)
-
-
 def _rank(item_id: str, salt: str) -> str:
     return hashlib.sha256(f"audit\x00{salt}\x00{item_id}".encode()).hexdigest()
 
@@ -121,11 +115,12 @@ def calibrate_items(items: list[dict], registry: str | None, opts) -> dict:
     cals: dict = {}
     if not registry:
         return cals
+    from grounding.calibration import key_of
     from grounding.registry import AdapterRegistry
 
     reg = AdapterRegistry(registry, opts)
     for it in items:
-        key = _key(it)
+        key = key_of(it)
         if key is None:
             continue
         if key not in cals:
@@ -141,7 +136,7 @@ def route(items: list[dict], cfg: Routing, opts, job_id: str | None = None) -> d
 
     Returns ``{"review": [...], "audit": [...], "auto": [...], "keys": [...], "version": V}``:
     ``review`` and ``audit`` items go to people, ``auto`` were committed to the store."""
-    from grounding.calibration import choose_threshold, reviews_needed
+    from grounding.calibration import choose_threshold, key_of, reviews_needed
     from grounding.store import ReviewStore, StoreError, decision_record
 
     cals = calibrate_items(items, cfg.registry, opts)
@@ -154,7 +149,7 @@ def route(items: list[dict], cfg: Routing, opts, job_id: str | None = None) -> d
     store = ReviewStore(cfg.store, opts)
     by_key: dict = defaultdict(list)
     for it in items:
-        by_key[_key(it)].append(it)
+        by_key[key_of(it)].append(it)
     usable = None
     keys, auto, audit, review = [], [], [], []
     for key, group in by_key.items():
