@@ -36,7 +36,12 @@ class LabelJobConfig(Settings):
         "e.g. {\"inference\": 1} to place engines on the nodes that offer it.")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per inference actor.")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per inference actor (0 on CPU).")
-    batch_size: int = Field(16, ge=1, description="Rows per inference call.")
+    batch_size: int = Field(16, ge=1, description="Rows per block an inference actor takes "
+                            "(and per block read): smaller blocks reach the engine sooner.")
+    batches_in_flight: int = Field(8, ge=1, description="Blocks each inference actor keeps in "
+                                   "its engine at once: their rows are scheduled together, new "
+                                   "ones entering while earlier ones decode (batch_size x this "
+                                   "rows in flight per engine).")
     fetch_batch_size: int = Field(32, ge=1, description="Rows per image fetch/decode task.")
     rows_per_part: int = Field(64, ge=1, description="Rows per output Parquet part: the unit of "
                                "progress a crash can lose (smaller = finer resume, more files).")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
 from dataclasses import dataclass
 
 from grounding.resize import ResizeSpec
@@ -122,8 +123,9 @@ def plan(cfg: LabelJobConfig, output: JobOutput | None = None) -> JobPlan:
                    shards=shards, done=output.committed(repair=False), retried=retried)
 
 
-def stages(cfg: LabelJobConfig, p: JobPlan) -> list:
-    """The job's chain of stages, each with its settings and ``map_batches`` arguments."""
+def stages(cfg: LabelJobConfig, p: JobPlan, startup=None) -> list:
+    """The job's chain of stages, each with its settings and ``map_batches`` arguments;
+    ``startup`` (a `pipelines.output.StartupLog`) is where inference actors log start-up."""
     from pipelines.stages.fetch_images import FetchImages
     from pipelines.stages.infer import Infer
     from pipelines.stages.parse_boxes import ParseBoxes
@@ -144,8 +146,9 @@ def stages(cfg: LabelJobConfig, p: JobPlan) -> list:
         FetchImages.stage(cfg.storage, p.resize, cfg.max_image_bytes, cfg.max_image_pixels,
                           batch_size=cfg.fetch_batch_size),
         Infer.stage(p.engine, p.adapters, p.default_adapter, cfg.registry, cfg.storage,
-                    actors=cfg.num_actors, batch_size=cfg.batch_size, cpus=cfg.cpus_per_actor,
-                    gpus=cfg.gpus_per_actor, resources=cfg.actor_resources),
+                    actors=cfg.num_actors, batch_size=cfg.batch_size,
+                    in_flight=cfg.batches_in_flight, cpus=cfg.cpus_per_actor,
+                    gpus=cfg.gpus_per_actor, resources=cfg.actor_resources, startup=startup),
         ParseBoxes.stage(family, p.resize, {"model": p.lineage["model"], "family": family.name,
                                             "prompt_version": p.lineage["prompt_version"],
                                             "job_id": p.job["job_id"]},
@@ -154,14 +157,21 @@ def stages(cfg: LabelJobConfig, p: JobPlan) -> list:
     ]
 
 
+_first_call = True  # the first job of a process times its start-up from the process start
+
+
 def label(cfg: LabelJobConfig) -> dict:
     """Run the job to completion (or resume it) and return its summary."""
+    global _first_call
     import ray
     from ray.data import DataContext
 
-    from pipelines.summary import summarize
+    from pipelines.stages.infer import _process_start
+    from pipelines.summary import startup_breakdown, summarize
 
     t0 = time.time()
+    marks = {"process_start": _process_start() if _first_call else t0, "label_called": t0}
+    _first_call = False
     from pipelines.stages.read import check_output_outside
 
     check_output_outside(cfg.input, cfg.output, cfg.storage)
@@ -169,19 +179,29 @@ def label(cfg: LabelJobConfig) -> dict:
     # One writer: the lease is held from the first look at the output to the summary.
     with output.lease(cfg.wait) as lease:
         p = plan(cfg, output)
+        marks["planned"] = time.time()
         print(f"[label] job {p.job['job_id']}: {len(p.shards)} shard(s) from {cfg.input}"
               + (f"; {p.n_done} row(s) already written, resuming" if p.n_done else "")
               + (f"; retrying {p.retried} row(s) with a transient error" if p.retried else ""),
               flush=True)
         cfg.ray.connect(log_to_driver=False)
+        marks["ray_connected"] = time.time()
         DataContext.get_current().enable_progress_bars = cfg.progress
+        before = set(p.output.parts())
+        startup = p.output.startup_log(uuid.uuid4().hex[:12])
         items = [{"path": uri, "shard": rel, "done": p.done.get(rel, [])} for uri, rel in p.shards]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        for stage in stages(cfg, p):
+        for stage in stages(cfg, p, startup):
             ds = stage.apply(ds)
         lease.check()
+        marks["pipeline_started"] = time.time()
         p.output.write(ds)
+        marks["written"] = time.time()
         lease.check()  # another writer may have taken over a lease we could not renew
-        summary = summarize(p.output, elapsed=time.time() - t0, rows_before=p.n_done)
+        new_parts = [x for x in p.output.parts() if x not in before]
+        marks["first_part"] = min(p.output.part_times(new_parts), default=None)
+        summary = summarize(p.output, elapsed=time.time() - t0, rows_before=p.n_done,
+                            startup=startup_breakdown(marks,
+                                                      p.output.startup_records(startup.run)))
     print(json.dumps(summary, indent=2), flush=True)
     return summary

@@ -4,7 +4,8 @@
                             model, family, prompt version, the adapter resolved at the first start
     OUTPUT/_lease           the writer's lease (`grounding.lease`): one job writes at a time
     OUTPUT/parts/*.parquet  one row per input row (schema: `pipelines.schema.OUTPUT`)
-    OUTPUT/_summary.json    rows, errors by code and class, speed, Acc@0.5 of the last run
+    OUTPUT/_summary.json    rows, errors by code and class, speed, Acc@0.5, start-up of the last run
+    OUTPUT/_startup/RUN/*.json  each inference actor's start-up marks in the last run
 
 `JobOutput` resolves the output's filesystem once and is what the label job, resume, ``eval``,
 ``report`` and ``review export`` all go through. ``JobOutput(uri)`` also accepts one Parquet file
@@ -40,6 +41,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from grounding.errors import TRANSIENT
@@ -52,6 +54,7 @@ JOB_RECORD = "_job.json"
 SUMMARY = "_summary.json"
 LEASE = "_lease"
 PARTS = "parts"
+STARTUP = "_startup"
 REPLACEMENT = "~r"  # P~r.parquet: P rewritten without its transient rows
 # What a resumed job must share with the run that started the output.
 RESUME_KEYS = ("input", "model", "family", "prompt_version", "adapter_requested")
@@ -211,7 +214,7 @@ class JobOutput:
         return d if isinstance(d, dict) else {}
 
     def _write_json(self, name: str, data: dict) -> None:
-        self.fs.makedirs(self.root, exist_ok=True)
+        self.fs.makedirs(self.path(name).rsplit("/", 1)[0], exist_ok=True)
         with self.fs.open(self.path(name), "w") as f:
             json.dump(data, f, indent=2)
 
@@ -253,12 +256,50 @@ class JobOutput:
             raise OutputError(f"{e}: another label job is writing this output; wait for it "
                               "(--wait SECONDS) or use another --output") from None
 
+    def part_times(self, parts: list[str]) -> list[float]:
+        """When each of ``parts`` was written (epoch seconds, the filesystem's clock)."""
+        out = []
+        for p in parts:
+            info = self.fs.info(p)
+            t = info.get("mtime") or info.get("LastModified") or info.get("created")
+            out.append(t.timestamp() if hasattr(t, "timestamp") else float(t))
+        return out
+
+    def startup_log(self, run: str) -> StartupLog:
+        """Where this run's inference actors record their start-up; earlier runs' records
+        are dropped (the caller holds the lease: no other run is writing)."""
+        if self.fs.exists(self.path(STARTUP)):
+            self.fs.rm(self.path(STARTUP), recursive=True)
+        return StartupLog(self.uri, self.storage, run)
+
+    def startup_records(self, run: str) -> list[dict]:
+        """The start-up marks each inference actor of ``run`` recorded."""
+        path = self.path(STARTUP, run)
+        if not self.fs.exists(path):
+            return []
+        return [self._read_json(join(STARTUP, run, p.rsplit("/", 1)[-1]))
+                for p in sorted(self.fs.find(path)) if p.endswith(".json")]
+
     def summary(self) -> dict:
         """``_summary.json`` of the last run ({} if none)."""
         return {} if self.is_file() else self._read_json(SUMMARY)
 
     def write_summary(self, summary: dict) -> None:
         self._write_json(SUMMARY, summary)
+
+
+@dataclass(frozen=True)
+class StartupLog:
+    """Where one run's inference actors write their start-up marks (epoch seconds, by
+    phase): small and picklable, so Ray ships it to the actors. See `JobOutput.startup_log`."""
+
+    uri: str
+    storage: StorageOptions
+    run: str
+
+    def record(self, marks: dict[str, float]) -> None:
+        out = JobOutput(self.uri, self.storage)
+        out._write_json(join(STARTUP, self.run, f"{uuid.uuid4().hex[:12]}.json"), marks)
 
 
 def pa_array(values):

@@ -45,9 +45,51 @@ def metrics_from_rows(rows: list[dict], gold_by_key: dict | None = None) -> dict
     return grounding_metrics(pairs) if pairs else None
 
 
+# Start-up phases: (name, from mark, to mark). Driver marks come from `pipelines.label.label`,
+# actor marks from `pipelines.stages.infer.Infer` (the actor that wrote rows first).
+PHASES = (
+    ("python_and_imports", "process_start", "label_called"),
+    ("plan", "label_called", "planned"),
+    ("ray_init", "planned", "ray_connected"),
+    ("dataset_planning", "ray_connected", "pipeline_started"),
+    ("actor_scheduling", "pipeline_started", "actor_init"),
+    ("vllm_import", "actor_init", "vllm_imported"),
+    ("engine_init", "vllm_imported", "engine_started"),
+    ("adapters", "engine_started", "engine_ready"),
+    ("wait_for_rows", "engine_ready", "first_rows_in"),
+    ("first_block", "first_rows_in", "first_rows_out"),
+    ("to_first_part", "first_rows_out", "first_part"),
+)
+
+
+def startup_breakdown(marks: dict[str, float | None], actors: list[dict]) -> dict:
+    """Where a job's start went: seconds per phase, and each mark's time since the start.
+
+    ``marks`` are the driver's (epoch seconds), ``actors`` each inference actor's own; the
+    actor that wrote rows first stands for the pool (the first part waits for it). Phases
+    overlap nothing on the driver's side; actor phases run while the driver waits in
+    ``dataset_planning``/``actor_scheduling``, so only the actor's part of the chain is shown.
+    A worker process Ray started before the actor shows as ``worker_process`` < ``actor_init``.
+    """
+    first = min(actors, key=lambda a: a.get("first_rows_out", float("inf")), default={})
+    t = {k: v for k, v in {**marks, **first}.items() if v is not None}
+    origin = t["process_start"]
+    out: dict = {"origin": "process start" if origin < t["label_called"] else "label() call",
+                 "to_first_part_s": round(t["first_part"] - origin, 2) if "first_part" in t
+                 else None,
+                 "phases_s": {}, "timeline_s": {}, "actors": len(actors)}
+    for name, a, b in PHASES:
+        if a in t and b in t:
+            out["phases_s"][name] = round(t[b] - t[a], 2)
+    for k, v in sorted(t.items(), key=lambda kv: kv[1]):
+        out["timeline_s"][k] = round(v - origin, 2)
+    return out
+
+
 def summarize(output: JobOutput, elapsed: float | None = None, rows_before: int = 0,
-              write: bool = True) -> dict:
-    """Counts (and metrics) of everything in ``output``; written to ``_summary.json``."""
+              write: bool = True, startup: dict | None = None) -> dict:
+    """Counts (and metrics) of everything in ``output``; written to ``_summary.json``, with
+    the run's start-up breakdown (`startup_breakdown`) when given."""
     t = output.read(["row_id", "source_id", "status", "error_code", "boxes", "gold"])
     rows = t.to_pylist()
     ids = [r["row_id"] for r in rows]
@@ -68,6 +110,8 @@ def summarize(output: JobOutput, elapsed: float | None = None, rows_before: int 
     m = metrics_from_rows(rows)
     if m:
         out["metrics"] = m
+    if startup is not None:
+        out["startup"] = startup
     if write:
         output.write_summary(out)
     return out

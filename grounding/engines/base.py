@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from abc import ABC, abstractmethod
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -218,6 +219,15 @@ class Engine(ABC):
     @abstractmethod
     def generate(self, inputs: list[EngineInput]) -> list[Generation]:
         """Greedy generation for each input, in order."""
+
+    def submit(self, inputs: list[EngineInput]) -> Future:
+        """Start `generate` on ``inputs`` without waiting; the future gives its result.
+
+        Here one call runs at a time on a worker thread, so async callers (Ray Data's async
+        batches) can use any engine; vLLM overrides it to feed its scheduler continuously."""
+        if getattr(self, "_runner", None) is None:
+            self._runner = ThreadPoolExecutor(1, thread_name_prefix="engine")
+        return self._runner.submit(self.generate, list(inputs))
 
     @abstractmethod
     def chat_prompt(self, instruction: str) -> str:

