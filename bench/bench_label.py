@@ -1,15 +1,21 @@
-"""Benchmark of the bulk labeling job against its baselines, all measured in the same run.
+"""Benchmark of the bulk labeling job against the engine's best, all measured in the same run.
 
-* bare engine: vLLM `generate` on pre-decoded, pre-resized images held in memory;
-* full job: `groundlabel label` (Ray Data + vLLM actor pool + Parquet), local paths;
-* hand-written loop: transformers `generate`, one row at a time (what a user writes first).
+* engine best: vLLM's own ``LLM.generate`` with ALL rows in one call, images decoded and resized
+  in memory beforehand: the most one engine does on these rows;
+* per-row loop: transformers ``generate``, one row at a time (what a user writes first);
+* full job: ``groundlabel label`` (Ray Data + vLLM actor + Parquet) from image files on disk.
 
-Job throughput is *marginal*: rows / (T(2N rows) - T(N rows)), so Ray and engine start-up,
-which do not grow with the data, cancel out; the start-up cost is reported beside it.
+The job's throughput is *marginal*: N / (T(2N) - T(N)) over two runs, so start-up (Ray, the
+actor's vLLM import and engine) cancels out; N is chosen so that the difference is >= 30 s.
+Every figure is repeated (``--repeats``, default 3): the median and the spread (min-max) are
+reported. Each job also reports its start-up breakdown (``_summary.json``) and peak memory
+(driver, and the inference actor, sampled with psutil every 0.2 s).
 
 Run::
 
-    .venv/bin/python bench/bench_label.py --rows 256 --out bench/label.json
+    .venv/bin/python bench/bench_label.py --rows 2048 --out bench/label.json
+    .venv/bin/python bench/bench_label.py --grid --rows 1024 --out bench/label-grid.json
+    .venv/bin/python bench/bench_label.py --scale 1000 10000 100000 --out bench/label-scale.json
 """
 
 from __future__ import annotations
@@ -18,7 +24,11 @@ import argparse
 import json
 import os
 import platform
+import statistics
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -34,24 +44,29 @@ def _images(samples, model: str):
     return out
 
 
-def bare_engine(model: str, samples, batch: int) -> float:
-    from grounding.engines import EngineConfig, EngineInput, load_engine
-    from grounding.engines.grounder import Grounder
+def engine_best(model: str, samples, repeats: int) -> list[float]:
+    """rows/s of vLLM's ``LLM.generate`` on all rows at once, per repeat (one engine)."""
+    from grounding.engines import EngineConfig, load_engine
+    from grounding.engines.grounder import Grounder, GroundingRequest
 
     eng = load_engine(EngineConfig(model=model, engine="vllm"))
     g = Grounder(eng)
-    inputs = [EngineInput(g.prompt(s.text), im) for s, im in zip(samples, _images(samples, model),
-                                                                  strict=True)]
-    eng.generate(inputs[:batch])  # warm-up
-    t0 = time.perf_counter()
-    for i in range(0, len(inputs), batch):
-        eng.generate(inputs[i:i + batch])
-    dt = time.perf_counter() - t0
+    inputs = [g.prepare(GroundingRequest(im, s.text, None))
+              for s, im in zip(samples, _images(samples, model), strict=True)]
+    prompts = [{"prompt": x.prompt, "multi_modal_data": {"image": x.image}} for x in inputs]
+    params = [eng._params(x.grammar) for x in inputs]
+    eng.llm.generate(prompts[:16], params[:16], use_tqdm=False)  # warm-up
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        eng.llm.generate(prompts, params, use_tqdm=False)
+        rates.append(len(prompts) / (time.perf_counter() - t0))
     eng.close()
-    return len(inputs) / dt
+    return rates
 
 
-def hf_loop(model: str, samples) -> float:
+def hf_loop(model: str, samples, repeats: int) -> list[float]:
+    """rows/s of a per-row transformers loop (decode, prompt, generate, parse), per repeat."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -73,28 +88,88 @@ def hf_loop(model: str, samples) -> float:
                   s.image.size)
 
     one(samples[0])
-    t0 = time.perf_counter()
-    for s in samples:
-        one(s)
-    return len(samples) / (time.perf_counter() - t0)
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for s in samples:
+            one(s)
+        rates.append(len(samples) / (time.perf_counter() - t0))
+    return rates
 
 
-def job_seconds(data: Path, out: Path, actors: int, batch: int) -> float:
-    import subprocess
-    import sys
+class PeakMemory:
+    """Peak RSS of a process (the driver) and of its inference actor, sampled every 0.2 s."""
 
+    def __init__(self, pid: int):
+        import psutil
+
+        self.proc = psutil.Process(pid)
+        self.driver = self.actor = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                self.driver = max(self.driver, self.proc.memory_info().rss)
+                for c in self.proc.children(recursive=True):
+                    try:
+                        if "Infer" in " ".join(c.cmdline()):  # ray::MapWorker(MapBatches(Infer))
+                            self.actor = max(self.actor, c.memory_info().rss)
+                    except psutil.Error:
+                        pass
+            except psutil.Error:
+                return
+            self._stop.wait(0.2)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._t.join()
+        return {"driver_peak_mb": round(self.driver / 2**20), "actor_peak_mb": round(self.actor / 2**20)}
+
+
+def job(data: Path, out: Path, extra: list[str] | None = None) -> dict:
+    """One ``groundlabel label`` run as a user starts it: wall seconds, peak memory, summary."""
     cmd = [sys.executable, "-m", "groundlabel", "label", "--input", str(data), "--output",
-           str(out), "--num-actors", str(actors), "--batch-size", str(batch), "--no-progress"]
+           str(out), "--no-progress", *(extra or [])]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True)
-    return time.perf_counter() - t0
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    mem = PeakMemory(p.pid)
+    stdout, stderr = p.communicate()
+    wall = time.perf_counter() - t0
+    if p.returncode:
+        raise RuntimeError(f"{cmd} failed:\n{stderr[-3000:]}")
+    summary = json.loads((out / "_summary.json").read_text())
+    tl = summary["startup"]["timeline_s"]
+    return {"seconds": wall, **mem.stop(), "rows": summary["rows"],
+            "to_first_part_s": summary["startup"]["to_first_part_s"],
+            "startup_phases_s": summary["startup"]["phases_s"],
+            # rows over the time the engine was labeling (engine ready -> last part written)
+            "engine_phase_rows_per_s": summary["rows"] / (tl["written"] - tl["engine_ready"])}
+
+
+def spread(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": xs}
+
+
+def machine() -> str:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                if ln.startswith("model name")), platform.processor())
+    return f"{os.cpu_count()} cores, {cpu}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=256, help="N (the job also runs 2N)")
-    ap.add_argument("--batch", type=int, default=32, help="rows per engine call")
-    ap.add_argument("--loop-rows", type=int, default=32, help="rows for the per-row HF loop")
+    ap.add_argument("--rows", type=int, default=2048, help="N (the job also runs 2N)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--loop-rows", type=int, default=64, help="rows for the per-row HF loop")
+    ap.add_argument("--grid", action="store_true", help="job settings grid (batch size x "
+                    "batches in flight) on N rows instead of the comparison")
+    ap.add_argument("--scale", type=int, nargs="*", help="rows per run for a scale curve "
+                    "(one job each) instead of the comparison")
     ap.add_argument("--out", default="bench/label.json")
     a = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -105,29 +180,56 @@ def main() -> None:
     model = str(DEFAULT_MODEL)
     tmp = Path(tempfile.mkdtemp(prefix="bench-label-"))
     n = a.rows
-    small = write_dataset(tmp / "n", n, "base", seed=11)
+    res: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
+                 "command": " ".join(["python", *sys.argv])}
+
+    def save() -> None:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=2))
+
+    if a.scale:
+        res["scale"] = []
+        for rows in a.scale:
+            data = write_dataset(tmp / f"s{rows}", rows, "base", seed=11)
+            r = job(data, tmp / f"o-s{rows}")
+            r["rows_per_s"] = rows / r["seconds"]
+            res["scale"].append(r)
+            print(json.dumps(r), flush=True)
+            save()
+        return
+    data = write_dataset(tmp / "n", n, "base", seed=11)
+    if a.grid:
+        res["grid"] = []
+        for bs, k in ((16, 1), (16, 4), (16, 8), (16, 16), (32, 8), (64, 4)):
+            r = job(data, tmp / f"o-{bs}-{k}", ["--batch-size", str(bs),
+                                                "--batches-in-flight", str(k)])
+            r.update(batch_size=bs, batches_in_flight=k)
+            res["grid"].append(r)
+            print(json.dumps(r), flush=True)
+            save()
+        return
     large = write_dataset(tmp / "2n", 2 * n, "base", seed=11)
     samples = list(iter_samples(n, "base", seed=11))
-
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                if ln.startswith("model name")), platform.processor())
-    res: dict = {"machine": f"{os.cpu_count()} cores, {cpu}",
-                 "rows": n, "batch": a.batch}
-    res["bare_engine_rows_per_s"] = bare_engine(model, samples, a.batch)
-    res["hf_loop_rows_per_s"] = hf_loop(model, samples[: a.loop_rows])
-    for actors in (1, 2):
-        t1 = job_seconds(small, tmp / f"o1-{actors}", actors, a.batch)
-        t2 = job_seconds(large, tmp / f"o2-{actors}", actors, a.batch)
-        res[f"job_{actors}_actor_seconds_N"] = t1
-        res[f"job_{actors}_actor_seconds_2N"] = t2
-        res[f"job_{actors}_actor_marginal_rows_per_s"] = n / max(1e-9, t2 - t1)
-        res[f"job_{actors}_actor_startup_s"] = t1 - n / res[f"job_{actors}_actor_marginal_rows_per_s"]
-    j = res["job_1_actor_marginal_rows_per_s"]
-    res["job_over_bare_engine"] = j / res["bare_engine_rows_per_s"]
-    res["job_over_hf_loop"] = j / res["hf_loop_rows_per_s"]
-    res["two_actors_over_one"] = res["job_2_actor_marginal_rows_per_s"] / j
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=2))
+    res["rows"] = n
+    res["engine_best_rows_per_s"] = spread(engine_best(model, samples, a.repeats))
+    save()
+    res["hf_loop_rows_per_s"] = spread(hf_loop(model, samples[: a.loop_rows], a.repeats))
+    save()
+    runs = []
+    for i in range(a.repeats):
+        small, big = job(data, tmp / f"o1-{i}"), job(large, tmp / f"o2-{i}")
+        runs.append({"N": small, "2N": big, "difference_s": big["seconds"] - small["seconds"],
+                     "marginal_rows_per_s": n / (big["seconds"] - small["seconds"])})
+        print(json.dumps(runs[-1]), flush=True)
+        res["job_runs"] = runs
+        save()
+    job_rate = spread([r["marginal_rows_per_s"] for r in runs])
+    best = res["engine_best_rows_per_s"]["median"]
+    res["job_marginal_rows_per_s"] = job_rate
+    res["job_over_engine_best"] = spread([r / best for r in job_rate["runs"]])
+    res["job_over_hf_loop"] = job_rate["median"] / res["hf_loop_rows_per_s"]["median"]
+    res["to_first_part_s"] = spread([r["N"]["to_first_part_s"] for r in runs])
+    save()
     print(json.dumps(res, indent=2))
 
 

@@ -52,6 +52,55 @@ def test_local_job_labels_every_row_and_eval_agrees(ray_local, synth_shard, tmp_
     assert ev["n"] == 12 and ev["acc@0.5"] == pytest.approx(s["metrics"]["acc@0.5"])
 
 
+def test_summary_breaks_down_where_the_start_went(ray_local, synth_shard, tmp_path):
+    """`_summary.json` says where the job's start went, phase by phase, from the label call to
+    the first part on disk: the actor's vLLM import, engine start and first block included
+    (each actor records its own marks in the output; the job's first part closes the chain)."""
+    from pipelines.label import label
+    from pipelines.output import STARTUP, JobOutput
+
+    out = tmp_path / "out"
+    s = label(_job(input=str(synth_shard), output=str(out), limit=6))
+    st = s["startup"]
+    assert json.loads((out / "_summary.json").read_text())["startup"] == st
+    assert st["actors"] == 1
+    chain = ["label_called", "planned", "ray_connected", "pipeline_started", "actor_init",
+             "vllm_imported", "engine_started", "engine_ready", "first_rows_in",
+             "first_rows_out", "first_part", "written"]
+    times = [st["timeline_s"][k] for k in chain]
+    assert times == sorted(times), st["timeline_s"]
+    assert set(st["phases_s"]) >= {"ray_init", "actor_scheduling", "vllm_import",
+                                   "engine_init", "first_block", "to_first_part"}
+    assert st["phases_s"]["vllm_import"] > 0 and st["phases_s"]["engine_init"] > 0
+    assert 0 < st["to_first_part_s"] <= st["timeline_s"]["written"]
+    # the run that finishes the output replaces the first run's records, they do not add up
+    first = JobOutput(str(out)).fs.ls(str(out / STARTUP))
+    assert label(_job(input=str(synth_shard), output=str(out)))["rows_this_run"] == 6
+    runs = JobOutput(str(out)).fs.ls(str(out / STARTUP))
+    assert len(first) == len(runs) == 1 and runs != first
+
+
+def test_feeding_the_engine_continuously_writes_what_one_block_at_a_time_writes(ray_local,
+                                                                                tmp_path):
+    """The same rows labeled with 8 blocks in the engine at once, and one block at a time
+    (the chunked job of before): every content column identical, row for row."""
+    from grounding.synth import write_dataset
+    from pipelines.label import label
+
+    data = write_dataset(tmp_path / "data", 48, "base", seed=3)
+    content = ("row_id", "status", "error_code", "boxes", "score", "raw_text", "num_tokens",
+               "adapter", "width", "height")
+    outs = {}
+    for k in (1, 8):
+        s = label(_job(input=str(data), output=str(tmp_path / f"out-{k}"), batch_size=4,
+                       batches_in_flight=k))
+        assert s["rows"] == s["unique_rows"] == 48
+        rows = sorted(_rows(str(tmp_path / f"out-{k}")), key=lambda r: r["row_id"])
+        outs[k] = [{c: r[c] for c in content} for r in rows]
+    assert sum(r["status"] == "ok" for r in outs[1]) >= 24  # boxes to compare, not only errors
+    assert outs[1] == outs[8]
+
+
 def test_generic_family_end_to_end_with_an_untrained_template(ray_local, tmp_path):
     """Any chat VLM through the generic family: a prompt the bundled model was never trained on,
     0-1 coordinates, on the widened (robust) set. Every row is well formed by construction (in
@@ -230,8 +279,22 @@ def test_killed_job_resumes_without_duplicates(synth_shard, tmp_path):
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     parts = out / "parts"
     deadline = time.time() + 400
+    import fsspec
+
+    from pipelines.output import is_torn
+
+    local = fsspec.filesystem("file")
+
+    def complete(p: Path) -> bool:
+        try:
+            return not is_torn(local, str(p))
+        except OSError:  # being renamed or removed under us: not complete yet
+            return False
+
+    # Complete parts, not just files: with blocks decoding together, several parts are written
+    # at once, and a file exists from its first byte (two half-written ones = nothing written).
     while time.time() < deadline and proc.poll() is None:
-        if parts.exists() and len(list(parts.glob("*.parquet"))) >= 2:
+        if parts.exists() and sum(map(complete, parts.glob("*.parquet"))) >= 2:
             break
         time.sleep(0.05)
     assert proc.poll() is None, (tmp_path / "first-run.log").read_text()[-3000:]
