@@ -188,16 +188,21 @@ def label(cfg: LabelJobConfig) -> dict:
         marks["ray_connected"] = time.time()
         DataContext.get_current().enable_progress_bars = cfg.progress
         before = set(p.output.parts())
-        startup = p.output.startup_log(uuid.uuid4().hex[:12])
+        run = uuid.uuid4().hex[:12]
+        startup = p.output.startup_log(run)
         items = [{"path": uri, "shard": rel, "done": p.done.get(rel, [])} for uri, rel in p.shards]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         for stage in stages(cfg, p, startup):
             ds = stage.apply(ds)
         lease.check()
         marks["pipeline_started"] = time.time()
-        p.output.write(ds)
+        p.output.write(ds, run)
         marks["written"] = time.time()
         lease.check()  # another writer may have taken over a lease we could not renew
+        late = p.output.drop_late_parts(before, run)
+        if late:
+            print(f"[label] removed {len(late)} part(s) a killed earlier run finished after "
+                  "this run started: their rows were labeled again here", flush=True)
         new_parts = [x for x in p.output.parts() if x not in before]
         marks["first_part"] = min(p.output.part_times(new_parts), default=None)
         summary = summarize(p.output, elapsed=time.time() - t0, rows_before=p.n_done,

@@ -199,10 +199,31 @@ class JobOutput:
             dropped += n
         return dropped
 
-    def write(self, ds) -> None:
-        """Write a Ray Dataset of output rows as new parts (Ray Data's Parquet writer)."""
+    def write(self, ds, run: str | None = None) -> None:
+        """Write a Ray Dataset of output rows as new parts (Ray Data's Parquet writer); with
+        ``run``, each part's name starts with ``run-<run>_`` (see `drop_late_parts`)."""
+        from ray.data.datasource import FilenameProvider
+
         afs, path = arrow_filesystem(self.uri_of(PARTS), self.storage)
-        ds.write_parquet(path, filesystem=afs)
+        names = FilenameProvider(f"run-{run}", "parquet") if run else None
+        ds.write_parquet(path, filesystem=afs, filename_provider=names)
+
+    def drop_late_parts(self, before: set[str], run: str) -> list[str]:
+        """Delete parts that appeared during ``run`` but were not written by it; returns them.
+
+        A killed job's Ray workers can outlive its driver by a second or more and finish a
+        part after a rerun has read what is committed (seen: a part landing 1.2 s after the
+        kill). That rerun labels those rows again, so the late part would duplicate them: the
+        rerun's own rows stand, the late part goes. Call it holding the lease, after `write`.
+        """
+        mine = f"run-{run}_"
+        late = [p for p in self.parts() if p not in before and
+                not p.rsplit("/", 1)[-1].startswith(mine)]
+        for p in late:
+            log.warning("removing part %s: written by a previous run's worker after this run "
+                        "read the output (its rows were labeled again by this run)", p)
+            self.fs.rm(p)
+        return late
 
     # ---- records ----------------------------------------------------------------------
     def _read_json(self, name: str) -> dict:
