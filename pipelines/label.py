@@ -54,6 +54,7 @@ class JobPlan:
     job: dict                # the job record (_job.json)
     shards: list[tuple[str, str]]
     done: dict[str, list[str]]
+    scanned: set[str]        # the parts `done` was read from (any other part is newer)
     retried: int = 0         # rows with a transient error removed, to be labeled again
 
     @property
@@ -120,7 +121,8 @@ def plan(cfg: LabelJobConfig, output: JobOutput | None = None) -> JobPlan:
     return JobPlan(output=output, engine=engine,
                    resize=resize_spec(eng.model, eng.min_pixels, eng.max_pixels),
                    adapters=adapters, default_adapter=default_adapter, lineage=lineage, job=job,
-                   shards=shards, done=output.committed(repair=False), retried=retried)
+                   shards=shards, done=output.committed(repair=False),
+                   scanned=output.scanned, retried=retried)
 
 
 def stages(cfg: LabelJobConfig, p: JobPlan, startup=None) -> list:
@@ -187,7 +189,9 @@ def label(cfg: LabelJobConfig) -> dict:
         cfg.ray.connect(log_to_driver=False)
         marks["ray_connected"] = time.time()
         DataContext.get_current().enable_progress_bars = cfg.progress
-        before = set(p.output.parts())
+        # Parts that appear from now on and are not this run's are a killed run's late
+        # writes: compare with what `done` was read from, not with a later listing.
+        before = p.scanned
         run = uuid.uuid4().hex[:12]
         startup = p.output.startup_log(run)
         items = [{"path": uri, "shard": rel, "done": p.done.get(rel, [])} for uri, rel in p.shards]

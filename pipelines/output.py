@@ -84,6 +84,7 @@ class JobOutput:
         self.uri = uri
         self.storage = storage or StorageOptions()
         self.fs, self.root = filesystem(uri, self.storage)
+        self.scanned: set[str] = set()  # the parts the last `committed` read
 
     def __repr__(self) -> str:
         return f"JobOutput({self.uri!r})"
@@ -168,7 +169,8 @@ class JobOutput:
         if repair:
             self.repair()
         done: dict[str, list[str]] = {}
-        for part in self.parts():
+        self.scanned = set(self.parts())  # exactly the parts these ids come from
+        for part in sorted(self.scanned):
             t = self._read_part(part, ["row_id", "shard"])
             for rid, shard in zip(t.column("row_id").to_pylist(), t.column("shard").to_pylist(),
                                   strict=True):
@@ -209,7 +211,8 @@ class JobOutput:
         ds.write_parquet(path, filesystem=afs, filename_provider=names)
 
     def drop_late_parts(self, before: set[str], run: str) -> list[str]:
-        """Delete parts that appeared during ``run`` but were not written by it; returns them.
+        """Delete parts that are not in ``before`` (the parts `committed` read: `scanned`) and
+        were not written by ``run``; returns them.
 
         A killed job's Ray workers can outlive its driver by a second or more and finish a
         part after a rerun has read what is committed (seen: a part landing 1.2 s after the
