@@ -109,13 +109,21 @@ def hf_loop(model: str, samples, repeats: int) -> list[float]:
 
 
 class PeakMemory:
-    """Peak RSS of a process (the driver) and of its inference actor, sampled every 0.2 s."""
+    """Peak memory of a process (the driver) and of its inference actor, sampled every 0.2 s.
+
+    RSS counts every page a process has mapped, including the object store's shared pages
+    that Ray Data hands the actor its blocks in; USS (pages only this process holds, sampled
+    every 3 s because it reads /proc/PID/smaps) is the actor's own memory. ``timeline`` keeps a
+    sample every 15 s, so a curve shows whether memory levels off or keeps growing.
+    """
 
     def __init__(self, pid: int):
         import psutil
 
         self.proc = psutil.Process(pid)
-        self.driver = self.actor = 0
+        self.driver = self.actor = self.actor_uss = 0
+        self.timeline: list[dict] = []
+        self._t0 = time.perf_counter()
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
@@ -123,23 +131,39 @@ class PeakMemory:
     def _run(self) -> None:
         import psutil
 
+        tick = 0
         while not self._stop.is_set():
             try:
-                self.driver = max(self.driver, self.proc.memory_info().rss)
+                rss = self.proc.memory_info().rss
+                self.driver = max(self.driver, rss)
+                a_rss = a_uss = 0
                 for c in self.proc.children(recursive=True):
                     try:
                         if "Infer" in " ".join(c.cmdline()):  # ray::MapWorker(MapBatches(Infer))
-                            self.actor = max(self.actor, c.memory_info().rss)
+                            a_rss = c.memory_info().rss
+                            if tick % 15 == 0:
+                                a_uss = c.memory_full_info().uss
                     except psutil.Error:
                         pass
             except psutil.Error:
                 return
+            self.actor = max(self.actor, a_rss)
+            self.actor_uss = max(self.actor_uss, a_uss)
+            if tick % 75 == 0 and a_uss:
+                self.timeline.append({"t_s": round(time.perf_counter() - self._t0),
+                                      "driver_mb": round(rss / 2**20),
+                                      "actor_rss_mb": round(a_rss / 2**20),
+                                      "actor_uss_mb": round(a_uss / 2**20)})
+            tick += 1
             self._stop.wait(0.2)
 
     def stop(self) -> dict:
         self._stop.set()
         self._t.join()
-        return {"driver_peak_mb": round(self.driver / 2**20), "actor_peak_mb": round(self.actor / 2**20)}
+        return {"driver_peak_mb": round(self.driver / 2**20),
+                "actor_peak_mb": round(self.actor / 2**20),
+                "actor_uss_peak_mb": round(self.actor_uss / 2**20),
+                "memory_timeline": self.timeline}
 
 
 def job(data: Path, out: Path, extra: list[str] | None = None) -> dict:
