@@ -112,17 +112,22 @@ class JobOutput:
         return sorted(p for p in self.fs.find(path) if p.endswith(".parquet"))
 
     # ---- rows -------------------------------------------------------------------------
+    def tables(self, columns: list[str] | None = None):
+        """The parts one at a time, as pyarrow tables (only ``columns`` if given): what reads
+        a whole output without holding it (the job summary)."""
+        import pyarrow.parquet as pq
+
+        for p in self.parts():
+            with self.fs.open(p, "rb") as f:
+                yield pq.read_table(f, columns=columns)
+
     def read(self, columns: list[str] | None = None):
         """All parts as one pyarrow table (only ``columns`` if given)."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         from pipelines import schema
 
-        tables = []
-        for p in self.parts():
-            with self.fs.open(p, "rb") as f:
-                tables.append(pq.read_table(f, columns=columns))
+        tables = list(self.tables(columns))
         if not tables:
             sch = schema.OUTPUT if columns is None else pa.schema(
                 [schema.OUTPUT.field(c) for c in columns])
