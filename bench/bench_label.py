@@ -9,7 +9,8 @@ The job's throughput is *marginal*: N / (T(2N) - T(N)) over two runs, so start-u
 actor's vLLM import and engine) cancels out; N is chosen so that the difference is >= 30 s.
 Every figure is repeated (``--repeats``, default 3): the median and the spread (min-max) are
 reported. Each job also reports its start-up breakdown (``_summary.json``) and peak memory
-(driver, and the inference actor, sampled with psutil every 0.2 s).
+(driver and inference actor RSS, sampled with psutil every 0.2 s; the actor's USS every 3 s;
+a memory timeline every 15 s: see `PeakMemory`).
 
 Run::
 
