@@ -114,12 +114,10 @@ class JobOutput:
     # ---- rows -------------------------------------------------------------------------
     def tables(self, columns: list[str] | None = None):
         """The parts one at a time, as pyarrow tables (only ``columns`` if given): what reads
-        a whole output without holding it (the job summary)."""
-        import pyarrow.parquet as pq
-
+        a whole output without holding it (the job summary). An unreadable part is an
+        `OutputError` naming it (`_read_part`)."""
         for p in self.parts():
-            with self.fs.open(p, "rb") as f:
-                yield pq.read_table(f, columns=columns)
+            yield self._read_part(p, columns)
 
     def read(self, columns: list[str] | None = None):
         """All parts as one pyarrow table (only ``columns`` if given)."""

@@ -103,7 +103,7 @@ def summarize(output: JobOutput, elapsed: float | None = None, rows_before: int 
 
     # One part at a time: the driver runs this after every job, and the whole output as
     # Python rows grew it by 300 MB at 100,000 rows (bench/RESULTS.md, scale curve). Only the
-    # row ids are kept, as Arrow strings (about 20 bytes a row), for the distinct count.
+    # row ids are kept, as Arrow strings (about 26 bytes a row), for the distinct count.
     n = labeled = 0
     status: Counter = Counter()
     errors: Counter = Counter()
