@@ -112,6 +112,10 @@ def test_serve_under_ray_address_deploys_on_that_cluster(cluster, tmp_path):
 
     try:
         wait_for(healthy, "the endpoint", [proc], timeout=600)
+        # /readyz can answer just before `serve.run` returns and the CLI prints its line
+        # (seen once in a fresh-clone CI run): wait for the line too
+        wait_for(lambda: "on the Ray cluster at " in (tmp_path / "serve.log").read_text(),
+                 "the serve line", [proc], timeout=60)
         classes = _actor_classes(cluster)
         assert any("ServeController" in c for c in classes), classes
         assert any("GroundingService" in c for c in classes), classes
