@@ -18,8 +18,8 @@ class LabelJobConfig(Settings):
 
     input: str = Field(description="Input shard file or folder/prefix: local path or s3:// URI. "
                        "Shards are seed JSONL, ms-swift grounding JSONL or Parquet.")
-    output: JobOutputURI = Field(description="Output folder/prefix (local or s3://). Parts go "
-                                 "to OUTPUT/parts/; a rerun resumes and never duplicates a row.")
+    output: JobOutputURI = Field(description="Output folder/prefix (local or s3://): a Delta "
+                                 "Lake table; a rerun resumes and never duplicates a row.")
     inference: EngineConfig = Field(default_factory=EngineConfig,
                                     description="The model and engine every actor runs.")
     adapter: str | None = Field(None, description="Default LoRA adapter name for rows without "
@@ -43,8 +43,13 @@ class LabelJobConfig(Settings):
                                    "ones entering while earlier ones decode (batch_size x this "
                                    "rows in flight per engine).")
     fetch_batch_size: int = Field(32, ge=1, description="Rows per image fetch/decode task.")
-    rows_per_part: int = Field(64, ge=1, description="Rows per output Parquet part: the unit of "
-                               "progress a crash can lose (smaller = finer resume, more files).")
+    commit_rows: int = Field(4096, ge=1, description="Commit to the output table every this "
+                             "many rows (one data file each): what a killed job can lose.")
+    commit_seconds: float = Field(120.0, gt=0, description="... or every this many seconds, "
+                                  "whichever comes first (a slow job still commits).")
+    piece_rows: int = Field(128, ge=1, description="Input lines per piece, the unit a commit "
+                            "covers whole and a resume skips; fixed for the job by its first "
+                            "run.")
     max_image_bytes: int = Field(50 * 1024 * 1024, description="Larger images are error rows.")
     max_image_pixels: int = Field(64_000_000, description="Decoded pixels above this are refused "
                                   "as decompression bombs.")
@@ -57,7 +62,11 @@ class LabelJobConfig(Settings):
                                   "errors); the old row is replaced, never duplicated.")
     wait: float = Field(0.0, ge=0, description="Seconds to wait for another job writing the "
                         "same output (default 0: refuse at once).")
-    limit: int | None = Field(None, ge=1, description="Label at most this many rows (testing).")
+    lease_seconds: float = Field(120.0, gt=0, description="How long the output's lease lasts "
+                                 "without renewal (renewed every third of it). The lease only "
+                                 "refuses a second job early; exactly once never depends on it.")
+    limit: int | None = Field(None, ge=1, description="Label at most this many rows of each "
+                              "shard (part of the job's identity).")
     progress: bool = Field(True, description="Show Ray Data progress bars.")
 
     @model_validator(mode="after")

@@ -51,15 +51,21 @@ class JobPlan:
     adapters: dict[str, str]
     default_adapter: str | None
     lineage: dict
-    job: dict                # the job record (_job.json)
+    job: dict                # the job's identity (the table's description)
     shards: list[tuple[str, str]]
-    done: dict[str, list[str]]
-    scanned: set[str]        # the parts `done` was read from (any other part is newer)
-    retried: int = 0         # rows with a transient error removed, to be labeled again
+    done: dict[str, list[list[int]]]   # committed pieces by shard, as ranges
+    retry: dict[str, list[tuple[str, str, int]]]  # (row id, its file, retried rows of the file)
+    n_done: int = 0          # rows committed before this run
+    version: int = -1        # the table version this run started from
 
     @property
-    def n_done(self) -> int:
-        return sum(len(v) for v in self.done.values())
+    def retried(self) -> int:
+        """Rows with a transient error this run labels again (each replaces its old row)."""
+        return sum(len(v) for v in self.retry.values())
+
+    @property
+    def piece_rows(self) -> int:
+        return int(self.job["piece_rows"])
 
 
 def _adapters_dir(cfg: LabelJobConfig) -> dict[str, str]:
@@ -90,10 +96,13 @@ def _default_adapter(cfg: LabelJobConfig, adapters: dict[str, str]) -> str | Non
 
 
 def plan(cfg: LabelJobConfig, output: JobOutput | None = None) -> JobPlan:
-    """Resolve model, family, adapters, the job record, the shards and what is already done.
+    """Resolve model, family, adapters, the job's identity, the shards and what is committed.
 
-    Call it holding the output's lease (`label` does): it repairs the output and, with
-    ``retry_transient``, removes the rows a rerun labels again."""
+    What is committed comes from the table's log (`JobOutput.progress`: commit records of the
+    current files); only the few data files whose records count transient errors are read,
+    for the row ids to label again (``retry_transient``)."""
+    from collections import Counter
+
     from grounding.checkpoint import resize_spec
     from pipelines.stages.read import check_output_outside, fingerprints, list_shards
 
@@ -105,7 +114,7 @@ def plan(cfg: LabelJobConfig, output: JobOutput | None = None) -> JobPlan:
     engine = eng.model_copy(update={"family": family})
     adapters = _adapters_dir(cfg)
     old = output.job_record()
-    if old and "adapter_requested" in old and old["adapter_requested"] == cfg.adapter:
+    if old and old.get("adapter_requested") == cfg.adapter:
         # A rerun keeps the adapter its first start resolved (`production` may have moved).
         default_adapter = old.get("default_adapter")
     else:
@@ -114,15 +123,22 @@ def plan(cfg: LabelJobConfig, output: JobOutput | None = None) -> JobPlan:
                "prompt_version": prompt_version(family_obj),
                "adapter_requested": cfg.adapter, "default_adapter": default_adapter,
                "registry": cfg.registry}
+    identity = dict(lineage, limit=cfg.limit, piece_rows=old.get("piece_rows", cfg.piece_rows),
+                    constrained=eng.constrained, max_new_tokens=eng.max_new_tokens,
+                    min_pixels=eng.min_pixels, max_pixels=eng.max_pixels)
     shards = list_shards(cfg.input, cfg.storage)
-    job = output.start_job(lineage, cfg.job_id, fingerprints(shards, cfg.storage))
-    output.repair()  # once: a cut rewrite resolved before transient rows are dropped
-    retried = output.drop_transient() if cfg.retry_transient else 0
+    job = output.start_job(identity, cfg.job_id, fingerprints(shards, cfg.storage))
+    progress = output.progress()
+    retry: dict[str, list[tuple[str, str, int]]] = {}
+    if cfg.retry_transient and progress.transient_files():
+        rows = output.transient_rows(sorted(progress.transient_files()))
+        per_file = Counter(f for v in rows.values() for _, f in v)
+        retry = {s: [(rid, f, per_file[f]) for rid, f in v] for s, v in rows.items()}
     return JobPlan(output=output, engine=engine,
                    resize=resize_spec(eng.model, eng.min_pixels, eng.max_pixels),
                    adapters=adapters, default_adapter=default_adapter, lineage=lineage, job=job,
-                   shards=shards, done=output.committed(repair=False),
-                   scanned=output.scanned, retried=retried)
+                   shards=shards, done=progress.done(), retry=retry, n_done=progress.rows,
+                   version=progress.version)
 
 
 def stages(cfg: LabelJobConfig, p: JobPlan, startup=None) -> list:
@@ -144,7 +160,8 @@ def stages(cfg: LabelJobConfig, p: JobPlan, startup=None) -> list:
         calibrations[p.default_adapter] = AdapterRegistry(cfg.registry,
                                                           cfg.storage).calibration(key)
     return [
-        ReadShards.stage(cfg.storage, cfg.limit, rows_per_block=cfg.batch_size),
+        ReadShards.stage(cfg.storage, cfg.limit, rows_per_block=cfg.batch_size,
+                         piece_rows=p.piece_rows),
         FetchImages.stage(cfg.storage, p.resize, cfg.max_image_bytes, cfg.max_image_pixels,
                           batch_size=cfg.fetch_batch_size),
         Infer.stage(p.engine, p.adapters, p.default_adapter, cfg.registry, cfg.storage,
@@ -154,7 +171,7 @@ def stages(cfg: LabelJobConfig, p: JobPlan, startup=None) -> list:
         ParseBoxes.stage(family, p.resize, {"model": p.lineage["model"], "family": family.name,
                                             "prompt_version": p.lineage["prompt_version"],
                                             "job_id": p.job["job_id"]},
-                         batch_size=cfg.rows_per_part, calibrations=calibrations,
+                         batch_size=min(64, cfg.commit_rows), calibrations=calibrations,
                          registry=cfg.registry, storage=cfg.storage),
     ]
 
@@ -168,6 +185,7 @@ def label(cfg: LabelJobConfig) -> dict:
     import ray
     from ray.data import DataContext
 
+    from pipelines.commit import Committer, WriteSpec
     from pipelines.stages.infer import _process_start
     from pipelines.summary import startup_breakdown, summarize
 
@@ -178,39 +196,57 @@ def label(cfg: LabelJobConfig) -> dict:
 
     check_output_outside(cfg.input, cfg.output, cfg.storage)
     output = JobOutput(cfg.output, cfg.storage)
-    # One writer: the lease is held from the first look at the output to the summary.
-    with output.lease(cfg.wait) as lease:
+    # The lease is a courtesy (a second job is refused at once, with a clear message); what
+    # keeps every row exactly once is the table's commits, whatever happens to the lease.
+    with output.lease(cfg.wait, cfg.lease_seconds):
         p = plan(cfg, output)
         marks["planned"] = time.time()
         print(f"[label] job {p.job['job_id']}: {len(p.shards)} shard(s) from {cfg.input}"
-              + (f"; {p.n_done} row(s) already written, resuming" if p.n_done else "")
+              + (f"; {p.n_done} row(s) already committed, resuming" if p.n_done else "")
               + (f"; retrying {p.retried} row(s) with a transient error" if p.retried else ""),
               flush=True)
         cfg.ray.connect(log_to_driver=False)
         marks["ray_connected"] = time.time()
         DataContext.get_current().enable_progress_bars = cfg.progress
-        # Parts that appear from now on and are not this run's are a killed run's late
-        # writes: compare with what `done` was read from, not with a later listing.
-        before = p.scanned
         run = uuid.uuid4().hex[:12]
         startup = p.output.startup_log(run)
-        items = [{"path": uri, "shard": rel, "done": p.done.get(rel, [])} for uri, rel in p.shards]
+        items = [{"path": uri, "shard": rel, "done": p.done.get(rel, []),
+                  "retry": [list(r) for r in p.retry.get(rel, [])]} for uri, rel in p.shards]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         for stage in stages(cfg, p, startup):
             ds = stage.apply(ds)
-        lease.check()
         marks["pipeline_started"] = time.time()
-        p.output.write(ds, run)
+        committer = Committer(p.output, p.job["job_id"],
+                              WriteSpec(cfg.output, cfg.storage, run, p.piece_rows,
+                                        cfg.commit_rows),
+                              commit_rows=cfg.commit_rows, commit_seconds=cfg.commit_seconds,
+                              on_commit=_progress_line)
+        _run_committer(committer, ds, p.output)
         marks["written"] = time.time()
-        lease.check()  # another writer may have taken over a lease we could not renew
-        late = p.output.drop_late_parts(before, run)
-        if late:
-            print(f"[label] removed {len(late)} part(s) a killed earlier run finished after "
-                  "this run started: their rows were labeled again here", flush=True)
-        new_parts = [x for x in p.output.parts() if x not in before]
-        marks["first_part"] = min(p.output.part_times(new_parts), default=None)
+        marks["first_part"] = committer.first_commit_at
         summary = summarize(p.output, elapsed=time.time() - t0, rows_before=p.n_done,
                             startup=startup_breakdown(marks,
                                                       p.output.startup_records(startup.run)))
     print(json.dumps(summary, indent=2), flush=True)
     return summary
+
+
+def _run_committer(committer, ds, output: JobOutput) -> None:
+    """Drain the dataset into commits; a refused commit stops the job with what happened."""
+    from grounding.tables import TableConflict
+    from pipelines.output import OutputError
+
+    try:
+        committer.run(ds)
+    except TableConflict as e:
+        done = sum(c["rows"] for c in committer.commits)
+        raise OutputError(f"{e}. This run committed {done} row(s) before that and stops; "
+                          "nothing committed is lost, and every row is in the table once. "
+                          f"Check who else writes {output.uri}, then rerun to finish") from None
+
+
+def _progress_line(rec: dict) -> None:
+    what = (f"replaced {rec['replaces']} ({rec.get('retried', 0)} row(s) labeled again)"
+            if rec.get("kind") == "replace" else f"+{rec['rows']} row(s)")
+    print(f"[label] committed table version {rec['version']}: {what}"
+          + (" (found after a lost response)" if rec.get("recovered") else ""), flush=True)

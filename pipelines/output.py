@@ -1,39 +1,34 @@
-"""A label job's output, as one object: the one place that knows its layout.
+"""A label job's output: a Delta Lake table, and the one object that knows its layout.
 
-    OUTPUT/_job.json        the job record: job id, input URI and a fingerprint of each shard,
-                            model, family, prompt version, the adapter resolved at the first start
-    OUTPUT/_lease           the writer's lease (`grounding.lease`): one job writes at a time
-    OUTPUT/parts/*.parquet  one row per input row (schema: `pipelines.schema.OUTPUT`)
+    OUTPUT/_delta_log/      the table's log (delta-rs): every commit, each with our record of it
+    OUTPUT/part-*.parquet   data files; a file is rows only once a commit adds it
     OUTPUT/_summary.json    rows, errors by code and class, speed, Acc@0.5, start-up of the last run
-    OUTPUT/_startup/RUN/*.json  each inference actor's start-up marks in the last run
+    OUTPUT/_startup/RUN/    each inference actor's start-up marks in the last run
+    OUTPUT/_lease           a courtesy: refuses a second job at once, guarantees nothing
 
-`JobOutput` resolves the output's filesystem once and is what the label job, resume, ``eval``,
-``report`` and ``review export`` all go through. ``JobOutput(uri)`` also accepts one Parquet file
-(a part, or a file copied out of a job): it then has that one part and no job record.
+Anyone reads an output with ordinary tools: ``deltalake.DeltaTable(OUTPUT).to_pyarrow_table()``,
+``polars.read_delta(OUTPUT)``, ``ray.data.read_delta(OUTPUT)``. Columns: `pipelines.schema`.
 
-Exactly once, by construction rather than by bookkeeping:
+**Exactly once is enforced by the commit** (`grounding.tables.commit`), not by timing:
 
-* Every output row carries its input's ``row_id`` (``{shard}:{line}``).
-* Parts are written by Ray Data's Parquet writer. A Parquet file is readable only once its
-  footer is written, so a part is either complete or unreadable; an object store makes the
-  whole object visible at once anyway.
-* One writer: a job holds the output's lease (atomic create, heartbeat, atomic take-over when
-  stale) from its first read of the output to its summary; a second job is refused (or waits).
-* Before a run, `JobOutput.committed` reads the ``row_id`` column of every part and deletes only
-  parts that are verifiably torn (no Parquet footer: the partial write of a killed run); any
-  other read error stops the job. The read stage then skips those ids.
-* A rerun checks that the input is the same (URI and every shard's fingerprint) and reuses the
-  adapter resolved at the first start, so old ids never map onto new content.
-* Rows with a *transient* error code (`grounding.errors`) are retried by a rerun: each part
-  holding some is first rewritten without them (``P~r.parquet``, complete before ``P`` is
-  deleted; a crash in between is repaired by `committed`), so the retried row replaces the old
-  one and is never duplicated.
-
-So a killed job, started again, writes exactly the rows that are missing. We chose this over Ray
-Data's ``checkpoint_config`` because the output itself is the checkpoint (nothing separate can
-drift from it), it works the same on local disks and object stores, a user can verify it with
-one query (``count(*) == count(distinct row_id)``), and it needs no network file system shared
-by the cluster for local paths.
+* An input row belongs to one *piece*: lines ``[k * piece_rows, (k + 1) * piece_rows)`` of its
+  shard, fixed for the job. A commit adds one data file holding whole pieces, and sets, for
+  each *chunk* of 32 pieces it touches, the application transaction
+  ``{job_id}/{shard}#{chunk}`` to the bitmask of that chunk's committed pieces. Before
+  committing, the writer reads the masks on its snapshot and refuses if one of its pieces is
+  already set; a commit by anyone else that sets the same app id after that snapshot makes
+  delta-rs refuse ours. So a piece is committed once, whoever sends it: a zombie worker, a
+  paused driver, a retried request, a second job. The loser is told which rows.
+* A row that failed with a *transient* error is labeled again by a rerun, and the data file
+  holding it is replaced in one commit (remove the file, add it rewritten with the new row):
+  never a delete followed by a write. The file's path is the key (it can be removed once).
+* The job's identity (input, shards' fingerprints, ``--limit``, model, prompt, adapter and every
+  setting that changes which rows are labeled or what they say) is the table's description,
+  written by its first commit; a rerun with another one is refused, naming the setting.
+* Every commit records what it covers (``commitInfo["groundlabel"]``: its file, the pieces by
+  shard as ranges, rows, statuses, error codes, transient rows, Acc@0.5 sums). Resume plans
+  from these records and the snapshot's file list, and the job summary is their sum: no data
+  file is read to plan or to summarize, and the driver's memory grows with commits, not rows.
 """
 
 from __future__ import annotations
@@ -41,58 +36,164 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from grounding.errors import TRANSIENT
 from grounding.lease import Lease, LeaseHeld
-from grounding.storage import StorageOptions, arrow_filesystem, filesystem, join
+from grounding.storage import StorageOptions, filesystem, join
 
 log = logging.getLogger(__name__)
 
-JOB_RECORD = "_job.json"
 SUMMARY = "_summary.json"
 LEASE = "_lease"
-PARTS = "parts"
 STARTUP = "_startup"
-REPLACEMENT = "~r"  # P~r.parquet: P rewritten without its transient rows
-# What a resumed job must share with the run that started the output.
-RESUME_KEYS = ("input", "model", "family", "prompt_version", "adapter_requested")
+CHUNK = 32  # pieces per application transaction (its version is their bitmask)
+# What a rerun must share with the run that created the output, and the flag that sets each.
+IDENTITY = {"input": "--input", "limit": "--limit", "piece_rows": "--piece-rows",
+            "model": "--model", "family": "--family", "prompt_version": "--prompt-template / "
+            "--coords / the family's prompt", "adapter_requested": "--adapter",
+            "constrained": "--constrained / --no-constrained",
+            "max_new_tokens": "--max-new-tokens", "min_pixels": "--min-pixels",
+            "max_pixels": "--max-pixels"}
+# Table properties: keep every log entry (resume and the summary read the records in them).
+TABLE_CONFIG = {"delta.enableExpiredLogCleanup": "false"}
 
 
 class OutputError(ValueError):
-    """The output cannot be used as asked (another writer, another input, an unreadable part)."""
+    """The output cannot be used as asked (another job's, another input, a refused commit)."""
 
 
-def is_torn(fs, path: str) -> bool:
-    """True when a Parquet file is verifiably incomplete: too short, or no ``PAR1`` footer
-    magic (a write killed before its footer). Raises on read errors (network, permissions)."""
-    size = fs.info(path)["size"]
-    if size < 12:
-        return True
-    with fs.open(path, "rb") as f:
-        head = f.read(4)
-        f.seek(size - 4)
-        tail = f.read(4)
-    return head != b"PAR1" or tail != b"PAR1"
+def line_of(row_id: str) -> int:
+    """The shard line of a row id (``{shard}:{line}`` or ``{shard}:{line}.{k}`` for ms-swift)."""
+    return int(row_id.rsplit(":", 1)[1].split(".", 1)[0])
+
+
+def ranges(pieces) -> list[list[int]]:
+    """Sorted piece numbers as half-open ranges ``[[a, b), ...]``."""
+    out: list[list[int]] = []
+    for p in sorted(set(pieces)):
+        if out and out[-1][1] == p:
+            out[-1][1] = p + 1
+        else:
+            out.append([p, p + 1])
+    return out
+
+
+def expand(rngs) -> list[int]:
+    return [p for a, b in rngs for p in range(a, b)]
+
+
+def app_id(job_id: str, shard: str, chunk: int) -> str:
+    """The application transaction id of a chunk of 32 pieces of a shard."""
+    return f"{job_id}/{shard}#{chunk}"
+
+
+def file_record(t) -> dict:
+    """What a data file holds, for its commit's record: rows, statuses, error codes, transient
+    rows, Acc@0.5 sums and its pieces by shard. ``t`` has the output columns and ``piece``."""
+    import pyarrow.compute as pc
+
+    from grounding.boxes import Box
+
+    codes = [c for c in t["error_code"].to_pylist() if c]
+    hits = fails = n_gold = 0
+    iou = 0.0
+    gold_rows = t.filter(pc.is_valid(t["gold"])).select(["boxes", "gold"]).to_pylist()
+    for r in gold_rows:
+        n_gold += 1
+        first = r["boxes"][0] if r["boxes"] else None
+        if first is None:
+            fails += 1
+            continue
+        v = Box.from_list([first[k] for k in ("x1", "y1", "x2", "y2")]).iou(
+            Box.from_list(r["gold"]))
+        iou += v
+        hits += v >= 0.5
+    pieces: dict[str, set[int]] = {}
+    if "piece" in t.column_names:  # (a lone Parquet file has none)
+        for shard, piece in zip(t["shard"].to_pylist(), t["piece"].to_pylist(), strict=True):
+            pieces.setdefault(shard, set()).add(piece)
+    return {"rows": t.num_rows, "labeled": t["error_code"].null_count,
+            "status": dict(Counter(t["status"].to_pylist())), "errors": dict(Counter(codes)),
+            "transient": sum(c in TRANSIENT for c in codes),
+            "gold": {"n": n_gold, "hits": hits, "iou": iou, "fails": fails},
+            "pieces": {s: ranges(p) for s, p in sorted(pieces.items())}}
+
+
+def file_stats(t) -> str:
+    """Delta statistics of a data file (numRecords; min, max and null count of the flat
+    columns), so readers skip files by row id, shard, status or error code."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    lo, hi, nulls = {}, {}, {}
+    for f in t.schema:
+        col = t[f.name]
+        if pa.types.is_list(f.type) or pa.types.is_struct(f.type):
+            continue
+        nulls[f.name] = col.null_count
+        if col.null_count < len(col) and (pa.types.is_string(f.type) or
+                                          pa.types.is_integer(f.type)):
+            mm = pc.min_max(col).as_py()
+            lo[f.name], hi[f.name] = mm["min"], mm["max"]
+    return json.dumps({"numRecords": t.num_rows, "minValues": lo, "maxValues": hi,
+                       "nullCount": nulls})
+
+
+@dataclass
+class Progress:
+    """What the table holds, from the commit records of its current files (no data read)."""
+
+    files: dict[str, dict] = field(default_factory=dict)   # file -> its record
+    version: int = -1
+
+    def done(self) -> dict[str, list[list[int]]]:
+        """Committed pieces by shard, as ranges."""
+        by: dict[str, list[int]] = {}
+        for rec in self.files.values():
+            for shard, rngs in rec["pieces"].items():
+                by.setdefault(shard, []).extend(expand(rngs))
+        return {s: ranges(p) for s, p in by.items()}
+
+    def overlaps(self) -> int:
+        """Pieces claimed by more than one file (0 unless someone bypassed the commit)."""
+        seen: Counter = Counter()
+        for rec in self.files.values():
+            for shard, rngs in rec["pieces"].items():
+                seen.update((shard, p) for p in expand(rngs))
+        return sum(v - 1 for v in seen.values() if v > 1)
+
+    @property
+    def rows(self) -> int:
+        return sum(r["rows"] for r in self.files.values())
+
+    def transient_files(self) -> dict[str, int]:
+        return {f: r["transient"] for f, r in self.files.items() if r.get("transient")}
 
 
 class JobOutput:
-    """The output folder (or single Parquet file) of a label job, on any filesystem."""
+    """The output table of a label job (or one Parquet file, read-only), on any filesystem."""
 
     def __init__(self, uri: str, storage: StorageOptions | None = None):
-        self.uri = uri
+        self.uri = uri.rstrip("/")
         self.storage = storage or StorageOptions()
-        self.fs, self.root = filesystem(uri, self.storage)
-        self.scanned: set[str] = set()  # the parts the last `committed` read
+        self.fs, self.root = filesystem(self.uri, self.storage)
 
     def __repr__(self) -> str:
         return f"JobOutput({self.uri!r})"
 
     # ---- layout -----------------------------------------------------------------------
     def is_file(self) -> bool:
-        """True when the output is one Parquet file rather than a job folder."""
+        """True when the output is one Parquet file rather than a job table."""
         return self.fs.isfile(self.root)
+
+    def exists(self) -> bool:
+        """True when a job has created the table."""
+        from grounding import tables
+
+        return not self.is_file() and tables.exists(self.uri, self.storage)
 
     def path(self, *parts: str) -> str:
         """Path (on `fs`) of a file inside the output."""
@@ -102,134 +203,227 @@ class JobOutput:
         """URI of a file inside the output (what users and other tools are given)."""
         return join(self.uri, *parts)
 
-    def parts(self) -> list[str]:
-        """Paths of the Parquet parts, sorted."""
-        if self.is_file():
-            return [self.root]
-        path = self.path(PARTS)
-        if not self.fs.exists(path):
-            return []
-        return sorted(p for p in self.fs.find(path) if p.endswith(".parquet"))
+    def table(self):
+        """The table's newest snapshot (`deltalake.DeltaTable`)."""
+        from grounding import tables
+
+        try:
+            return tables.open_table(self.uri, self.storage)
+        except FileNotFoundError:
+            raise OutputError(f"{self.uri} is not a label job's output (no Delta table there)"
+                              ) from None
 
     # ---- rows -------------------------------------------------------------------------
-    def tables(self, columns: list[str] | None = None):
-        """The parts one at a time, as pyarrow tables (only ``columns`` if given): what reads
-        a whole output without holding it (the job summary). An unreadable part is an
-        `OutputError` naming it (`_read_part`)."""
-        for p in self.parts():
-            yield self._read_part(p, columns)
-
     def read(self, columns: list[str] | None = None):
-        """All parts as one pyarrow table (only ``columns`` if given)."""
+        """The current version's rows as one pyarrow table (only ``columns`` if given)."""
         import pyarrow as pa
 
         from pipelines import schema
 
-        tables = list(self.tables(columns))
-        if not tables:
-            sch = schema.OUTPUT if columns is None else pa.schema(
-                [schema.OUTPUT.field(c) for c in columns])
-            return sch.empty_table()
-        return pa.concat_tables(tables)
+        sch = schema.OUTPUT if columns is None else pa.schema(
+            [schema.OUTPUT.field(c) for c in columns])
+        if self.is_file():
+            import pyarrow.parquet as pq
 
-    def _read_part(self, part: str, columns: list[str] | None = None):
+            with self.fs.open(self.root, "rb") as f:
+                return pq.read_table(f, columns=columns)
+        if not self.exists():
+            return sch.empty_table()
+        t = pa.table(self.table().to_pyarrow_table(columns=columns))
+        return t.select(sch.names).cast(sch)
+
+    def tables(self, columns: list[str] | None = None):
+        """The current version's rows file by file (a whole output without holding it)."""
+        import pyarrow as pa
+
+        if self.is_file() or not self.exists():
+            yield self.read(columns)
+            return
+        ds = self.table().to_pyarrow_dataset()
+        for frag in ds.get_fragments():
+            yield pa.Table.from_batches(frag.to_batches(columns=columns),
+                                        ds.schema if columns is None else
+                                        pa.schema([ds.schema.field(c) for c in columns]))
+
+    # ---- identity ---------------------------------------------------------------------
+    def job_record(self) -> dict:
+        """The job's identity (the table's description): job id, input, shards, settings."""
+        if self.is_file() or not self.exists():
+            return {}
+        desc = self.table().metadata().description or ""
+        try:
+            rec = json.loads(desc)
+        except ValueError:
+            return {}
+        return rec if isinstance(rec, dict) else {}
+
+    def start_job(self, identity: dict, job_id: str | None, shards: dict[str, dict]) -> dict:
+        """Create the table (its description is the job's identity), or check that a rerun
+        labels the same input with the same settings. ``identity`` holds the `IDENTITY` keys
+        (and the adapter the first start resolved); ``shards`` maps each shard to its
+        fingerprint. Returns the identity in force."""
+        from grounding import atomic, tables
+        from pipelines import schema
+
+        if self.is_file():
+            raise OutputError(f"--output {self.uri} is a file, not a folder for a job's table")
+        if not self.exists():
+            if self.fs.exists(self.path("parts")) or self.fs.exists(self.path("_job.json")):
+                raise OutputError(
+                    f"{self.uri} holds a label job output of the old layout (parts/, "
+                    "_job.json); it is not resumed as a table: label into a new --output")
+            self.fs.makedirs(self.root, exist_ok=True)
+            atomic.probe(self.fs, self.root, f"job output {self.uri}")
+            rec = dict(identity, job_id=job_id or uuid.uuid4().hex[:12],
+                       created=datetime.now(UTC).isoformat(), shards=shards)
+            tables.create(self.uri, schema.OUTPUT, self.storage, description=json.dumps(rec),
+                          configuration=TABLE_CONFIG, record={"kind": "create"})
+        old = self.job_record()
+        for key, flag in IDENTITY.items():
+            if old.get(key) != identity.get(key):
+                raise OutputError(
+                    f"{self.uri} holds output of a job with {key}={old.get(key)!r}, this job "
+                    f"has {identity.get(key)!r} ({flag}): rerun with the same settings or use "
+                    "a new --output")
+        changed = _shard_changes(old.get("shards") or {}, shards)
+        if changed:
+            raise OutputError(
+                f"{self.uri} holds output of {old.get('input')}, whose shards changed since "
+                f"the job started ({'; '.join(changed[:10])}): row ids would map onto other "
+                "rows. Label the new input into a new --output")
+        return old
+
+    # ---- what is committed ----------------------------------------------------------------
+    def progress(self) -> Progress:
+        """Records of the current version's files: the snapshot's file list (checkpoint and
+        the log since) and the commit records (one log entry each). A file without a record
+        (a compaction by another tool) is read to make one."""
+        from grounding import tables
+
+        if self.is_file():
+            return Progress(files={self.root: dict(file_record(self.read()), file=self.root)})
+        if not self.exists():
+            return Progress()
+        dt = self.table()
+        current = set(tables.file_paths(dt))
+        files: dict[str, dict] = {}
+        for rec in tables.records(dt):  # newest first: a file's record is its adding commit
+            f = rec.get("file")
+            if f in current and f not in files:
+                files[f] = rec
+        for f in sorted(current - set(files)):
+            t = self._read_file(f, with_piece=True)
+            files[f] = dict(file_record(t), file=f, kind="foreign")
+        return Progress(files=files, version=dt.version())
+
+    def _read_file(self, rel: str, with_piece: bool = False):
+        """One data file of the table (output columns; with ``piece`` recomputed from row ids
+        and the job's piece size)."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
+
+        from pipelines import schema
 
         try:
-            with self.fs.open(part, "rb") as f:
-                return pq.read_table(f, columns=columns)
+            with self.fs.open(self.path(rel), "rb") as f:
+                t = pq.read_table(f)
         except Exception as e:  # noqa: BLE001 - reported whole, nothing deleted
-            raise OutputError(f"cannot read part {part} of {self.uri}: {type(e).__name__}: {e}. "
-                              "It is not torn (its Parquet footer is there), so it was not "
-                              "deleted: fix access to it, or remove it by hand") from e
+            raise OutputError(f"cannot read data file {rel} of {self.uri}: "
+                              f"{type(e).__name__}: {e}") from e
+        t = t.select(schema.OUTPUT.names).cast(schema.OUTPUT)
+        if with_piece:
+            size = int(self.job_record().get("piece_rows") or 1)
+            t = t.append_column("piece", pa.array(
+                [line_of(r) // size for r in t["row_id"].to_pylist()], pa.int64()))
+        return t
 
-    def repair(self) -> list[str]:
-        """Finish or undo an interrupted rewrite, and delete torn parts; returns what was
-        removed. Only verifiably torn files are deleted (see `is_torn`)."""
-        removed = []
-        parts = set(self.parts())
-        for part in sorted(parts):
-            if not part.endswith(REPLACEMENT + ".parquet"):
-                continue
-            original = part[: -len(REPLACEMENT + ".parquet")] + ".parquet"
-            if is_torn(self.fs, part):      # the rewrite itself was cut: keep the original
-                self.fs.rm(part)
-                removed.append(part)
-            elif original in parts:         # the rewrite is complete: the original goes
-                self.fs.rm(original)
-                removed.append(original)
-        for part in self.parts():
-            if is_torn(self.fs, part):
-                log.warning("removing torn part %s (no Parquet footer: a killed write)", part)
-                self.fs.rm(part)
-                removed.append(part)
-        return removed
-
-    def committed(self, repair: bool = True) -> dict[str, list[str]]:
-        """Row ids already written, by shard (after `repair`, unless the caller just did it).
-        Raises `OutputError` for a part that cannot be read although it is not torn (e.g.
-        credentials, network)."""
-        if repair:
-            self.repair()
-        done: dict[str, list[str]] = {}
-        self.scanned = set(self.parts())  # exactly the parts these ids come from
-        for part in sorted(self.scanned):
-            t = self._read_part(part, ["row_id", "shard"])
-            for rid, shard in zip(t.column("row_id").to_pylist(), t.column("shard").to_pylist(),
-                                  strict=True):
-                done.setdefault(shard, []).append(rid)
-        return done
-
-    def drop_transient(self) -> int:
-        """Remove every row with a transient error code, so that a rerun labels it again;
-        returns how many. Each affected part is rewritten whole (``P~r.parquet``) before the
-        original is deleted: a crash in between leaves both, which `repair` resolves."""
+    def transient_rows(self, files: list[str]) -> dict[str, list[tuple[str, str]]]:
+        """``{shard: [(row_id, file), ...]}``: the rows with a transient error in ``files``
+        (read: only the files whose record counts some)."""
         import pyarrow.compute as pc
-        import pyarrow.parquet as pq
 
-        dropped = 0
-        for part in self.parts():
-            t = self._read_part(part)
-            bad = pc.fill_null(pc.is_in(t.column("error_code"),
-                                        value_set=pa_array(sorted(TRANSIENT))), False)
-            n = pc.sum(bad).as_py() or 0
-            if not n:
-                continue
-            keep = t.filter(pc.invert(bad))
-            if len(keep):
-                repl = part[: -len(".parquet")] + REPLACEMENT + ".parquet"
-                with self.fs.open(repl, "wb") as f:
-                    pq.write_table(keep, f)
-            self.fs.rm(part)
-            dropped += n
-        return dropped
+        out: dict[str, list[tuple[str, str]]] = {}
+        for f in files:
+            t = self._read_file(f).select(["row_id", "shard", "error_code"])
+            t = t.filter(pc.fill_null(pc.is_in(t["error_code"], value_set=_strings(
+                sorted(TRANSIENT))), False))
+            for rid, shard in zip(t["row_id"].to_pylist(), t["shard"].to_pylist(), strict=True):
+                out.setdefault(shard, []).append((rid, f))
+        return out
 
-    def write(self, ds, run: str | None = None) -> None:
-        """Write a Ray Dataset of output rows as new parts (Ray Data's Parquet writer); with
-        ``run``, each part's name starts with ``run-<run>_`` (see `drop_late_parts`)."""
-        from ray.data.datasource import FilenameProvider
+    # ---- commits ------------------------------------------------------------------------
+    def commit_add(self, job_id: str, file: dict, record: dict):
+        """Commit one written data file (``file``: path, size, stats) covering the pieces in
+        ``record``; `grounding.tables.TableConflict` if any of them is already committed."""
+        import time
 
-        afs, path = arrow_filesystem(self.uri_of(PARTS), self.storage)
-        names = FilenameProvider(f"run-{run}", "parquet") if run else None
-        ds.write_parquet(path, filesystem=afs, filename_provider=names)
+        from deltalake.transaction import AddAction
 
-    def drop_late_parts(self, before: set[str], run: str) -> list[str]:
-        """Delete parts that are not in ``before`` (the parts `committed` read: `scanned`) and
-        were not written by ``run``; returns them.
+        from grounding import tables
+        from pipelines import schema
 
-        A killed job's Ray workers can outlive its driver by a second or more and finish a
-        part after a rerun has read what is committed (seen: a part landing 1.2 s after the
-        kill). That rerun labels those rows again, so the late part would duplicate them: the
-        rerun's own rows stand, the late part goes. Call it holding the lease, after `write`.
-        """
-        mine = f"run-{run}_"
-        late = [p for p in self.parts() if p not in before and
-                not p.rsplit("/", 1)[-1].startswith(mine)]
-        for p in late:
-            log.warning("removing part %s: written by a previous run's worker after this run "
-                        "read the output (its rows were labeled again by this run)", p)
-            self.fs.rm(p)
-        return late
+        masks: dict[str, int] = {}
+        for shard, rngs in record["pieces"].items():
+            for p in expand(rngs):
+                key = app_id(job_id, shard, p // CHUNK)
+                masks[key] = masks.get(key, 0) | (1 << (p % CHUNK))
+
+        def txns(dt) -> dict[str, int]:
+            out = {}
+            for key, mask in masks.items():
+                have = dt.transaction_version(key) or 0
+                if have & mask:
+                    shard, chunk = key[len(job_id) + 1:].rsplit("#", 1)
+                    taken = [int(chunk) * CHUNK + b for b in range(CHUNK) if have & mask & 1 << b]
+                    size = record.get("piece_rows", 1)
+                    raise tables.TableConflict(
+                        f"rows of shard {shard!r} (lines {ranges(taken)} x {size}) are "
+                        f"already committed to {self.uri} by another writer (table version "
+                        f"{dt.version()}): another job, or a run that outlived its take-over, "
+                        "labeled them; this run's copy is not committed")
+                out[key] = have | mask
+            return out
+
+        def do(dt, props):
+            add = AddAction(path=file["path"], size=file["size"], partition_values={},
+                            modification_time=int(time.time() * 1000), data_change=True,
+                            stats=file["stats"])
+            dt.create_write_transaction([add], mode="append", schema=schema.OUTPUT,
+                                        commit_properties=props)
+
+        return tables.commit(self.uri, self.storage, do, txns=txns,
+                             record=dict(record, kind="add", file=file["path"]))
+
+    def commit_replace(self, job_id: str, old: str, file: dict, record: dict):
+        """Replace data file ``old`` by ``file`` (the same rows, its transient ones labeled
+        again) in one commit; `grounding.tables.TableConflict` if ``old`` is no longer in the
+        table (another writer replaced it first)."""
+        import time
+
+        from deltalake.transaction import AddAction, RemoveAction
+
+        from grounding import tables
+        from pipelines import schema
+
+        def check(dt) -> None:
+            if old not in set(tables.file_paths(dt)):
+                raise tables.TableConflict(
+                    f"data file {old} of {self.uri} was already replaced or removed by another "
+                    f"writer (table version {dt.version()}): this run's retried rows are not "
+                    "committed")
+
+        def do(dt, props):
+            now = int(time.time() * 1000)
+            rm = RemoveAction(path=old, data_change=True, deletion_timestamp=now)
+            add = AddAction(path=file["path"], size=file["size"], partition_values={},
+                            modification_time=now, data_change=True, stats=file["stats"])
+            dt.create_write_transaction([rm, add], mode="append", schema=schema.OUTPUT,
+                                        commit_properties=props)
+
+        return tables.commit(self.uri, self.storage, do, check=check,
+                             txns=lambda dt: {f"{job_id}/replace/{old}": 1},
+                             record=dict(record, kind="replace", file=file["path"],
+                                         replaces=old))
 
     # ---- records ----------------------------------------------------------------------
     def _read_json(self, name: str) -> dict:
@@ -245,36 +439,10 @@ class JobOutput:
         with self.fs.open(self.path(name), "w") as f:
             json.dump(data, f, indent=2)
 
-    def job_record(self) -> dict:
-        """``_job.json``: job id, model, family, prompt version, adapter ({} if none)."""
-        return {} if self.is_file() else self._read_json(JOB_RECORD)
-
-    def start_job(self, lineage: dict, job_id: str | None, shards: dict[str, dict]) -> dict:
-        """Create the job record, or check that a resumed run labels the same input with the
-        same setup. ``lineage`` holds the input URI, model, family, prompt version, the adapter
-        asked for and the one it resolved to; ``shards`` maps each shard to its fingerprint."""
-        old = self.job_record()
-        if old:
-            for key in RESUME_KEYS:
-                if key in old and old.get(key) != lineage.get(key):  # (older records lack some)
-                    raise OutputError(
-                        f"{self.uri} holds output of a job with {key}={old.get(key)!r}, this "
-                        f"job has {lineage.get(key)!r}: resume with the same settings or use a "
-                        f"new --output")
-            changed = _shard_changes(old.get("shards") or {}, shards)
-            if changed:
-                raise OutputError(
-                    f"{self.uri} holds output of {old.get('input')}, whose shards changed since "
-                    f"the job started ({'; '.join(changed[:10])}): row ids would map onto other "
-                    "rows. Label the new input into a new --output")
-            return old
-        rec = dict(lineage, job_id=job_id or uuid.uuid4().hex[:12],
-                   created=datetime.now(UTC).isoformat(), shards=shards)
-        self._write_json(JOB_RECORD, rec)
-        return rec
-
     def lease(self, wait_s: float = 0.0, lease_s: float = 120.0) -> Lease:
-        """Take the output's writer lease (waiting up to ``wait_s`` for another job)."""
+        """Take the output's lease (waiting up to ``wait_s`` for another job): a courtesy that
+        refuses a second job at once with a clear message. Nothing depends on it: the commits
+        refuse a second writer's rows whatever the lease says."""
         self.fs.makedirs(self.root, exist_ok=True)
         lease = Lease(self.fs, self.path(LEASE), f"job output {self.uri}", lease_s)
         try:
@@ -283,18 +451,9 @@ class JobOutput:
             raise OutputError(f"{e}: another label job is writing this output; wait for it "
                               "(--wait SECONDS) or use another --output") from None
 
-    def part_times(self, parts: list[str]) -> list[float]:
-        """When each of ``parts`` was written (epoch seconds, the filesystem's clock)."""
-        out = []
-        for p in parts:
-            info = self.fs.info(p)
-            t = info.get("mtime") or info.get("LastModified") or info.get("created")
-            out.append(t.timestamp() if hasattr(t, "timestamp") else float(t))
-        return out
-
     def startup_log(self, run: str) -> StartupLog:
         """Where this run's inference actors record their start-up; earlier runs' records
-        are dropped (the caller holds the lease: no other run is writing)."""
+        are dropped."""
         if self.fs.exists(self.path(STARTUP)):
             self.fs.rm(self.path(STARTUP), recursive=True)
         return StartupLog(self.uri, self.storage, run)
@@ -329,7 +488,7 @@ class StartupLog:
         out._write_json(join(STARTUP, self.run, f"{uuid.uuid4().hex[:12]}.json"), marks)
 
 
-def pa_array(values):
+def _strings(values):
     import pyarrow as pa
 
     return pa.array(values, pa.string())

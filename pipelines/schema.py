@@ -1,6 +1,8 @@
 """Columns of a labeling job, stage by stage, and the output schema users read.
 
-Output (one Parquet row per input row, in ``OUTPUT/parts/*.parquet``):
+Output (one row per input row of the Delta table at ``OUTPUT``; read it with
+``deltalake.DeltaTable(OUTPUT).to_pyarrow_table()``, polars ``read_delta`` or
+``ray.data.read_delta``):
 
 | column         | type                 | meaning |
 |----------------|----------------------|---------|
@@ -36,11 +38,18 @@ ERROR_CODES = _ERROR_CODES
 BOX = pa.struct([("x1", pa.float64()), ("y1", pa.float64()), ("x2", pa.float64()),
                  ("y2", pa.float64()), ("score", pa.float64()), ("label", pa.string())])
 
+# Bookkeeping carried from the read stage to the commit, never written to the table: the
+# row's *piece* (a fixed range of `piece_rows` lines of its shard: the unit a commit covers
+# and a resume skips, `pipelines.output`), how many rows the read stage emitted for that piece
+# in this run (the piece is complete, and can be committed, when that many have come back),
+# and for a row labeled again after a transient error, the data file whose row it replaces.
+INTERNAL = [("piece", pa.int64()), ("piece_n", pa.int32()), ("retry_of", pa.string())]
+
 READ = pa.schema([
     ("row_id", pa.string()), ("shard", pa.string()), ("source_id", pa.string()),
     ("image", pa.string()), ("image_bytes", pa.binary()), ("text", pa.string()),
     ("gold", pa.list_(pa.float64())), ("gold_type", pa.string()), ("adapter", pa.string()),
-    ("error_code", pa.string()), ("error", pa.string()),
+    ("error_code", pa.string()), ("error", pa.string()), *INTERNAL,
 ])
 
 FETCHED = pa.schema([
@@ -66,6 +75,9 @@ OUTPUT = pa.schema([
     ("job_id", pa.string()), ("fetch_ms", pa.float64()), ("infer_ms", pa.float64()),
     ("num_tokens", pa.int32()),
 ])
+
+# What the parse stage hands to the commit: the output columns and the bookkeeping.
+PARSED = pa.schema([*OUTPUT, *INTERNAL])
 
 
 def table(rows: list[dict], schema: pa.Schema) -> pa.Table:

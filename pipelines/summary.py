@@ -1,7 +1,7 @@
 """What a job produced: rows, errors by code, speed, and (with true boxes) Acc@0.5.
 
-Used at the end of every job and by ``groundlabel eval``. Reads only a few columns of the
-Parquet parts, through `pipelines.output.JobOutput`.
+Used at the end of every job (a sum over the output table's commit records, no data read) and
+by ``groundlabel eval`` (reads the boxes), through `pipelines.output.JobOutput`.
 
     groundlabel eval --pred runs/label-1                          # the output's gold column
     groundlabel eval --pred runs/label-1 --gold data/synth/data.jsonl
@@ -94,49 +94,50 @@ def startup_breakdown(marks: dict[str, float | None], actors: list[dict]) -> dic
 
 def summarize(output: JobOutput, elapsed: float | None = None, rows_before: int = 0,
               write: bool = True, startup: dict | None = None) -> dict:
-    """Counts (and metrics) of everything in ``output``; written to ``_summary.json``, with
-    the run's start-up breakdown (`startup_breakdown`) when given."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+    """Counts (and metrics) of the output table's current version, written to
+    ``_summary.json`` with the run's start-up breakdown (`startup_breakdown`) when given.
 
-    from grounding.metrics import grounding_metrics
+    A sum over the commit records of the current files (`JobOutput.progress`): no data file is
+    read, so it takes the same memory at 1,000 rows as at 100 million. ``unique_rows`` counts
+    rows of distinct pieces (a piece is committed once, so it equals ``rows`` unless someone
+    wrote to the table around our commits); ``table_rows`` is the table's own count (file
+    statistics), a cross-check."""
+    from grounding import tables
 
-    # One part at a time: the driver runs this after every job, and the whole output as
-    # Python rows grew it by 300 MB at 100,000 rows (bench/RESULTS.md, scale curve). Only the
-    # row ids are kept, as Arrow strings (about 26 bytes a row), for the distinct count.
-    n = labeled = 0
+    prog = output.progress()
     status: Counter = Counter()
     errors: Counter = Counter()
-    ids: list = []
-
-    def gold_pairs():
-        nonlocal n, labeled
-        for t in output.tables(["row_id", "source_id", "status", "error_code", "boxes",
-                                "gold"]):
-            n += t.num_rows
-            ids.extend(t["row_id"].chunks)
-            status.update(t["status"].to_pylist())
-            labeled += t["error_code"].null_count
-            errors.update(c for c in t["error_code"].to_pylist() if c)
-            yield from _pairs(t.filter(pc.is_valid(t["gold"])).to_pylist())
-
-    m = grounding_metrics(gold_pairs())
+    gold: Counter = Counter()
+    labeled = 0
+    for rec in prog.files.values():
+        status.update(rec["status"])
+        errors.update(rec["errors"])
+        gold.update(rec["gold"])
+        labeled += rec["labeled"]
+    n = prog.rows
+    overlap_rows = prog.overlaps()
     out = {
         "output": output.uri,
+        "table_version": prog.version,
         "rows": n,
-        "unique_rows": pc.count_distinct(pa.chunked_array(ids, pa.string())).as_py(),
+        "unique_rows": n if not overlap_rows else None,
+        "table_rows": tables.row_count(output.table()) if output.exists() else n,
         "labeled": labeled,
         "status": dict(status),
         "errors": dict(errors),
     }
+    if overlap_rows:
+        out["pieces_claimed_twice"] = overlap_rows
     out["errors_transient"] = sum(v for k, v in out["errors"].items() if k in TRANSIENT)
     out["errors_permanent"] = sum(v for k, v in out["errors"].items() if k not in TRANSIENT)
     if elapsed is not None:
         new = n - rows_before
         out.update(rows_this_run=new, seconds=round(elapsed, 1),
                    rows_per_s=round(new / elapsed, 2) if elapsed > 0 else None)
-    if m["n"]:
-        out["metrics"] = m
+    if gold["n"]:
+        d = gold["n"]
+        out["metrics"] = {"n": d, "acc@0.5": gold["hits"] / d, "mean_iou": gold["iou"] / d,
+                          "parse_fail_rate": gold["fails"] / d}
     if startup is not None:
         out["startup"] = startup
     if write:

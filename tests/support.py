@@ -154,19 +154,29 @@ def fake_job(tmp: Path) -> dict:
     rows.append(dict(lineage, row_id="data.jsonl:11", image=s0["image"], text="y",
                      status="error", error_code="corrupt", error="no decoder accepts the bytes"))
 
-    import pyarrow.parquet as pq
-
-    from pipelines import schema
-
     out = tmp / "out"
-    (out / "parts").mkdir(parents=True)
-    pq.write_table(schema.table(rows, schema.OUTPUT), out / "parts" / "part-000.parquet")
-    (out / "_job.json").write_text(json.dumps({"job_id": "job-abc123", "model": lineage["model"],
-                                               "family": "qwen3_vl", "default_adapter": None}))
+    job_table(out, rows, job_id="job-abc123", model=lineage["model"], family="qwen3_vl")
     (out / "_summary.json").write_text(json.dumps({"rows": 12, "rows_per_s": 3.21,
                                                    "seconds": 3.7}))
     sources = [Path(s["image"]) for s in samples] + [jpg]
     return {"out": out, "exif": exif_block, "sources": sources}
+
+
+def job_table(out: Path, rows: list[dict], job_id: str = "job-test", piece_rows: int = 1,
+              **identity) -> Path:
+    """A label job's output table at ``out`` holding ``rows`` (output columns; missing ones
+    null), created and committed through the job's own code path (identity, write, commit)."""
+    from pipelines import schema
+    from pipelines.commit import commit_rows
+    from pipelines.output import JobOutput
+
+    for r in rows:
+        r.setdefault("shard", r["row_id"].rsplit(":", 1)[0])
+    output = JobOutput(str(out))
+    job = output.start_job(dict(identity, piece_rows=piece_rows, default_adapter=None),
+                           job_id, {})
+    commit_rows(output, job, schema.table(rows, schema.OUTPUT))
+    return out
 
 
 # ---- a real Ray cluster as separate `ray start` processes (tests/cluster) --------------------

@@ -72,4 +72,4 @@ class ParseBoxes(StageFn):
             cal = self.calibration(row.get("adapter") or None)
             if cal is not None:
                 row.update(calibrated_score=cal.one(res.score), calibration=cal.id)
-        return schema.table(rows, schema.OUTPUT)
+        return schema.table(rows, schema.PARSED)

@@ -1,7 +1,11 @@
-"""Stage 1, read: shard files -> input rows (`grounding.formats`), minus rows already written.
+"""Stage 1, read: shard files -> input rows (`grounding.formats`), minus rows already committed.
 
-Runs as CPU tasks, one shard per call. Rows whose ``row_id`` is in the shard's ``done`` list
-(found in the output by an earlier, interrupted run) are skipped: that is the resume.
+Runs as CPU tasks, one shard per call. Each row belongs to a *piece*, lines
+``[k * piece_rows, (k + 1) * piece_rows)`` of its shard (`pipelines.output`); rows of the
+pieces in the shard's ``done`` ranges (committed by an earlier run) are skipped: that is the
+resume. Each row carries its piece and how many rows this stage emits for it, so the commit
+knows when a piece is whole. Rows listed in ``retry`` (a transient error in an earlier run)
+are emitted again, tagged with the data file whose row they replace.
 """
 
 from __future__ import annotations
@@ -62,31 +66,44 @@ def check_output_outside(input_uri: str, output_uri: str, storage: StorageOption
 
 class ReadShards(StageFn):
     name = "read"
-    needs = ("path", "shard", "done")
+    needs = ("path", "shard", "done", "retry")
     after = "the shard listing"
 
-    def __init__(self, storage: StorageOptions, limit: int | None = None):
+    def __init__(self, storage: StorageOptions, limit: int | None = None, piece_rows: int = 128):
         self.storage = storage
         self.limit = limit
+        self.piece_rows = piece_rows
 
     @classmethod
-    def stage(cls, storage: StorageOptions, limit: int | None, rows_per_block: int) -> Stage:
+    def stage(cls, storage: StorageOptions, limit: int | None, rows_per_block: int,
+              piece_rows: int) -> Stage:
         # A shard is one block; cut it into batch-sized blocks so that images are fetched in
-        # parallel, the actors stream, and parts are written (committed) as rows finish rather
+        # parallel, the actors stream, and pieces are committed as their rows finish rather
         # than when a whole shard is done.
-        return Stage(cls, {"storage": storage, "limit": limit}, batch_size=1,
-                     rows_per_block=rows_per_block)
+        return Stage(cls, {"storage": storage, "limit": limit, "piece_rows": piece_rows},
+                     batch_size=1, rows_per_block=rows_per_block)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from collections import Counter
+
         from grounding.formats import read_shard
+        from pipelines.output import expand, line_of
 
         rows = []
         for item in self.check(batch):
             fs, path = filesystem(item["path"], self.storage)
-            done = set(item["done"] or ())
+            done = set(expand(item["done"] or ()))
+            retry = {rid: (f, n) for rid, f, n in (item.get("retry") or ())}
+            new = []
             for i, row in enumerate(read_shard(fs, path, item["shard"])):
                 if self.limit is not None and i >= self.limit:
                     break
-                if row["row_id"] not in done:
-                    rows.append(row)
+                piece = line_of(row["row_id"]) // self.piece_rows
+                if piece not in done:
+                    new.append(dict(row, piece=piece))
+                elif row["row_id"] in retry:
+                    f, n = retry[row["row_id"]]
+                    rows.append(dict(row, piece=piece, piece_n=n, retry_of=f))
+            count = Counter(r["piece"] for r in new)
+            rows.extend(dict(r, piece_n=count[r["piece"]]) for r in new)
         return schema.table(rows, schema.READ)

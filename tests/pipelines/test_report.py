@@ -1,6 +1,6 @@
 """``groundlabel report``: the HTML page of a job output, its thumbnails, and a real browser on it.
 
-The job output is built by hand (one Parquet part of the OUTPUT schema, synthetic images on
+The job output is built by hand (a table committed through the job's own path, synthetic images on
 disk), so these tests need no Ray and no engine.
 """
 
@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from support import SECRET, fake_calibration, fake_job, out_box
+from support import SECRET, fake_calibration, fake_job, job_table, out_box
 
 from pipelines import schema
 
@@ -96,7 +96,6 @@ def test_report_summary_errors_thumbnails_and_no_source_metadata(tmp_path):
 
 
 def test_reviewed_box_replaces_the_true_box_in_green(tmp_path):
-    import pyarrow.parquet as pq
     from PIL import Image
 
     from grounding.draw import GOLD, PRED
@@ -106,8 +105,7 @@ def test_reviewed_box_replaces_the_true_box_in_green(tmp_path):
     Image.new("RGB", (100, 80), (128, 128, 128)).save(img)
     row = {"row_id": "a:0", "image": str(img), "text": "thing", "status": "ok", "score": 0.5,
            "boxes": [out_box([5, 50, 30, 75], 0.5)], "gold": [60, 40, 90, 70]}
-    (tmp_path / "out" / "parts").mkdir(parents=True)
-    pq.write_table(schema.table([row], schema.OUTPUT), tmp_path / "out/parts/part-0.parquet")
+    job_table(tmp_path / "out", [row])
 
     def thumb(reviewed):
         d = tmp_path / f"rep-{bool(reviewed)}"
@@ -138,9 +136,9 @@ def test_data_texts_are_escaped_exactly_once(tmp_path):
              "status": "ok", "score": 0.5, "boxes": [out_box([5, 5, 20, 20], 0.5)]},
             {"row_id": "a:1", "image": str(tmp_path / "gone.png"), "text": "x",
              "status": "error", "error_code": "missing", "error": "not found: R&D <1>.png"}]
-    (tmp_path / "out" / "parts").mkdir(parents=True)
-    pq.write_table(schema.table(rows, schema.OUTPUT), tmp_path / "out/parts/part-0.parquet")
-    html = Path(write_report(str(tmp_path / "out"), str(tmp_path / "rep"))).read_text()
+    # one Parquet file is an output too (row ids of any shape)
+    pq.write_table(schema.table(rows, schema.OUTPUT), tmp_path / "out.parquet")
+    html = Path(write_report(str(tmp_path / "out.parquet"), str(tmp_path / "rep"))).read_text()
 
     # the expression: once in the caption, once in the image's alt text
     assert html.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 2

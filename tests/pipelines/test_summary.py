@@ -1,8 +1,9 @@
-"""The end-of-job summary (`pipelines.summary.summarize`) on a large output, built by hand.
+"""The end-of-job summary (`pipelines.summary.summarize`) on a large output table.
 
 The summary runs in the driver after every job; the scale curve (bench/RESULTS.md) measured
-its old whole-output read at 300 MB more driver memory at 100,000 rows than at 10,000. These
-tests need no Ray and no engine.
+its old whole-output read at 300 MB more driver memory at 100,000 rows than at 10,000. It is
+now a sum over the table's commit records. The table is written through the job's own commit
+path (`pipelines.commit.commit_rows`), so these tests need no Ray and no engine.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import tracemalloc
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pytest
 
+from grounding.tables import TableConflict
 from pipelines import schema
+from pipelines.commit import commit_rows
 from pipelines.output import JobOutput
 from pipelines.summary import summarize
 
@@ -22,11 +25,9 @@ PARTS, PER_PART = 50, 2_000  # 100,000 rows
 def _part(p: int) -> pa.Table:
     """One part of the OUTPUT schema: every 50th row an engine error, every 97th a corrupt
     image; every 10th row has a true box, predicted exactly on even parts (a hit) and
-    nowhere near it on odd ones (a miss). Part 1 repeats part 0's first row id."""
+    nowhere near it on odd ones (a miss)."""
     n = PER_PART
     ids = [f"s{p}.jsonl:{i}" for i in range(n)]
-    if p == 1:
-        ids[0] = "s0.jsonl:0"
     codes = ["engine_error" if i % 50 == 0 else "corrupt" if i % 97 == 0 else None
              for i in range(n)]
     gold = [[10.0, 10.0, 50.0, 50.0] if i % 10 == 5 else None for i in range(n)]
@@ -34,7 +35,7 @@ def _part(p: int) -> pa.Table:
     miss = {**hit, "x1": 100.0, "x2": 140.0}
     boxes = [[hit if p % 2 == 0 else miss] if c is None else [] for c in codes]
     cols = {f.name: pa.nulls(n, f.type) for f in schema.OUTPUT}
-    cols.update(row_id=pa.array(ids), source_id=pa.array(ids),
+    cols.update(row_id=pa.array(ids), source_id=pa.array(ids), shard=pa.array([f"s{p}.jsonl"] * n),
                 status=pa.array(["ok" if c is None else "error" for c in codes]),
                 error_code=pa.array(codes, pa.string()),
                 boxes=pa.array(boxes, schema.OUTPUT.field("boxes").type),
@@ -42,17 +43,20 @@ def _part(p: int) -> pa.Table:
     return pa.table(cols, schema=schema.OUTPUT)
 
 
-def test_summary_reads_the_output_part_by_part_and_counts_every_row(tmp_path):
-    """Counts, unique rows and Acc@0.5 over 100,000 rows in 50 parts are exact, and the
-    summary holds no row as Python objects beyond one part's: the Python heap's peak stays
-    under 15 MB (the whole output as Python dicts is about 90 MB)."""
-    (tmp_path / "parts").mkdir()
+def test_summary_is_a_sum_over_commit_records_and_counts_every_row(tmp_path):
+    """Counts, unique rows and Acc@0.5 over 100,000 rows in 50 commits are exact, a commit of
+    rows already committed is refused, and the summary holds no row as Python objects: the
+    Python heap's peak stays under 15 MB (the whole output as Python dicts is about 90 MB)."""
+    out = JobOutput(str(tmp_path))
+    job = out.start_job({"piece_rows": 128}, "job-sum", {})
     for p in range(PARTS):
-        pq.write_table(_part(p), tmp_path / "parts" / f"part-{p:03d}.parquet")
+        commit_rows(out, job, _part(p))
+    with pytest.raises(TableConflict, match="already committed"):
+        commit_rows(out, job, _part(0).slice(0, 128))  # piece 0 of s0.jsonl again
 
     tracemalloc.start()
     try:
-        s = summarize(JobOutput(str(tmp_path)), write=False)
+        s = summarize(out, write=False)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -60,7 +64,7 @@ def test_summary_reads_the_output_part_by_part_and_counts_every_row(tmp_path):
     n = PARTS * PER_PART
     engine = PARTS * len(range(0, PER_PART, 50))
     corrupt = PARTS * sum(1 for i in range(PER_PART) if i % 97 == 0 and i % 50)
-    assert s["rows"] == n and s["unique_rows"] == n - 1
+    assert s["rows"] == s["unique_rows"] == s["table_rows"] == n
     assert s["errors"] == {"engine_error": engine, "corrupt": corrupt}
     assert s["errors_transient"] == engine and s["errors_permanent"] == corrupt
     assert s["labeled"] == n - engine - corrupt

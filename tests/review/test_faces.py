@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import draw_face
+from support import draw_face, job_table
 
 from grounding.faces import blur_faces, blur_region, detect_faces
 
@@ -70,9 +70,7 @@ def test_an_image_without_a_face_is_left_alone():
 
 def _face_job(tmp_path: Path) -> tuple[Path, Path, tuple]:
     """A job output of one labeled row whose image holds a generated face, plus the image."""
-    import pyarrow.parquet as pq
 
-    from pipelines import schema
 
     img, box = draw_face(size=120, centre=(420, 240), seed=1)
     path = tmp_path / "face.png"
@@ -84,10 +82,7 @@ def _face_job(tmp_path: Path) -> tuple[Path, Path, tuple]:
                  boxes=[{"x1": pred[0], "y1": pred[1], "x2": pred[2], "y2": pred[3],
                          "score": 0.4, "label": None}],
                  score=0.4, status="ok", width=img.width, height=img.height)]
-    out = tmp_path / "job"
-    (out / "parts").mkdir(parents=True)
-    pq.write_table(schema.table(rows, schema.OUTPUT), out / "parts" / "part-000.parquet")
-    (out / "_job.json").write_text(json.dumps({"job_id": "job-face", "model": "/m"}))
+    out = job_table(tmp_path / "job", rows, job_id="job-face", model="/m")
     return out, path, box
 
 

@@ -1,0 +1,226 @@
+"""Delta Lake tables (delta-rs), in one place: how to reach one, and how to commit to one so
+that a commit happens exactly once.
+
+A job output (`pipelines.output`) and the reviewed-label store (`grounding.store`) are Delta
+tables: a table's whole state is its log, ``_delta_log/NNN.json``, and a writer commits by
+creating the next log entry *conditionally* (delta-rs: an exclusive create locally,
+``PUT If-None-Match: *`` on S3). Readers need nothing of ours: ``deltalake.DeltaTable(uri)``,
+polars ``read_delta``, ``ray.data.read_delta`` and Spark read the same table.
+
+What this module adds on top is what delta-rs leaves to the application:
+
+* **Idempotency keys.** Every commit carries application transaction ids
+  (``txn`` actions: ``Transaction(app_id, version)``). delta-rs refuses a commit whose app id
+  another commit set after the snapshot it was built on (``CommitFailedError: Concurrent
+  transaction``); a commit built on a snapshot that already holds the key is refused by the
+  caller's ``check`` (measured: an app id alone is not a uniqueness constraint, a later commit
+  from a fresh snapshot with the same id is accepted). Together: a commit whose key is taken is
+  refused, whoever sends it.
+* **Our own lost response.** On S3 a commit whose 200 response was lost is re-sent by the client
+  and answered 412: our own log entry then looks like someone else's, and delta-rs reports a
+  conflict. Every commit carries a unique ``commit_id`` in its commit info; after any failure
+  `commit` reads the log entries written since its snapshot, and if one is its own the commit
+  succeeded (`Committed.recovered`).
+
+Record of a commit: ``commitInfo["groundlabel"]``, a JSON object (what the commit covers and
+counts), read back with `records`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from grounding.storage import StorageOptions
+
+RECORD_KEY = "groundlabel"
+
+
+class TableConflict(RuntimeError):
+    """A commit was refused because what it covers is already committed (or changed) in the
+    table: the losing side of a race, a zombie writer, or a stale retry."""
+
+
+def table_uri(uri: str) -> str:
+    """The URI delta-rs takes: s3:// as is, a local path made absolute."""
+    if "://" in uri and not uri.startswith("file://"):
+        return uri.rstrip("/")
+    return os.path.abspath(uri.removeprefix("file://")).rstrip("/")
+
+
+def delta_options(uri: str, storage: StorageOptions | None = None) -> dict[str, str]:
+    """delta-rs storage options for ``uri`` from our `StorageOptions` (credentials from the
+    environment, as for s3fs). On S3, commits are conditional PUTs (``If-None-Match``), which
+    AWS S3, MinIO and moto honour; `grounding.atomic.probe` refuses a store that ignores them
+    before the first write."""
+    if not uri.startswith(("s3://", "s3a://")):
+        return {}
+    storage = storage or StorageOptions()
+    opts = {"conditional_put": "etag"}
+    if storage.s3_endpoint_url:
+        opts["AWS_ENDPOINT_URL"] = storage.s3_endpoint_url
+        if storage.s3_endpoint_url.startswith("http://"):
+            opts["AWS_ALLOW_HTTP"] = "true"
+    region = storage.s3_region or os.environ.get("AWS_REGION") or os.environ.get(
+        "AWS_DEFAULT_REGION")
+    if region:
+        opts["AWS_REGION"] = region
+    if storage.s3_anon:
+        opts["AWS_SKIP_SIGNATURE"] = "true"
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        if os.environ.get(k):
+            opts[k] = os.environ[k]
+    return opts
+
+
+def exists(uri: str, storage: StorageOptions | None = None) -> bool:
+    from deltalake import DeltaTable
+
+    return DeltaTable.is_deltatable(table_uri(uri), storage_options=delta_options(uri, storage))
+
+
+def open_table(uri: str, storage: StorageOptions | None = None, version: int | None = None):
+    """The table at ``uri`` (its newest version, or ``version``); `FileNotFoundError` if there is
+    none."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    try:
+        return DeltaTable(table_uri(uri), version=version,
+                          storage_options=delta_options(uri, storage))
+    except TableNotFoundError as e:
+        raise FileNotFoundError(f"no Delta table at {uri}: {e}") from None
+
+
+def create(uri: str, schema, storage: StorageOptions | None = None, *,
+           description: str | None = None, configuration: dict[str, str] | None = None,
+           record: dict | None = None) -> bool:
+    """Create an empty table (version 0); False if one already exists (another creator won)."""
+    from deltalake import CommitProperties, DeltaTable
+    from deltalake.exceptions import DeltaError
+
+    if exists(uri, storage):
+        return False
+    try:
+        DeltaTable.create(table_uri(uri), schema=schema, mode="error", description=description,
+                          configuration=configuration,
+                          storage_options=delta_options(uri, storage),
+                          commit_properties=CommitProperties(
+                              custom_metadata={RECORD_KEY: json.dumps(record or {})}))
+        return True
+    except DeltaError:
+        if exists(uri, storage):  # a concurrent creator won version 0
+            return False
+        raise
+
+
+@dataclass
+class Committed:
+    """A commit that is in the table: its version, and whether it was found after the client
+    reported a failure (a lost response, answered 412 on the re-send)."""
+
+    version: int
+    commit_id: str
+    recovered: bool = False
+
+
+def records(dt, limit: int | None = None) -> list[dict]:
+    """Our records of the table's commits, newest first: each is the commit's ``groundlabel``
+    object plus ``version`` and ``timestamp`` (ms). Commits by other writers (OPTIMIZE, a
+    user's own append) have none and are left out."""
+    out = []
+    for h in dt.history(limit):
+        raw = h.get(RECORD_KEY)
+        if not raw:
+            continue
+        rec = json.loads(raw) if isinstance(raw, str) else dict(raw)
+        rec.update(version=h["version"], timestamp=h.get("timestamp"))
+        out.append(rec)
+    return out
+
+
+def _landed(uri: str, storage, read_version: int, commit_id: str) -> int | None:
+    """The version of our commit ``commit_id`` if it is in the log after ``read_version``."""
+    dt = open_table(uri, storage)
+    new = dt.version() - read_version
+    if new <= 0:
+        return None
+    for rec in records(dt, new):
+        if rec.get("commit_id") == commit_id:
+            return rec["version"]
+    return None
+
+
+def commit(uri: str, storage: StorageOptions | None, do: Callable, *, record: dict,
+           txns: Callable[[object], dict[str, int]] | None = None,
+           check: Callable[[object], None] | None = None, tries: int = 20) -> Committed:
+    """Commit exactly once.
+
+    ``do(dt, commit_properties)`` makes the commit from table snapshot ``dt`` (a
+    ``write_deltalake``, ``create_write_transaction`` ...). Before it, on that same snapshot,
+    ``check(dt)`` raises `TableConflict` if what the commit covers is already there, and
+    ``txns(dt)`` gives the application transactions (``{app_id: version}``) the commit sets.
+    A concurrent commit that sets one of them makes delta-rs refuse ours; then the check runs
+    again on a fresh snapshot. A failure after which our own log entry is found (lost
+    response) is a success.
+    """
+    from deltalake import CommitProperties, Transaction
+    from deltalake.exceptions import CommitFailedError
+
+    commit_id = uuid.uuid4().hex
+    rec = dict(record, commit_id=commit_id)
+    last: Exception | None = None
+    for attempt in range(tries):
+        dt = open_table(uri, storage)
+        read_version = dt.version()
+        if check is not None:
+            check(dt)
+        app = [Transaction(k, v) for k, v in (txns(dt) if txns else {}).items()]
+        props = CommitProperties(custom_metadata={RECORD_KEY: json.dumps(rec)},
+                                 app_transactions=app or None)
+        try:
+            do(dt, props)
+        except Exception as e:  # noqa: BLE001 - decided below: ours landed, retry, or raise
+            landed = _landed(uri, storage, read_version, commit_id)
+            if landed is not None:
+                return Committed(landed, commit_id, recovered=True)
+            if not isinstance(e, CommitFailedError):
+                raise
+            last = e
+            time.sleep(min(1.0, 0.02 * 2 ** attempt))
+            continue
+        landed = _landed(uri, storage, read_version, commit_id)
+        if landed is None:  # delta-rs said yes; the log must say so too
+            raise RuntimeError(f"commit {commit_id} to {uri} reported success but is not in "
+                               "the table's log")
+        return Committed(landed, commit_id)
+    raise TableConflict(f"could not commit to {uri} after {tries} tries: {last}")
+
+
+def file_paths(dt) -> list[str]:
+    """Paths (relative to the table root) of the data files in the snapshot ``dt``."""
+    t = dt.get_add_actions(flatten=True)
+    import pyarrow as pa
+
+    return pa.table(t).column("path").to_pylist()
+
+
+def row_count(dt) -> int:
+    """Rows in the snapshot, from its files' statistics (no data read)."""
+    import pyarrow as pa
+
+    t = pa.table(dt.get_add_actions(flatten=True))
+    if "num_records" not in t.column_names:
+        return 0
+    return int(sum(v or 0 for v in t.column("num_records").to_pylist()))
+
+
+def bits(values: Iterable[int]) -> int:
+    out = 0
+    for v in values:
+        out |= 1 << v
+    return out
