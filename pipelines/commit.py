@@ -271,6 +271,9 @@ def commit_rows(output, job: dict, t, run: str = "direct") -> list[dict]:
 
     size = int(job["piece_rows"])
     t = t.select(schema.OUTPUT.names).cast(schema.OUTPUT)
+    if t["shard"].null_count:  # the shard is the row id's prefix
+        t = t.set_column(t.schema.get_field_index("shard"), "shard", pa.array(
+            [r.rsplit(":", 1)[0] for r in t["row_id"].to_pylist()], pa.string()))
     pieces = [line_of(r) // size for r in t["row_id"].to_pylist()]
     n = Counter(zip(t["shard"].to_pylist(), pieces, strict=True))
     t = (t.append_column("piece", pa.array(pieces, pa.int64()))

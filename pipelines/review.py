@@ -173,14 +173,16 @@ def review_log(cfg: ReviewLogConfig) -> list[dict]:
 
 def source_kind(uri: str, opts: StorageOptions | None = None) -> str:
     """``store``, ``job`` or ``file``."""
+    from grounding.store import is_store
+
     fs, path = filesystem(uri, opts)
     if fs.isdir(path):
-        if fs.exists(join(path, "_log")):
+        if is_store(uri, opts):
             return "store"
-        if fs.exists(join(path, "parts")):
+        if JobOutput(uri, opts).exists():
             return "job"
-        raise FileNotFoundError(f"{uri} is a folder but neither a reviewed-label store (_log/) "
-                                f"nor a job output (parts/)")
+        raise FileNotFoundError(f"{uri} is a folder but neither a reviewed-label store nor a "
+                                "label job's output (both are Delta tables)")
     if not fs.exists(path):
         raise FileNotFoundError(f"{uri}: no such file or folder")
     return "file"
