@@ -15,6 +15,7 @@ Examples::
     groundlabel review export runs/label-1 --tasks review/tasks.json
     groundlabel review import review/export.json --store reviewed/
     groundlabel export reviewed/ --to coco --out labels.json
+    groundlabel store migrate reviewed-old/ reviewed/
     groundlabel retrain --store reviewed/ --registry adapters/
     groundlabel synth --out data/shifted --n 500 --domain shifted
     groundlabel tiny build --out /tmp/tiny && groundlabel tiny train --model /tmp/tiny --out /tmp/t
@@ -80,6 +81,9 @@ VERBS: dict[str, Verb] = {
                              "pipelines.routing:calibrate"),
     "review log": Verb("The store's versions: what each commit added.",
                        "pipelines.review:ReviewLogConfig", "pipelines.review:review_log"),
+    "store migrate": Verb("Convert a reviewed-label store of the old layout (data/*.parquet + "
+                          "_log/) into a Delta table, keeping every version number and record; "
+                          "rerun to resume.", f"{C}:StoreMigrateConfig", f"{C}:store_migrate"),
     "serve": Verb("Start the online endpoint (Ray Serve + FastAPI): POST /v1/ground, hot-swaps "
                   "the registry's production adapter.", "serve.config:ServeConfig",
                   f"{C}:serve"),
@@ -116,6 +120,7 @@ VERBS: dict[str, Verb] = {
 # Help of the verbs that only group steps.
 GROUPS = {
     "review": "Human review in Label Studio: tasks out, decisions in.",
+    "store": "The reviewed-label store (a Delta table): maintenance.",
     "adapters": "The adapter registry: list, show, promote, rollback.",
     "tiny": "Build or train the tiny Qwen3-VL used by tests and demo.",
 }

@@ -43,6 +43,24 @@ def demo(cfg) -> None:
     run(cfg)
 
 
+# ---- the reviewed-label store ---------------------------------------------------------------
+class StoreMigrateConfig(Settings):
+    """``groundlabel store migrate OLD NEW``."""
+
+    old: str = Field(description="Store of the old layout (data/*.parquet + _log/), folder or "
+                     "s3://; read only.", json_schema_extra={"positional": True})
+    new: str = Field(description="Where the Delta store goes (folder or s3://): empty, or a "
+                     "stopped migration of OLD to resume.", json_schema_extra={"positional": True})
+    storage: StorageOptions = Field(default_factory=StorageOptions, description="Object storage.")
+
+
+def store_migrate(cfg: StoreMigrateConfig) -> dict:
+    """Old version k becomes version k, every record kept; prints what was migrated."""
+    from grounding.store import migrate
+
+    return migrate(cfg.old, cfg.new, cfg.storage)
+
+
 # ---- the adapter registry -------------------------------------------------------------------
 class AdaptersConfig(Settings):
     """``groundlabel adapters list|history``."""

@@ -25,8 +25,9 @@ class RetrainConfig(Settings):
 
     store: StoreURI
     registry: RegistryURI
-    version: int | None = Field(None, ge=1, description="Store version to train on (default: "
-                                "newest).")
+    version: int | None = Field(None, ge=1, description="Store version to train on: the "
+                                "store's Delta table version, recorded as the adapter's "
+                                "snapshot_version (default: newest).")
     train_on_auto: bool = Field(False, description="Also train on auto-accepted predictions "
                                 "(decision `auto`; off by default: the model would learn from "
                                 "itself). They are never held out for the gate.")

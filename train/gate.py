@@ -241,11 +241,9 @@ def load_regression_set(uri: str, fmt: str, storage: StorageOptions | None = Non
     """Labeled items of a regression set: a label file in ``fmt``, or a reviewed-label store
     folder (its newest accepted/corrected labels)."""
     from grounding.convert import read_labels
-    from grounding.storage import filesystem, join
-    from grounding.store import ReviewStore
+    from grounding.store import ReviewStore, is_store
 
-    fs, path = filesystem(uri, storage)
-    if fs.isdir(path) and fs.exists(join(path, "_log")):
+    if is_store(uri, storage):
         return ReviewStore(uri, storage).labels()
     res = read_labels(uri, fmt, storage)
     return [it for it in res.items if it.get("_decision") != "reject"]

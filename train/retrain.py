@@ -1,9 +1,11 @@
 """``groundlabel retrain``: a LoRA adapter from reviewed labels, gated, registered, promoted.
 
 1. **Snapshot.** The accepted and corrected items of one version of the reviewed-label store
-   (`grounding.store`), split *by image* into train and held-out sets (`train.gate.split`: every
-   expression of an image on one side, and the same side in every later snapshot, so held-out
-   images are never trained on).
+   (`grounding.store`: a Delta table whose table version is the store version; the adapter's
+   meta records it as ``snapshot_version``, so ``DeltaTable(store, version=snapshot_version)``
+   holds exactly the records it was drawn from), split *by image* into train and held-out sets
+   (`train.gate.split`: every expression of an image on one side, and the same side in every
+   later snapshot, so held-out images are never trained on).
 2. **Mix.** The train-side items new since production's snapshot, plus the earlier ones it was
    trained with, replayed to at least ``replay_share`` of the list (`train.gate.mix`): each
    retraining starts from the base model, so earlier labels are what keeps it from forgetting.
@@ -154,7 +156,7 @@ def retrain(cfg: RetrainConfig) -> dict:
 
     opts = cfg.storage
     store = ReviewStore(cfg.store, opts)
-    version = cfg.version or store.latest()
+    version = cfg.version or store.latest()  # the Delta table version: the lineage recorded
     if not version:
         raise StoreError(f"{cfg.store} has no reviewed labels yet")
     items, train_side, held = labels_for_training(store, version, cfg.holdout_frac,

@@ -30,6 +30,7 @@ STORAGE_VERBS = {
     "review pull": ["--url", "http://ls", "--project", "1", "--store", "store/"],
     "review calibrate": ["st/", "--registry", "reg/"],
     "review log": ["store/"],
+    "store migrate": ["old/", "new/"],
     "serve": [],
     "retrain": ["--store", "store/", "--registry", "reg/"],
     "schedule": ["--store", "store/", "--registry", "reg/"],

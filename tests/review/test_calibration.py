@@ -8,8 +8,6 @@ import math
 import random
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from grounding import calibration as C
@@ -190,17 +188,6 @@ def test_auto_never_overrules_a_person_and_is_not_trained_on(tmp_path):
         a["item_id"], b["item_id"], c["item_id"]}
     auto = [r for r in st.history().to_pylist() if r["decision"] == "auto"]
     assert {r["auto_precision"] for r in auto} == {0.95} and auto[0]["calibration"] == "cal-x"
-
-
-def test_store_files_from_before_the_new_columns_still_read(tmp_path):
-    st = ReviewStore(str(tmp_path / "store"))
-    st.append([decision_record(_pred(1, 0.5), "accept", predicted=_pred(1, 0.5))], source="t")
-    data = next((tmp_path / "store" / "data").glob("*.parquet"))
-    old = pq.read_table(data).drop_columns(["calibrated_score", "auto_precision", "calibration"])
-    pq.write_table(old, data)
-    rows = st.history().to_pylist()
-    assert rows[0]["decision"] == "accept" and rows[0]["calibrated_score"] is None
-    assert isinstance(st.snapshot(), pa.Table)
 
 
 # ---------------------------------------------------------------------------------- registry

@@ -11,7 +11,8 @@ import json
 import pytest
 from support import SECRET, fake_job
 
-from grounding.store import ReviewStore
+from grounding.labels import item
+from grounding.store import ReviewStore, decision_record
 from groundlabel.cli import main
 
 
@@ -87,10 +88,11 @@ def test_bad_input_is_one_clear_error_on_the_command_line(tmp_path, capsys):
     assert "Traceback" not in err
     assert main(["export", str(tmp_path / "s"), "--to", "coco", "--out", "x"]) == 2
     assert "no such file or folder" in capsys.readouterr().err
-    (tmp_path / "s2" / "_log").mkdir(parents=True)
-    assert main(["export", str(tmp_path / "s2"), "--to", "coco", "--out", "x", "--version",
-                 "4"]) == 2
-    assert "has no version 4" in capsys.readouterr().err
+    s2 = str(tmp_path / "s2")
+    ReviewStore(s2).append([decision_record(item("/i.png", "a", [[1, 1, 2, 2]]), "accept")],
+                           source="test")
+    assert main(["export", s2, "--to", "coco", "--out", "x", "--version", "4"]) == 2
+    assert "has no version 4 (versions: 1..1)" in capsys.readouterr().err
 
 
 def test_no_image_bytes_or_exif_leave_unless_asked(tmp_path, capsys):
