@@ -106,7 +106,7 @@ submit-label: check-address $(STAMP)
 	  --runtime-env $(RUNTIME_ENV) -- \
 	  python -m groundlabel label --input $(INPUT) --output $(OUTPUT) --model $(MODEL) \
 	  --num-actors $(NUM_GPUS) --gpus-per-actor 1 --cpus-per-actor 4 \
-	  --actor-resources '{"inference": 1}' --batch-size 64 --rows-per-part 4096 --no-progress
+	  --actor-resources '{"inference": 1}' --batch-size 64 --commit-rows 4096 --no-progress
 
 submit-retrain: check-address $(STAMP)
 	.venv/bin/ray job submit --address $(RAY_ADDRESS) --working-dir . \

@@ -4,7 +4,7 @@ half way and rerun; and the driver's peak memory for 10,000 vs 1,000 rows.
 Poison (every 20th row, cycling): a line that is not JSON, a missing image file, a corrupt
 image, an empty expression, a zero-byte image. The job runs as users run it
 (``python -m groundlabel label``); the kill is SIGKILL of its whole process group (driver, Ray,
-actors) once about half the rows are written. The driver's peak RSS is its ``VmHWM``
+actors) once about half the rows are committed. The driver's peak RSS is its ``VmHWM``
 (``/proc/PID/status``), sampled until it exits.
 
     .venv/bin/python bench/bench_resume.py                 # -> bench/resume.json
@@ -67,25 +67,27 @@ def _hwm_kb(pid: int) -> int:
     return 0
 
 
-def run(cmd: list[str], log: Path, kill_at_rows: int | None = None, out: Path | None = None):
-    """Run the job; with ``kill_at_rows`` SIGKILL it once that many rows are in parts/.
-    Returns (exit code, seconds, driver peak RSS MiB, killed?)."""
-    import pyarrow.parquet as pq
+def _committed(out: Path) -> int:
+    """Rows committed to the output table so far (its file statistics; no data read)."""
+    from grounding import tables
 
+    try:
+        return tables.row_count(tables.open_table(str(out)))
+    except Exception:  # noqa: BLE001 - no table yet
+        return 0
+
+
+def run(cmd: list[str], log: Path, kill_at_rows: int | None = None, out: Path | None = None):
+    """Run the job; with ``kill_at_rows`` SIGKILL it once that many rows are committed.
+    Returns (exit code, seconds, driver peak RSS MiB, killed?)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     peak, killed = 0, False
     while proc.poll() is None:
         peak = max(peak, _hwm_kb(proc.pid))
-        if kill_at_rows and out is not None and (out / "parts").exists():
-            rows = 0
-            for p in (out / "parts").glob("*.parquet"):
-                try:
-                    rows += pq.ParquetFile(p).metadata.num_rows
-                except Exception:  # noqa: BLE001 - a part being written
-                    pass
-            if rows >= kill_at_rows:
+        if kill_at_rows and out is not None and (out / "_delta_log").exists():
+            if _committed(out) >= kill_at_rows:
                 os.killpg(proc.pid, signal.SIGKILL)
                 killed = True
                 break
@@ -115,7 +117,7 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     tmp = Path(tempfile.mkdtemp(prefix="bench-resume-"))
     base = [sys.executable, "-m", "groundlabel", "label", "--no-progress", "--batch-size", "32",
-            "--rows-per-part", "256"]
+            "--commit-rows", "512"]
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
                 if ln.startswith("model name")), platform.processor())
     res: dict = {"machine": f"{os.cpu_count()} cores, {cpu}", "rows": a.rows,
@@ -129,7 +131,7 @@ def main() -> None:
                         "driver_peak_mib": round(peak1)}
     from pipelines.output import JobOutput
 
-    res["rows_before_rerun"] = sum(len(v) for v in JobOutput(str(out)).committed().values())
+    res["rows_before_rerun"] = JobOutput(str(out)).progress().rows
     code, s2, peak2, _ = run(cmd, tmp / "big-2.log")
     res["rerun"] = {"exit": code, "seconds": round(s2, 1), "driver_peak_mib": round(peak2)}
     res["result"] = check(out, a.rows, expect)

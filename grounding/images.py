@@ -104,6 +104,14 @@ def _fetch(uri: str, storage_options: dict, max_bytes: int) -> bytes:
     except ImageError:
         raise
     except FileNotFoundError as e:
+        # fsspec's HTTP filesystem reports every failed request as FileNotFoundError; only a
+        # 404 means the image is gone. A server that is down or refuses the connection is a
+        # transient failure (labeled again by a rerun), not a missing image.
+        cause = e.__cause__
+        if (uri.lower().startswith(("http://", "https://")) and cause is not None
+                and getattr(cause, "status", None) != 404):
+            raise ImageError("fetch_failed", f"could not read {uri}: "
+                             f"{type(cause).__name__}: {cause}") from e
         raise ImageError("missing", f"image not found: {uri}") from e
     except OSError as e:
         if "NoSuchKey" in str(e) or "Not Found" in str(e) or "404" in str(e):

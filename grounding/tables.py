@@ -96,6 +96,23 @@ def open_table(uri: str, storage: StorageOptions | None = None, version: int | N
         raise FileNotFoundError(f"no Delta table at {uri}: {e}") from None
 
 
+_latest: dict[tuple[str, str], object] = {}
+
+
+def latest(uri: str, storage: StorageOptions | None = None):
+    """The table's newest snapshot, kept per process and brought up to date incrementally
+    (only log entries written since it was read): a writer committing thousands of times
+    reads the checkpoint once, not once a commit. Never mutate what it returns."""
+    key = (table_uri(uri), json.dumps((storage or StorageOptions()).model_dump(),
+                                      sort_keys=True))
+    dt = _latest.get(key)
+    if dt is None:
+        dt = _latest[key] = open_table(uri, storage)
+    else:
+        dt.update_incremental()
+    return dt
+
+
 def create(uri: str, schema, storage: StorageOptions | None = None, *,
            description: str | None = None, configuration: dict[str, str] | None = None,
            record: dict | None = None) -> bool:
@@ -145,7 +162,7 @@ def records(dt, limit: int | None = None) -> list[dict]:
 
 def _landed(uri: str, storage, read_version: int, commit_id: str) -> int | None:
     """The version of our commit ``commit_id`` if it is in the log after ``read_version``."""
-    dt = open_table(uri, storage)
+    dt = latest(uri, storage)
     new = dt.version() - read_version
     if new <= 0:
         return None
@@ -175,7 +192,7 @@ def commit(uri: str, storage: StorageOptions | None, do: Callable, *, record: di
     rec = dict(record, commit_id=commit_id)
     last: Exception | None = None
     for attempt in range(tries):
-        dt = open_table(uri, storage)
+        dt = latest(uri, storage)
         read_version = dt.version()
         if check is not None:
             check(dt)

@@ -316,21 +316,22 @@ class JobOutput:
             files[f] = dict(file_record(t), file=f, kind="foreign")
         return Progress(files=files, version=dt.version())
 
-    def _read_file(self, rel: str, with_piece: bool = False):
-        """One data file of the table (output columns; with ``piece`` recomputed from row ids
-        and the job's piece size)."""
+    def _read_file(self, rel: str, with_piece: bool = False, columns: list[str] | None = None):
+        """One data file of the table (output columns, or ``columns``; with ``piece``
+        recomputed from row ids and the job's piece size)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         from pipelines import schema
 
+        names = columns or schema.OUTPUT.names
         try:
             with self.fs.open(self.path(rel), "rb") as f:
-                t = pq.read_table(f)
+                t = pq.read_table(f, columns=names)
         except Exception as e:  # noqa: BLE001 - reported whole, nothing deleted
             raise OutputError(f"cannot read data file {rel} of {self.uri}: "
                               f"{type(e).__name__}: {e}") from e
-        t = t.select(schema.OUTPUT.names).cast(schema.OUTPUT)
+        t = t.select(names).cast(pa.schema([schema.OUTPUT.field(c) for c in names]))
         if with_piece:
             size = int(self.job_record().get("piece_rows") or 1)
             t = t.append_column("piece", pa.array(
@@ -344,7 +345,7 @@ class JobOutput:
 
         out: dict[str, list[tuple[str, str]]] = {}
         for f in files:
-            t = self._read_file(f).select(["row_id", "shard", "error_code"])
+            t = self._read_file(f, columns=["row_id", "shard", "error_code"])
             t = t.filter(pc.fill_null(pc.is_in(t["error_code"], value_set=_strings(
                 sorted(TRANSIENT))), False))
             for rid, shard in zip(t["row_id"].to_pylist(), t["shard"].to_pylist(), strict=True):
@@ -376,8 +377,9 @@ class JobOutput:
                     shard, chunk = key[len(job_id) + 1:].rsplit("#", 1)
                     taken = [int(chunk) * CHUNK + b for b in range(CHUNK) if have & mask & 1 << b]
                     size = record.get("piece_rows", 1)
+                    lines = ", ".join(f"{a * size}-{b * size - 1}" for a, b in ranges(taken))
                     raise tables.TableConflict(
-                        f"rows of shard {shard!r} (lines {ranges(taken)} x {size}) are "
+                        f"rows of shard {shard!r} (lines {lines}) are "
                         f"already committed to {self.uri} by another writer (table version "
                         f"{dt.version()}): another job, or a run that outlived its take-over, "
                         "labeled them; this run's copy is not committed")

@@ -1,13 +1,14 @@
 """An HTTP proxy on loopback that loses responses, run as its own process:
 
-    python http_fault_proxy.py LISTEN_PORT TARGET_PORT PUT_PATH_REGEX [DROPS]
+    python http_fault_proxy.py LISTEN_PORT TARGET_PORT PUT_PATH_REGEX [DROPS [log]]
 
 It forwards every request to the S3 server on TARGET_PORT (moto) and hands the answer back,
 except for the first DROPS (default 1) ``PUT`` requests whose path matches the regex: those
 reach the server, which applies them, and then the proxy closes the client's connection
 without a byte of the answer. That is a lost response as a client sees it (a network cut, a
 proxy timing out), after the store did the write. Each lost response is printed as
-``dropped PUT <path> -> <status>``; ``ready`` is printed once it listens.
+``dropped PUT <path> -> <status>``; ``ready`` is printed once it listens. With ``log``, every
+request is printed as ``req METHOD PATH`` (the benchmarks count storage requests so).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te"
        "upgrade"}
 
 
-def main(listen: int, target: int, pattern: str, drops: int) -> None:
+def main(listen: int, target: int, pattern: str, drops: int, log: bool = False) -> None:
     budget = {"left": drops}
     lock = threading.Lock()
     rx = re.compile(pattern)
@@ -48,6 +49,8 @@ def main(listen: int, target: int, pattern: str, drops: int) -> None:
             return self.rfile.read(n) if n else b""
 
         def _forward(self) -> None:
+            if log:
+                print(f"req {self.command} {self.path}", flush=True)
             body = self._body()
             headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
             if body or self.command in ("PUT", "POST"):
@@ -73,9 +76,11 @@ def main(listen: int, target: int, pattern: str, drops: int) -> None:
                 return
             self.send_response_only(resp.status, resp.reason)
             for k, v in resp.getheaders():
-                if k.lower() not in HOP and k.lower() != "content-length":
+                if k.lower() not in HOP and (k.lower() != "content-length" or
+                                             self.command == "HEAD"):
                     self.send_header(k, v)
-            self.send_header("Content-Length", str(len(data)))
+            if self.command != "HEAD":  # a HEAD answer keeps the object's own length
+                self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(data)
@@ -90,4 +95,4 @@ def main(listen: int, target: int, pattern: str, drops: int) -> None:
 
 if __name__ == "__main__":
     main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3],
-         int(sys.argv[4]) if len(sys.argv) > 4 else 1)
+         int(sys.argv[4]) if len(sys.argv) > 4 else 1, sys.argv[5:6] == ["log"])

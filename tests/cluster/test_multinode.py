@@ -73,7 +73,7 @@ def test_label_job_runs_on_both_nodes(two_nodes, synth_shard, tmp_path):
     out = tmp_path / "out"
     _submit(two_nodes, ["label", "--input", str(synth_shard), "--output", str(out),
                         "--actor-resources", '{"inference": 1}', "--cpus-per-actor", "1",
-                        "--fetch-batch-size", "2", "--batch-size", "4", "--rows-per-part",
+                        "--fetch-batch-size", "2", "--batch-size", "4", "--commit-rows",
                         "4", "--no-progress"])
     summary = json.loads((out / "_summary.json").read_text())
     assert summary["rows"] == summary["unique_rows"] == 12 and summary["labeled"] == 12

@@ -1,4 +1,4 @@
-"""The bulk labeling job against real parts: local Ray, vLLM actors, moto S3, Parquet."""
+"""The bulk labeling job against real parts: local Ray, vLLM actors, moto S3, Delta tables."""
 
 from __future__ import annotations
 
@@ -152,12 +152,29 @@ def _put_dataset_on_s3(endpoint: str, shard: Path, bucket: str) -> str:
     return f"s3://{bucket}/input/"
 
 
-def test_job_reads_and_writes_s3(ray_local, s3_endpoint, synth_shard):
+def test_job_reads_and_writes_s3(ray_local, s3_endpoint, synth_shard, capfd):
+    """A job on S3 through a proxy that loses the answer to its first commit: the store applied
+    it, the client re-sent it and got 412; the job recognises its own commit and goes on."""
+    from support import free_port
+
     from pipelines.label import label
 
     src = _put_dataset_on_s3(s3_endpoint, synth_shard, "gl-s3-job")
-    s = label(_job(input=src, output="s3://gl-s3-job/out", s3_endpoint_url=s3_endpoint))
-    assert s["rows"] == s["unique_rows"] == 13 and s["errors"] == {"missing": 1}
+    port = free_port()
+    proxy = subprocess.Popen([sys.executable, str(Path(__file__).parents[1] /
+                                                  "http_fault_proxy.py"), str(port),
+                              s3_endpoint.rsplit(":", 1)[1], r"_delta_log/0+[1-9]\.json$"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert proxy.stdout.readline().strip() == "ready"
+        s = label(_job(input=src, output="s3://gl-s3-job/out",
+                       s3_endpoint_url=f"http://127.0.0.1:{port}", commit_rows=4))
+    finally:
+        proxy.kill()
+    assert "dropped PUT" in proxy.stdout.read()
+    assert "(found after a lost response)" in capfd.readouterr().out
+    assert s["rows"] == s["unique_rows"] == s["table_rows"] == 13
+    assert s["errors"] == {"missing": 1}
     from grounding.storage import StorageOptions
 
     rows = _rows("s3://gl-s3-job/out", opts=StorageOptions(s3_endpoint_url=s3_endpoint))
@@ -266,80 +283,35 @@ def test_per_row_adapters_give_different_outputs(ray_local, synth_shard, random_
 
 def test_killed_job_resumes_without_duplicates(synth_shard, tmp_path):
     """A job killed mid-run (the whole process group: driver, Ray, actors) and run again gives
-    rows out == rows in, no duplicates, and does not redo what was written."""
+    rows out == rows in, no duplicates, and does not redo what was committed."""
     from grounding.synth import write_dataset
 
-    n = 160  # enough small batches that the kill lands midway
+    n = 160  # enough small commits that the kill lands midway
     data = write_dataset(tmp_path / "data", n, "base", seed=5)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "groundlabel", "label", "--input", str(data), "--output",
-           str(out), "--batch-size", "2", "--fetch-batch-size", "2", "--rows-per-part", "2",
-           "--no-progress"]
+           str(out), "--batch-size", "2", "--fetch-batch-size", "2", "--commit-rows", "2",
+           "--piece-rows", "2", "--no-progress"]
     log = (tmp_path / "first-run.log").open("w")
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
-    parts = out / "parts"
     deadline = time.time() + 400
-    import fsspec
-
-    from pipelines.output import is_torn
-
-    local = fsspec.filesystem("file")
-
-    def complete(p: Path) -> bool:
-        try:
-            return not is_torn(local, str(p))
-        except OSError:  # being renamed or removed under us: not complete yet
-            return False
-
-    # Complete parts, not just files: with blocks decoding together, several parts are written
-    # at once, and a file exists from its first byte (two half-written ones = nothing written).
-    while time.time() < deadline and proc.poll() is None:
-        if parts.exists() and sum(map(complete, parts.glob("*.parquet"))) >= 2:
-            break
+    # two commits after the table's creation (version 0): log entries 1 and 2
+    second = out / "_delta_log" / f"{2:020d}.json"
+    while time.time() < deadline and proc.poll() is None and not second.exists():
         time.sleep(0.05)
     assert proc.poll() is None, (tmp_path / "first-run.log").read_text()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    from grounding.storage import StorageOptions
     from pipelines.output import JobOutput
 
-    before = sum(len(v) for v in JobOutput(str(out), StorageOptions()).committed().values())
+    before = JobOutput(str(out)).progress().rows
     assert 0 < before < n
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((out / "_summary.json").read_text())
-    assert summary["rows"] == summary["unique_rows"] == n
-    # The killed run's workers may finish a part after `before` was counted (they outlive
-    # the driver): the rerun then has less to do, never more.
-    assert summary["rows_this_run"] <= n - before
-
-
-def test_a_part_a_killed_run_finishes_late_is_dropped_not_duplicated(ray_local, synth_shard,
-                                                                      tmp_path, monkeypatch,
-                                                                      capfd):
-    """A killed run's workers outlive its driver and can finish a part after a rerun has read
-    what is committed (seen in `test_killed_job_resumes_without_duplicates`: a part landing
-    1.2 s after the kill, 2 rows twice). Here such a late part lands while the rerun runs:
-    the rerun labels those rows itself, drops the late part, and every row is there once."""
-    from pipelines.label import label
-    from pipelines.output import JobOutput
-
-    full = tmp_path / "full"
-    label(_job(input=str(synth_shard), output=str(full)))
-    out = tmp_path / "out"
-    label(_job(input=str(synth_shard), output=str(out), limit=4))
-    late = out / "parts" / "0358LateFromAKilledRun_000000-0.parquet"
-    real_write = JobOutput.write
-
-    def write_after_a_late_part(self, ds, run=None):
-        shutil.copy(JobOutput(str(full)).parts()[0], late)  # the zombie's part lands now
-        real_write(self, ds, run)
-
-    monkeypatch.setattr(JobOutput, "write", write_after_a_late_part)
-    s = label(_job(input=str(synth_shard), output=str(out)))
-    assert not late.exists()
-    assert "removed 1 part(s) a killed earlier run finished" in capfd.readouterr().out
-    assert s["rows"] == s["unique_rows"] == 12 and s["rows_this_run"] == 8
+    assert summary["rows"] == summary["unique_rows"] == summary["table_rows"] == n
+    # Only the driver commits, and it is dead: the rerun labels exactly what was missing.
+    assert summary["rows_this_run"] == n - before
 
 
 def test_job_submitted_to_a_running_cluster(synth_shard, tmp_path):
