@@ -429,7 +429,9 @@ def test_a_rerun_retries_transient_rows_and_replaces_them(tmp_path):
     lines = data.read_text().splitlines()
     for i in (1, 6):
         rec = json.loads(lines[i])
-        rec["image"] = f"http://127.0.0.1:{port}/{Path(rec['image']).name}"
+        img = Path(rec["image"])
+        img = img.relative_to(data.parent) if img.is_absolute() else img
+        rec["image"] = f"http://127.0.0.1:{port}/{img.as_posix()}"
         lines[i] = json.dumps(rec)
     data.write_text("\n".join(lines) + "\n")
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
