@@ -113,14 +113,19 @@ def measure(uri: str, endpoint: str | None) -> dict:
             sum(len(v) for v in retry.values()), "job": job.get("job_id")}
 
 
-def _proxy(moto_port: int):
+def _proxy(moto_port: int, log: Path):
+    """The counting proxy, its log to a file (a pipe nobody reads while the measured process
+    runs would fill up and stall the proxy)."""
     from support import free_port
 
     port = free_port()
     p = subprocess.Popen([sys.executable, str(ROOT / "tests" / "http_fault_proxy.py"),
                           str(port), str(moto_port), "^$", "0", "log"],
-                         stdout=subprocess.PIPE, text=True)
-    assert p.stdout.readline().strip() == "ready"
+                         stdout=log.open("w"), text=True)
+    deadline = time.time() + 30
+    while "ready" not in log.read_text():
+        assert time.time() < deadline and p.poll() is None, "the counting proxy did not start"
+        time.sleep(0.05)
     return p, f"http://127.0.0.1:{port}"
 
 
@@ -139,17 +144,19 @@ def _requests(lines: list[str]) -> dict:
 def run_measure(uri, endpoint, proxy_port_of_moto, repeats):
     """Fresh processes, each through its own counting proxy on S3."""
     runs = []
-    for _ in range(repeats):
+    for k in range(repeats):
         proxy = via = None
+        log = Path(tempfile.gettempdir()) / f"bookkeeping-proxy-{os.getpid()}-{k}.log"
         if endpoint:
-            proxy, via = _proxy(proxy_port_of_moto)
+            proxy, via = _proxy(proxy_port_of_moto, log)
         cmd = [sys.executable, __file__, "--measure", uri] + (["--endpoint", via] if via else [])
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
         assert res.returncode == 0, res.stderr[-3000:]
         r = json.loads(res.stdout.strip().splitlines()[-1])
         if proxy is not None:
             proxy.kill()
-            lines = proxy.stdout.read().splitlines()
+            proxy.wait()
+            lines = log.read_text().splitlines()
             r["requests"] = _requests(lines)
             r["requests_total"] = sum(r["requests"].values())
         runs.append(r)

@@ -1,7 +1,9 @@
 """Compare two label job outputs row by row on their content columns (not timings, job ids
 or the model path, which differs between checkouts).
 
-Used to check that a change to how rows are scheduled leaves what is written unchanged::
+Used to check that a change to how rows are scheduled or stored leaves what is written
+unchanged. An output is a job's Delta table, or a folder of the layout before it (``parts/``
+of Parquet files, read as they are)::
 
     .venv/bin/python bench/compare_outputs.py runs/chunked runs/continuous
 """
@@ -17,9 +19,17 @@ CONTENT = ("row_id", "source_id", "text", "boxes", "score", "status", "error_cod
 
 
 def content(uri: str) -> list[dict]:
-    from pipelines.output import JobOutput
+    from pathlib import Path
 
-    rows = JobOutput(uri).read(list(CONTENT)).to_pylist()
+    if (Path(uri) / "parts").is_dir():  # the layout before the Delta table
+        import pyarrow.dataset as ds
+
+        rows = ds.dataset(str(Path(uri) / "parts"), format="parquet").to_table(
+            columns=list(CONTENT)).to_pylist()
+    else:
+        from pipelines.output import JobOutput
+
+        rows = JobOutput(uri).read(list(CONTENT)).to_pylist()
     return sorted(rows, key=lambda r: r["row_id"])
 
 

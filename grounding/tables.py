@@ -32,7 +32,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from grounding.storage import StorageOptions
@@ -235,9 +235,3 @@ def row_count(dt) -> int:
         return 0
     return int(sum(v or 0 for v in t.column("num_records").to_pylist()))
 
-
-def bits(values: Iterable[int]) -> int:
-    out = 0
-    for v in values:
-        out |= 1 << v
-    return out
