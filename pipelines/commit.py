@@ -78,7 +78,9 @@ def write_group(spec: WriteSpec, leftover, *blocks):
             parts.append(b.select(schema.PARSED.names).cast(schema.PARSED))
     if not parts:
         return [], schema.PARSED.empty_table()
-    t = pa.concat_tables(parts)
+    # One row per row id before counting: a block handed on twice (a task retried after its
+    # worker died) must not make a piece look whole while one of its rows is still missing.
+    t = _dedupe(pa.concat_tables(parts))
     retry = pc.is_valid(t["retry_of"])
     new, again = t.filter(pc.invert(retry)), t.filter(retry)
     proposals, waiting = [], []
@@ -93,7 +95,7 @@ def write_group(spec: WriteSpec, leftover, *blocks):
     done = new.filter(mask)
     waiting.append(new.filter(pc.invert(mask)))
     if done.num_rows:
-        done = _dedupe(done.sort_by([("shard", "ascending"), ("piece", "ascending")]))
+        done = done.sort_by([("shard", "ascending"), ("piece", "ascending")])
         for part in _files_of(done, spec.commit_rows):
             rec = dict(file_record(part), piece_rows=spec.piece_rows, run=spec.run)
             proposals.append({"kind": "add", "file": _write_file(spec, part.select(
@@ -109,7 +111,6 @@ def write_group(spec: WriteSpec, leftover, *blocks):
         if have[f] < need_f[f]:
             waiting.append(rows)
             continue
-        rows = _dedupe(rows)
         old = out._read_file(f)
         keep = old.filter(pc.invert(pc.is_in(old["row_id"], value_set=rows["row_id"])))
         piece = pa.array([None] * keep.num_rows, pa.int64())
@@ -222,7 +223,7 @@ class Committer:
                     leftover = self._flush(write, leftover, pending)
                     pending, rows, since = [], 0, None
             if leftover is not None:
-                left = ray.get(leftover)
+                left = self._not_committed(ray.get(leftover))
                 if left.num_rows:
                     raise RuntimeError(
                         f"{left.num_rows} row(s) of {len(set(left['piece'].to_pylist()))} "
@@ -231,6 +232,17 @@ class Committer:
         finally:
             stop.set()
         return self.commits
+
+    def _not_committed(self, left):
+        """Rows left over at the end, less copies of rows of pieces this run committed (a
+        block handed on twice)."""
+        import pyarrow as pa
+
+        done = {(s, p) for c in self.commits if c.get("kind") == "add"
+                for s, rngs in c["pieces"].items() for a, b in rngs for p in range(a, b)}
+        keep = [(s, p) not in done for s, p in zip(left["shard"].to_pylist(),
+                                                   left["piece"].to_pylist(), strict=True)]
+        return left.filter(pa.array(keep, pa.bool_()))
 
     def _flush(self, write, leftover, pending):
         import ray
