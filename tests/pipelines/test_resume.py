@@ -303,10 +303,13 @@ def test_an_output_of_the_old_layout_is_not_resumed(tmp_path):
 
 
 def test_anyone_reads_an_output_with_ordinary_tools(tmp_path, ray_local):
-    """deltalake, polars and Ray Data read a job output's current version as it is."""
+    """deltalake, polars and Ray Data read a job output's current version, and a reviewed-label
+    store's, as they are."""
     import deltalake
     import polars as pl
     import ray
+
+    from grounding.store import ReviewStore, decision_record
 
     rows = [{"row_id": f"s:{i}", "status": "ok", "score": i / 10} for i in range(5)]
     out = job_table(tmp_path / "out", rows)
@@ -315,6 +318,12 @@ def test_anyone_reads_an_output_with_ordinary_tools(tmp_path, ray_local):
     assert pl.read_delta(str(out)).height == 5
     assert sorted(r["row_id"] for r in ray.data.read_delta(str(out)).take_all()) == \
         [f"s:{i}" for i in range(5)]
+    store = ReviewStore(str(tmp_path / "store"))
+    store.append([decision_record({"item_id": f"i{k}", "text": "x", "boxes": [[1, 2, 3, 4]]},
+                                  "accept") for k in range(3)], source="test")
+    for read in (lambda u: deltalake.DeltaTable(u).to_pyarrow_table().num_rows,
+                 lambda u: pl.read_delta(u).height, lambda u: ray.data.read_delta(u).count()):
+        assert read(str(tmp_path / "store")) == 3
 
 
 # ---- real jobs ---------------------------------------------------------------------------------
