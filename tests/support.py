@@ -6,6 +6,7 @@ import json
 import socket
 import struct
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -177,6 +178,28 @@ def job_table(out: Path, rows: list[dict], job_id: str = "job-test", piece_rows:
                            job_id, {})
     commit_rows(output, job, schema.table(rows, schema.OUTPUT))
     return out
+
+
+@contextmanager
+def web_server(port: int, directory: Path):
+    """A static web server (``python -m http.server``, a process) on 127.0.0.1:``port`` serving
+    ``directory``, up once it accepts connections; stopped on exit."""
+    import subprocess
+    import sys
+    import time
+
+    web = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind",
+                            "127.0.0.1", "--directory", str(directory)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 30
+        while not port_open(port):
+            assert time.time() < deadline and web.poll() is None, "web server did not start"
+            time.sleep(0.1)
+        yield
+    finally:
+        web.kill()
+        web.wait()
 
 
 # ---- a real Ray cluster as separate `ray start` processes (tests/cluster) --------------------

@@ -108,11 +108,7 @@ def test_base64_jpeg_is_not_taken_for_an_absolute_path(tmp_path):
 def test_a_web_server_that_is_down_is_a_transient_failure_and_a_404_is_missing(tmp_path):
     """fsspec reports every failed HTTP request as FileNotFoundError: a refused connection
     (server down) was coded ``missing``, permanent, so a rerun never retried the row."""
-    import subprocess
-    import sys
-    import time
-
-    from support import free_port, port_open
+    from support import free_port, web_server
 
     from grounding.images import ImageError, read_bytes
 
@@ -120,16 +116,7 @@ def test_a_web_server_that_is_down_is_a_transient_failure_and_a_404_is_missing(t
     with pytest.raises(ImageError) as down:
         read_bytes(f"http://127.0.0.1:{port}/a.png")
     assert down.value.code == "fetch_failed" and "Cannot connect" in str(down.value)
-    web = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind",
-                            "127.0.0.1", "--directory", str(tmp_path)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 30
-        while not port_open(port):
-            assert time.time() < deadline
-            time.sleep(0.1)
+    with web_server(port, tmp_path):
         with pytest.raises(ImageError) as gone:
             read_bytes(f"http://127.0.0.1:{port}/a.png")
         assert gone.value.code == "missing"
-    finally:
-        web.kill()

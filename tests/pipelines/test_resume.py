@@ -448,19 +448,10 @@ def test_a_rerun_retries_transient_rows_and_replaces_them(tmp_path):
     first = json.loads((out / "_summary.json").read_text())
     assert first["errors"] == {"fetch_failed": 2}, first
     versions = _committed_versions(out)
-    web = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind",
-                            "127.0.0.1", "--directory", str(data.parent)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        from support import port_open
+    from support import web_server
 
-        deadline = time.time() + 30
-        while not port_open(port):
-            assert time.time() < deadline
-            time.sleep(0.1)
+    with web_server(port, data.parent):
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    finally:
-        web.kill()
     assert res.returncode == 0, res.stderr[-3000:]
     assert "retrying 2 row(s) with a transient error" in res.stdout
     replaced = res.stdout.count("replaced part-")      # one commit per file replaced
