@@ -301,7 +301,7 @@ class ReviewStore:
             return []
         # history() of the newest table: a time-travelled table's history has wrong versions
         # (delta-rs 1.6.6).
-        recs = [r for r in tables.records(dtable) if r["version"] >= 1 and "records" in r]
+        recs = [r for r in tables.records(dtable, storage=self.opts) if r["version"] >= 1 and "records" in r]
         return sorted(recs, key=lambda r: r["version"])
 
     def latest(self) -> int:

@@ -145,19 +145,52 @@ class Committed:
     recovered: bool = False
 
 
-def records(dt, limit: int | None = None) -> list[dict]:
+def records(dt, limit: int | None = None, storage: StorageOptions | None = None
+            ) -> list[dict]:
     """Our records of the table's commits, newest first: each is the commit's ``groundlabel``
     object plus ``version`` and ``timestamp`` (ms). Commits by other writers (OPTIMIZE, a
-    user's own append) have none and are left out."""
+    user's own append) have none and are left out, and so are entries removed by log clean-up.
+
+    Read from the log entries themselves (``_delta_log/NNN.json``, the ``commitInfo`` line),
+    fetched concurrently: delta-rs's ``history`` fetches them one after another, 4.3 ms each
+    on moto over loopback and tens of ms on S3, which made resume planning at 10M rows (2,500
+    commits) take 30 s. ``storage`` must be what ``dt`` was opened with."""
+    from grounding.storage import filesystem
+
+    top = dt.version()
+    versions = list(range(top, -1 if limit is None else max(-1, top - limit), -1))
+    if not versions:
+        return []
+    fs, root = filesystem(dt.table_uri, storage)
+    log = root.rstrip("/") + "/_delta_log/"
     out = []
-    for h in dt.history(limit):
-        raw = h.get(RECORD_KEY)
-        if not raw:
-            continue
-        rec = json.loads(raw) if isinstance(raw, str) else dict(raw)
-        rec.update(version=h["version"], timestamp=h.get("timestamp"))
-        out.append(rec)
+    for i in range(0, len(versions), _READ_BATCH):  # bounded: a few KB an entry in memory
+        batch = [f"{log}{v:020d}.json" for v in versions[i:i + _READ_BATCH]]
+        got = fs.cat(batch, on_error="omit")
+        for v, path in zip(versions[i:i + _READ_BATCH], batch, strict=True):
+            rec = _record(got.get(path) or got.get(fs._strip_protocol(path)))
+            if rec is not None:
+                rec.update(version=v)
+                out.append(rec)
     return out
+
+
+_READ_BATCH = 1000
+
+
+def _record(entry: bytes | None) -> dict | None:
+    """Our record in one log entry (its ``commitInfo`` action), with ``timestamp``."""
+    for line in (entry or b"").splitlines():
+        if b'"commitInfo"' not in line:
+            continue
+        info = json.loads(line).get("commitInfo") or {}
+        raw = info.get(RECORD_KEY)
+        if not raw:
+            return None
+        rec = json.loads(raw) if isinstance(raw, str) else dict(raw)
+        rec["timestamp"] = info.get("timestamp")
+        return rec
+    return None
 
 
 def _landed(uri: str, storage, read_version: int, commit_id: str) -> int | None:
@@ -166,7 +199,7 @@ def _landed(uri: str, storage, read_version: int, commit_id: str) -> int | None:
     new = dt.version() - read_version
     if new <= 0:
         return None
-    for rec in records(dt, new):
+    for rec in records(dt, new, storage):
         if rec.get("commit_id") == commit_id:
             return rec["version"]
     return None

@@ -307,7 +307,7 @@ class JobOutput:
         dt = self.table()
         current = set(tables.file_paths(dt))
         files: dict[str, dict] = {}
-        for rec in tables.records(dt):  # newest first: a file's record is its adding commit
+        for rec in tables.records(dt, storage=self.storage):  # newest first: a file's record is its adding commit
             f = rec.get("file")
             if f in current and f not in files:
                 files[f] = rec
