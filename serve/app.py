@@ -17,6 +17,12 @@ serving. Every input problem is a 4xx JSON ``{"error": {"code", "message"}}`` ra
 engine (`serve.guards`); if an engine batch still fails, its requests are retried one by one
 so only the culprit fails (`serve.batching`).
 
+What is checked where (docs/architecture.md): Serve's proxy and then each replica run the
+request gate (`serve.gate`: reserved Ray headers, API key, ``Content-Length``, per-key cap, the
+body read under ``body_timeout_s``, the request under ``request_timeout_s``) before a body is
+read; the route then parses the body, decodes the image and counts tokens in a bounded thread
+pool of its own (``cpu_workers``), so the event loop only routes.
+
 Auth cannot be off by accident: with no API keys a replica refuses to start unless Serve's
 proxy listens on loopback only or ``insecure_no_auth`` is set. ``/v1/ground`` and
 ``/v1/models`` need a key whenever keys are set, ``/metrics`` too unless ``metrics_public``;
@@ -33,20 +39,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 
 from serve.config import ServeConfig
+from serve.gate import Gate, configure_replica, replica_settings
 from serve.guards import (
     ApiError,
     check_auth,
     check_image_shape,
     load_image,
+    parse_request,
     read_request,
 )
 from serve.schema import GroundRequest, GroundResponse
@@ -57,6 +65,8 @@ api = FastAPI(title="groundlabel", version="1",
               description="Visual grounding: an image and a referring expression in, boxes in "
                           "original-image pixels out (xyxy), from the model and adapters the "
                           "batch jobs use.")
+# Before FastAPI reads anything: key, size, per-key cap, body and request deadlines.
+api.add_middleware(Gate, settings=replica_settings, role="replica")
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -115,6 +125,13 @@ class GroundingService:
 
         self.cfg = cfg
         self.ready = False
+        configure_replica(cfg.gate_settings())
+        # CPU work of requests (JSON, image decoding, token counts) runs here, never on the
+        # event loop nor in asyncio's default pool (fetches, adapter loads, engine calls);
+        # the semaphore admits at most cpu_workers requests to it, and a request waiting for
+        # it can still be cancelled by its deadline.
+        self.cpu_pool = ThreadPoolExecutor(cfg.cpu_workers, thread_name_prefix="gl-cpu")
+        self.cpu_slots = asyncio.Semaphore(cfg.cpu_workers)
         # Here, in the replica, because this is the environment check_auth reads keys from, and
         # every way to start the app (groundlabel serve, serve run/deploy) reaches it.
         host = _proxy_host(cfg)
@@ -184,34 +201,53 @@ class GroundingService:
         self.m_batch.observe(len(inputs))
         return await asyncio.to_thread(self._generate_isolated, inputs)
 
+    async def _cpu(self, fn, *args):
+        """``fn(*args)`` in the replica's CPU pool, at most ``cpu_workers`` at once."""
+        async with self.cpu_slots:
+            return await asyncio.get_running_loop().run_in_executor(self.cpu_pool, fn, *args)
+
+    def _parse(self, body: bytes):
+        req = parse_request(self.cfg, body, self.family)
+        self.budget.check_text(req.text)
+        return req
+
+    def _image(self, ref: str):
+        img = load_image(self.cfg, self.uris, ref)
+        return img, check_image_shape(self.grounder.reader.resize, img.size)
+
+    def _prepare(self, img, text: str, adapter, model_size):
+        from grounding.engines.base import EngineInput
+        from grounding.engines.grounder import GroundingRequest
+
+        prepared = self.grounder.prepare(GroundingRequest(img, text, adapter))
+        if not isinstance(prepared, EngineInput):
+            raise ApiError(422, prepared.error_code or "bad_request", prepared.error or "")
+        self.budget.check(prepared.prompt, model_size)  # before batching: fails alone
+        return prepared
+
     # -- routes ----------------------------------------------------------------------------
-    # The body is read and checked by hand (serve.guards.read_request: size, depth, schema),
-    # so FastAPI does not see it: openapi_extra puts its schema in the OpenAPI document.
+    # The body is read and checked by hand (serve.guards.read_request, parse_request: size,
+    # JSON values and depth, schema, Unicode), so FastAPI does not see it: openapi_extra puts
+    # its schema in the OpenAPI document.
     @api.post("/v1/ground", response_model=GroundResponse,
               responses={400: {}, 401: {}, 403: {}, 404: {}, 413: {}, 422: {}, 503: {}},
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": GroundRequest.model_json_schema()}}}})
     async def ground(self, request: Request):
         """Boxes for one image and one referring expression."""
-        from grounding.engines.base import EngineInput
-
         t0 = time.perf_counter()
         try:
             check_auth(self.cfg, request)
-            req = await read_request(self.cfg, request, self.family)
-            img = await asyncio.to_thread(load_image, self.cfg, self.uris, req.image)
-            model_size = check_image_shape(self.grounder.reader.resize, img.size)
+            body = await read_request(self.cfg, request)
+            req = await self._cpu(self._parse, body)
+            del body
+            img, model_size = await self._cpu(self._image, req.image)
             adapter = await asyncio.to_thread(self.follower.adapter_for, req.adapter)
-            from grounding.engines.grounder import GroundingRequest
-
-            prepared = self.grounder.prepare(GroundingRequest(img, req.text, adapter))
-            if not isinstance(prepared, EngineInput):
-                raise ApiError(422, prepared.error_code or "bad_request", prepared.error or "")
-            self.budget.check(prepared.prompt, model_size)  # before batching: fails alone
+            prepared = await self._cpu(self._prepare, img, req.text, adapter, model_size)
             gen = await self._batched(prepared)
             if isinstance(gen, ApiError):
                 raise gen
-            res = self.grounder.finish(gen, img.size)
+            res = await self._cpu(self.grounder.finish, gen, img.size)
         except ApiError as e:
             self.m_requests.labels(str(e.status)).inc()
             return _error(e.status, e.code, e.message)
@@ -263,7 +299,12 @@ class GroundingService:
 
 def build_app(args: dict | ServeConfig | None = None):
     """The Serve application (also the ``import_path`` target of a ``serve run`` config:
-    ``serve.app:build_app``, with ServeConfig fields as ``args``)."""
+    ``serve.app:build_app``, with ServeConfig fields as ``args``).
+
+    API keys never enter the application's config nor its ``runtime_env`` (Ray's dashboard
+    shows both unredacted): replicas read them from ``api_keys_file`` or from their own
+    process environment (``api_keys_env``: a cluster's Secret, or a local Ray's workers,
+    which inherit the environment of the process that started Ray)."""
     cfg = args if isinstance(args, ServeConfig) else ServeConfig(**(args or {}))
     dep = GroundingService.options(
         num_replicas=cfg.num_replicas,
@@ -271,8 +312,6 @@ def build_app(args: dict | ServeConfig | None = None):
         max_ongoing_requests=max(8, 2 * cfg.max_batch_size),
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus,
                            "runtime_env": {"env_vars": {
-                               "OMP_NUM_THREADS": str(max(1, int(cfg.num_cpus))),
-                               **({cfg.api_keys_env: os.environ[cfg.api_keys_env]}
-                                  if os.environ.get(cfg.api_keys_env) else {})}}},
+                               "OMP_NUM_THREADS": str(max(1, int(cfg.num_cpus)))}}},
     )
     return dep.bind(cfg)

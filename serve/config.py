@@ -22,9 +22,16 @@ class ServeConfig(Settings):
                                      "is no registry; requests name them by folder name.")
     poll_s: float = Field(1.0, gt=0, description="How often the registry pointer is read.")
     api_keys_env: str = Field("GROUNDLABEL_API_KEYS", description="Environment variable with "
-                              "comma-separated API keys (of the replicas: a Kubernetes Secret "
-                              "on a cluster). Unset or empty is refused unless the endpoint "
-                              "listens on loopback only or --insecure-no-auth is given.")
+                              "comma-separated API keys, read in each replica's (and the "
+                              "proxy's) own process environment when api_keys_file is unset. "
+                              "Never copied into a runtime_env (Ray's dashboard shows those). "
+                              "Unset or empty is refused unless the endpoint listens on "
+                              "loopback only or --insecure-no-auth is given.")
+    api_keys_file: str | None = Field(None, description="File with the API keys (one a line, "
+                                      "or comma-separated), read by the replicas and the "
+                                      "proxy's gate: the path of a mounted Kubernetes Secret. "
+                                      "Re-read when it changes. Takes precedence over "
+                                      "api_keys_env.")
     insecure_no_auth: bool = Field(False, description="Serve WITHOUT API keys on a non-loopback "
                                    "host (a warning is logged). Without this flag the endpoint "
                                    "refuses to start when no keys are set and it is reachable "
@@ -38,6 +45,18 @@ class ServeConfig(Settings):
     max_image_pixels: int = Field(16_000_000, ge=1, description="Decoded images above this "
                                   "many pixels are refused with 413.")
     max_text_chars: int = Field(1000, ge=1, description="Longest referring expression.")
+    body_timeout_s: float = Field(10.0, gt=0, description="Deadline to receive a request's "
+                                  "whole body, from its headers; a client still sending is "
+                                  "answered 408 and its connection closed.")
+    request_timeout_s: float = Field(60.0, gt=0, description="Deadline of a whole request "
+                                     "(Serve's proxy answers 408 and cancels it in the "
+                                     "replica; the replica enforces it too).")
+    max_requests_per_key: int = Field(32, ge=1, description="Requests one API key may have in "
+                                      "flight at once (per proxy and per replica); more are "
+                                      "answered 429 before their body is read.")
+    cpu_workers: int = Field(2, ge=1, description="Threads per replica for the CPU work of a "
+                             "request (JSON parsing, image decoding, token counting), and the "
+                             "most requests doing it at once: the event loop only routes.")
     allowed_uri_prefixes: list[str] = Field(default_factory=list, description="Image URIs a "
                                             "request may name: same scheme, host and port as "
                                             "one of these, and a path under its folder (e.g. "
@@ -55,10 +74,24 @@ class ServeConfig(Settings):
     ray: RaySettings = Field(default_factory=RaySettings, description="The Ray cluster.")
 
     def api_keys(self) -> list[str]:
-        """The API keys in this process's environment (``api_keys_env``), stripped."""
-        import os
+        """The API keys: from ``api_keys_file`` when set, else from this process's
+        environment (``api_keys_env``), stripped."""
+        from serve.gate import read_api_keys
 
-        return [k.strip() for k in os.environ.get(self.api_keys_env, "").split(",") if k.strip()]
+        return read_api_keys(self.api_keys_env, self.api_keys_file)
+
+    def gate_settings(self):
+        """The settings of the request gate (`serve.gate`) in the proxy and the replicas: key
+        source (never the keys), limits and deadlines."""
+        from serve.gate import GateSettings
+
+        public = ["/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc",
+                  "/openapi.json"] + (["/metrics"] if self.metrics_public else [])
+        return GateSettings(api_keys_env=self.api_keys_env, api_keys_file=self.api_keys_file,
+                            public_paths=public, max_body_bytes=self.max_body_bytes,
+                            body_timeout_s=self.body_timeout_s,
+                            request_timeout_s=self.request_timeout_s,
+                            max_requests_per_key=self.max_requests_per_key)
 
     def auth_refusal(self, host: str) -> str | None:
         """Why the endpoint must not start without keys when its proxy listens on ``host``
@@ -66,7 +99,7 @@ class ServeConfig(Settings):
         if self.api_keys() or self.insecure_no_auth or is_loopback(host):
             return None
         return (f"no API keys: set {self.api_keys_env} (comma-separated keys) in the "
-                f"replicas' environment, or pass --insecure-no-auth (insecure_no_auth: true) "
+                f"replicas' environment or name a file of keys with --api-keys-file, or pass --insecure-no-auth (insecure_no_auth: true) "
                 f"to serve without authentication on {host!r}, which is not a loopback address")
 
     @field_validator("allowed_uri_prefixes")

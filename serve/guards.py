@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import json
 import posixpath
+import threading
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
@@ -132,9 +133,32 @@ def json_depth(value) -> int:
     return deepest
 
 
-def parse_json(body: bytes):
-    """The body parsed as JSON, or ApiError 400 (not JSON, or nested deeper than
-    `MAX_JSON_DEPTH`)."""
+def max_json_values(max_text_chars: int) -> int:
+    """The most ``[``, ``{`` and ``,`` bytes a request body can need: the body is one flat
+    object of at most four string fields (3 commas, 1 brace), and only the text (at most
+    ``max_text_chars``) or a URI can hold these characters in any number."""
+    return 2 * max_text_chars + 256
+
+
+def check_json_size(body: bytes, max_values: int) -> None:
+    """ApiError 400 ``json_too_large`` when ``body`` has more ``[``, ``{`` and ``,`` bytes than
+    ``max_values``, counted with ``bytes.count`` (C speed, no Python objects built): an 8 MB
+    ``[0,0,...]`` is 4 million values that ``json.loads`` would take seconds and hundreds of
+    MB to build, all of them refused by the schema afterwards. Bytes inside strings are
+    counted too, which only over-counts: the bound leaves room for a text made of them."""
+    n = body.count(b",") + body.count(b"[") + body.count(b"{")
+    if n > max_values:
+        raise ApiError(400, "json_too_large", f"the body has {n} JSON values or more; a "
+                       f"request is one object of at most 4 string fields ({max_values} "
+                       "brackets and commas at most)")
+
+
+def parse_json(body: bytes, max_values: int | None = None):
+    """The body parsed as JSON, or ApiError 400 (more than ``max_values`` brackets and commas,
+    see `check_json_size`; not JSON; nested deeper than `MAX_JSON_DEPTH`). CPU work: the
+    endpoint runs it in its own bounded pool, never on the event loop."""
+    if max_values is not None:
+        check_json_size(body, max_values)
     try:
         data = json.loads(body)
     except RecursionError:
@@ -147,42 +171,81 @@ def parse_json(body: bytes):
     return data
 
 
+def presented_key(headers) -> str:
+    """The API key a request presents (``X-API-Key``, else ``Authorization: Bearer``), or ""."""
+    got = headers.get("x-api-key") or ""
+    auth = headers.get("authorization") or ""
+    if not got and auth[:7].lower() == "bearer ":
+        got = auth[7:]
+    return got
+
+
+def matching_key(keys: list[str], got: str) -> str | None:
+    """The configured key equal to ``got`` (constant-time comparisons), or None."""
+    found = None
+    for k in keys:
+        if hmac.compare_digest(got.encode("utf-8", "surrogatepass"), k.encode()):
+            found = k
+    return found
+
+
 def check_auth(cfg, request) -> None:
     """ApiError 401 unless the request carries one of the configured API keys (none configured:
     allowed, which `serve.config.ServeConfig.auth_refusal` permits only on loopback or with
-    ``--insecure-no-auth``)."""
+    ``--insecure-no-auth``). The gate (`serve.gate`) checks this before the body is read; this
+    is the route's own check."""
     keys = cfg.api_keys()
-    if not keys:
-        return
-    got = request.headers.get("x-api-key") or ""
-    auth = request.headers.get("authorization") or ""
-    if auth.lower().startswith("bearer "):
-        got = got or auth[7:]
-    if not any(hmac.compare_digest(got.encode(), k.encode()) for k in keys):
+    if keys and matching_key(keys, presented_key(request.headers)) is None:
         raise ApiError(401, "unauthorized", "missing or wrong API key (X-API-Key header "
                        "or Authorization: Bearer)")
 
-async def read_request(cfg, request, family: str):
-    """The body as a `GroundRequest`, or ApiError 4xx (size, JSON, schema, text, family)."""
-    from serve.schema import GroundRequest
 
+async def read_request(cfg, request) -> bytes:
+    """The body's bytes, or ApiError 413. Only I/O: parse it with `parse_request`, off the
+    event loop."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > cfg.max_body_bytes:
         raise ApiError(413, "payload_too_large",
                        f"body of {declared} bytes, limit {cfg.max_body_bytes}")
-    body = b""
+    chunks, size = [], 0
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > cfg.max_body_bytes:
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > cfg.max_body_bytes:
             raise ApiError(413, "payload_too_large",
                            f"body over the limit of {cfg.max_body_bytes} bytes")
-    data = parse_json(body)
+    return b"".join(chunks)
+
+
+def _proper_unicode(name: str, value: str) -> None:
+    """ApiError 422 ``invalid_unicode`` for a string that is not valid Unicode text: JSON's
+    ``"\\ud800"`` escapes decode to lone surrogates, which no UTF-8 encoder (tokenizers,
+    logs, storage) accepts."""
+    if value.isascii():
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(422, "invalid_unicode", f"{name} is not valid Unicode (a lone "
+                       "surrogate such as \\ud800)") from None
+
+
+def parse_request(cfg, body: bytes, family: str):
+    """``body`` as a `GroundRequest`, or ApiError 4xx (JSON size and depth, schema, Unicode,
+    text, family). CPU work: run it in the endpoint's pool."""
+    from serve.schema import GroundRequest
+
+    data = parse_json(body, max_json_values(cfg.max_text_chars))
     try:
         req = GroundRequest.model_validate(data)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, p['loc'])) or 'body'}: {p['msg']}"
                              for p in e.errors()[:5])
-        raise ApiError(422, "bad_request", problems) from None
+        raise ApiError(422, "bad_request", problems.encode("utf-8", "replace").decode())\
+            from None
+    for name in ("text", "image", "adapter", "family"):
+        if (value := getattr(req, name)) is not None:
+            _proper_unicode(name, value)
     if not req.text.strip():
         raise ApiError(422, "empty_text", "text (the referring expression) is empty")
     if len(req.text) > cfg.max_text_chars:
@@ -238,10 +301,21 @@ class TokenBudget:
         # Our own tokenizer object: the engine's is used by vLLM in another thread, and a Rust
         # tokenizer shared across threads can fail with "Already borrowed".
         self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self._lock = threading.Lock()  # ours is shared by the replica's CPU-pool threads too
         self.resize, self.max_model_len, self.max_new_tokens = resize, max_model_len, max_new_tokens
         pad = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
         self.image_pad = pad if isinstance(pad, int) and pad != self.tokenizer.unk_token_id \
             else None
+        self.control_tokens = control_tokens(self.tokenizer)
+
+    def check_text(self, text: str) -> None:
+        """ApiError 422 ``control_token_in_text`` when the referring expression spells one of
+        the tokenizer's special tokens (see `control_tokens`)."""
+        found = [t for t in self.control_tokens if t in text]
+        if found:
+            raise ApiError(422, "control_token_in_text", "the text contains the model's "
+                           f"control token(s) {', '.join(found[:5])}: they would be read as "
+                           "chat structure (turns, image placeholders), not as text")
 
     def image_tokens(self, model_size: tuple[int, int]) -> int:
         """Tokens of an image whose model input is ``model_size`` (width, height)."""
@@ -250,7 +324,12 @@ class TokenBudget:
 
     def count(self, prompt: str, model_size: tuple[int, int]) -> int:
         """Prompt + image + answer tokens of one request."""
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        try:
+            with self._lock:
+                ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        except (TypeError, ValueError) as e:  # tokenizers: TypeError for a lone surrogate
+            raise ApiError(422, "bad_text", f"the tokenizer cannot read the text "
+                           f"({type(e).__name__})") from None
         pads = ids.count(self.image_pad) if self.image_pad is not None else 0
         return len(ids) - pads + pads * self.image_tokens(model_size) + self.max_new_tokens
 
@@ -263,3 +342,19 @@ class TokenBudget:
                            f"{self.max_new_tokens} answer tokens), the model takes "
                            f"{self.max_model_len}: shorten the text")
         return n
+
+
+def control_tokens(tokenizer) -> list[str]:
+    """The strings a request's text must not contain: every token the tokenizer marks
+    *special* (its special tokens and its added tokens flagged ``special``: chat-turn markers
+    such as ``<|im_start|>``, image placeholders such as ``<|image_pad|>``/``<|vision_start|>``,
+    box markers, end of text). Tokenizers split these out of ordinary text, so a text holding
+    one would forge chat structure: a turn, an assistant answer, or extra image placeholders.
+    Taken from the tokenizer, not from a list per family, so that it holds for every family;
+    added tokens NOT flagged special (e.g. the tiny model's coordinate numbers ``0``..``1000``,
+    PaliGemma's ``<loc0000>``) are ordinary vocabulary and stay allowed."""
+    found = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for tok in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values():
+        if getattr(tok, "special", False):
+            found.add(str(tok.content))
+    return sorted((t for t in found if t and t.strip()), key=len, reverse=True)
