@@ -37,7 +37,10 @@ ERRORS: dict[str, ErrorCode] = {
     "too_large": ErrorCode("too many bytes, a decompression bomb, or an aspect ratio the model "
                            "cannot take", False),
     "corrupt": ErrorCode("no decoder accepts the bytes", False),
-    "bad_image_ref": ErrorCode("the image reference is of an unsupported kind", False),
+    "unsupported_format": ErrorCode("a known image format that is not accepted (SVG, EPS, PSD, "
+                                    "PDF, ...; accepted: PNG, JPEG, WebP, GIF, TIFF, BMP)", False),
+    "bad_image_ref": ErrorCode("the image reference is of an unsupported kind: a URI refused by "
+                               "grounding.uris, or a path that is no regular file", False),
     # the model (grounder, infer stage)
     "unknown_adapter": ErrorCode("the row names an adapter the job does not have", False),
     "bad_text": ErrorCode("the family refused the expression", False),

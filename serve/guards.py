@@ -12,66 +12,34 @@ from __future__ import annotations
 
 import hmac
 import json
-import posixpath
 import threading
-from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from dataclasses import replace
 
 from pydantic import ValidationError
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+from grounding.uris import Uri, UriError, parse_uri
 
 
-@dataclass(frozen=True)
-class _Place:
-    """A URI taken apart: scheme, host, port, and a normalised absolute path."""
-
-    scheme: str
-    host: str
-    port: int | None
-    path: str
-
-
-def _parse(uri: str, *, what: str) -> _Place:
-    """``uri`` taken apart, or ValueError saying why it cannot be compared safely.
-
-    A plain path is a ``file`` URI. The path is percent-decoded BEFORE it is checked, so
-    ``%2e%2e`` is a ``..`` like any other.
-    """
-    if any(c in uri for c in ("\\", "\x00", "\r", "\n", "\t")):
-        raise ValueError(f"{what} has a backslash or a control character")
-    if "://" not in uri:
-        if not uri.startswith("/"):
-            raise ValueError(f"{what} must be an absolute path or a URI with a scheme")
-        uri = "file://" + uri
-    parts = urlsplit(uri)
-    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
-        raise ValueError(f"{what} carries user information (user@host): refused")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"{what} has a bad port") from None
-    scheme = parts.scheme.lower()
-    path = unquote(parts.path) or "/"
-    segments = path.split("/")
-    if ".." in segments or "." in segments:
-        raise ValueError(f"{what} has '.' or '..' in its path")
-    path = posixpath.normpath(path)  # collapses '//' (the only change left to make)
-    if path.startswith("//"):
-        path = "/" + path.lstrip("/")
-    return _Place(scheme, (parts.hostname or "").lower(), port or _DEFAULT_PORTS.get(scheme),
-                  path)
+def _parse(uri: str | Uri, *, what: str) -> Uri:
+    """``uri`` parsed by `grounding.uris.parse_uri` (a plain path is a ``file`` URI), local
+    files resolved to their real path; ValueError saying why it cannot be compared safely."""
+    got = uri if isinstance(uri, Uri) else parse_uri(uri, what=what)
+    return got.resolved_path()
 
 
 class UriAllowList:
-    """Image URIs a request may name, compared on PARSED parts, never on raw text:
+    """Image URIs a request may name, compared on the PARSED `grounding.uris.Uri`, never on raw
+    text, and that same object is what `load_image` fetches:
 
     * the scheme and the host (case-insensitive) and the port must be a prefix's own;
     * the path must lie under the prefix's path, which is taken to end at a ``/``
       (``s3://b/img`` allows ``s3://b/img/x.png``, never ``s3://b/img-private/x.png``);
+    * local files are compared by REAL path (symlinks followed, the prefix's too): a link in
+      the allowed folder pointing outside it is refused;
     * user information (``https://trusted@evil.example/``) is refused, in prefixes too;
-    * ``.``/``..`` segments (also percent-encoded), backslashes and control characters are
-      refused rather than normalised away.
+    * everything `grounding.uris.parse_uri` refuses (``.``/``..`` segments also encoded, an
+      encoded ``/``, ``::``, whitespace and control characters, backslashes, fragments, a query
+      outside http(s)) is refused rather than normalised away.
 
     An empty list allows nothing (requests send the image itself, base64). Redirects are
     checked by the fetch, which follows none (`grounding.images.read_bytes`).
@@ -79,14 +47,18 @@ class UriAllowList:
 
     def __init__(self, prefixes: list[str]):
         self.prefixes = list(prefixes)
-        self._places = []
+        self._places: list[Uri] = []
         for p in prefixes:
-            place = _parse(p, what=f"allowed URI prefix {p!r}")
+            what = f"allowed URI prefix {p!r}"
+            place = _parse(p, what=what)
+            if place.query:
+                raise ValueError(f"{what} has a query")
             path = place.path if place.path.endswith("/") else place.path + "/"
-            self._places.append(_Place(place.scheme, place.host, place.port, path))
+            self._places.append(replace(place, path=path))
 
-    def why_not(self, uri: str) -> str | None:
-        """None when ``uri`` is allowed, else the reason (safe to show to the client)."""
+    def why_not(self, uri: str | Uri) -> str | None:
+        """None when ``uri`` is allowed, else the reason (safe to show to the client). Give it
+        the parsed `Uri` that will be fetched (a string is parsed here)."""
         if not self._places:
             return "image URIs are not accepted here: send the image as base64"
         try:
@@ -111,7 +83,8 @@ class ApiError(Exception):
 
 # Image errors -> HTTP status.
 _IMAGE_STATUS = {"too_large": 413, "missing": 422, "fetch_failed": 422, "empty_image": 422,
-                 "corrupt": 422, "zero_size": 422, "bad_image_ref": 400}
+                 "corrupt": 422, "zero_size": 422, "bad_image_ref": 400,
+                 "unsupported_format": 415}
 
 
 # A request body is one flat object (depth 1). Anything much deeper is hostile; the bound is
@@ -256,20 +229,52 @@ def parse_request(cfg, body: bytes, family: str):
                        f"not {req.family!r}")
     return req
 
-def load_image(cfg, uris: UriAllowList, ref: str):
-    """The request's image (RGB PIL), or ApiError 4xx."""
-    from grounding.images import ImageError, decode, is_base64_image, read_bytes
+def fetch_image(cfg, uris: UriAllowList, ref: str) -> bytes:
+    """The request's image bytes, or ApiError 4xx. A path/URI is parsed once; that parsed
+    object (local files: their real path) is checked against ``uris`` and fetched."""
+    from grounding.images import ImageError, is_base64_image, read_bytes
+    from grounding.uris import looks_like_uri
 
     try:
-        is_ref = not (ref.startswith("data:") or is_base64_image(ref))
-        if is_ref and (why := uris.why_not(ref)):
-            raise ApiError(403, "uri_not_allowed", why)
+        src: str | Uri = ref
+        if not ref.startswith("data:") and not is_base64_image(ref) and looks_like_uri(ref):
+            try:
+                src = _parse(ref, what="the image URI")
+            except UriError as e:
+                raise ApiError(403, "uri_not_allowed", str(e)) from None
+            if why := uris.why_not(src):
+                raise ApiError(403, "uri_not_allowed", why)
         # The allow-list checked this URI only: a redirect elsewhere is refused, not followed.
-        data = read_bytes(ref, cfg.storage, max_bytes=cfg.max_body_bytes,
+        return read_bytes(src, cfg.storage, max_bytes=cfg.max_body_bytes,
                           follow_redirects=False)
-        return decode(data, cfg.max_image_pixels)
     except ImageError as e:
         raise ApiError(_IMAGE_STATUS.get(e.code, 422), e.code, str(e)) from None
+
+
+def load_image(cfg, uris: UriAllowList, ref: str):
+    """The request's image (RGB PIL, the displayed frame at its full size), or ApiError 4xx.
+    `load_model_image` decodes no more pixels than the model takes."""
+    return load_model_image(cfg, uris, ref, None).image
+
+
+def load_model_image(cfg, uris: UriAllowList, ref: str, resize):
+    """The request's image as a `grounding.images.Decoded`: ``image`` (RGB) resized to exactly
+    the model input of ``resize`` (a `grounding.resize.ResizeSpec`; the model's processor then
+    leaves it as it is), ``size`` the displayed ORIGINAL ``(width, height)``, which boxes are
+    mapped to and reported in. ``resize`` None: the full-size image. ApiError 4xx otherwise
+    (422 ``bad_aspect_ratio`` for an image the model cannot take)."""
+    from grounding.images import Decoded, ImageError, decode_for_model, fit_to_model
+
+    data = fetch_image(cfg, uris, ref)
+    try:
+        dec = decode_for_model(data, resize.max_pixels if resize is not None else None,
+                               cfg.max_image_pixels)
+    except ImageError as e:
+        raise ApiError(_IMAGE_STATUS.get(e.code, 422), e.code, str(e)) from None
+    if resize is None:
+        return dec
+    check_image_shape(resize, dec.size)
+    return Decoded(fit_to_model(dec, resize), dec.size)
 
 
 def check_image_shape(resize, size: tuple[int, int]) -> tuple[int, int]:

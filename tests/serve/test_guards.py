@@ -210,3 +210,138 @@ def test_prompt_over_max_model_len_is_a_413(budget, text, ok):
         with pytest.raises(ApiError) as e:
             budget.check(prompt, (256, 256))
         assert (e.value.status, e.value.code) == (413, "prompt_too_long")
+
+
+# ---- the image URI: one parsed object is checked and fetched (issue 27) ------------------------
+@pytest.fixture(scope="module")
+def places(tmp_path_factory):
+    """A served folder (``/img/ok.png`` allowed, ``/secret.png`` not) on a real web server, an
+    allowed local folder holding ``ok.png`` beside a secret folder, and the allow-list."""
+    from PIL import Image
+    from support import free_port, web_server
+
+    from serve.config import ServeConfig
+
+    root = tmp_path_factory.mktemp("places")
+    www = root / "www"
+    (www / "img").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (10, 200, 10)).save(www / "img" / "ok.png")
+    Image.new("RGB", (9, 9), (200, 10, 10)).save(www / "secret.png")
+    allowed, secret = root / "allowed", root / "secret"
+    allowed.mkdir()
+    secret.mkdir()
+    Image.new("RGB", (8, 8), (10, 200, 10)).save(allowed / "ok.png")
+    Image.new("RGB", (9, 9), (200, 10, 10)).save(secret / "pic.png")
+    port = free_port()
+    web = f"http://127.0.0.1:{port}"
+    cfg = ServeConfig(allowed_uri_prefixes=[f"{web}/img/", f"{allowed}/"])
+    with web_server(port, www):
+        yield {"web": web, "allowed": allowed, "secret": secret, "cfg": cfg,
+               "uris": UriAllowList(cfg.allowed_uri_prefixes)}
+
+
+def _load(places, ref):
+    from serve.guards import load_image
+
+    return load_image(places["cfg"], places["uris"], ref)
+
+
+def _refused(places, ref, status=403, code="uri_not_allowed"):
+    from serve.guards import ApiError
+
+    with pytest.raises(ApiError) as e:
+        _load(places, ref)
+    assert (e.value.status, e.value.code) == (status, code), e.value.message
+    return e.value.message
+
+
+def test_the_allowed_places_answer(places):
+    assert _load(places, f"{places['web']}/img/ok.png").size == (8, 8)
+    assert _load(places, str(places["allowed"] / "ok.png")).size == (8, 8)
+    assert _load(places, f"file://{places['allowed']}/ok.png").size == (8, 8)
+
+
+@pytest.mark.parametrize("ref, why", [
+    # defect 1: urlsplit strips these, fsspec did not (HTTP 500 "Protocol not known")
+    (" {web}/img/ok.png", "whitespace"),
+    ("\v{file}/ok.png", "whitespace"),
+    ("\x01{web}/img/ok.png", "control character"),
+    ("{web}/img/ok.png ", "whitespace"),
+    # defect 2: fsspec's '::' chaining read another path than the one checked
+    ("{file}/ok.png::nope", "'::'"),
+    ("{file}/ok.png::{web}/secret.png", "'::'"),
+    ("{web}/img/ok.png::{web}/secret.png", "'::'"),
+    # defect 8: '%2F' was decoded for the check and sent as it was
+    ("{web}/img%2fok.png", "encoded '/'"),
+    ("{web}/img%2F..%2Fsecret.png", "encoded '/'"),
+    ("{web}/img/ok.png#frag", "fragment"),
+    ("{file}/ok.png?x=1", "query"),
+])
+def test_a_uri_is_checked_and_fetched_as_one_parsed_object(places, ref, why):
+    ref = ref.format(web=places["web"], file=f"file://{places['allowed']}")
+    assert why in _refused(places, ref)
+
+
+def test_a_symlink_out_of_the_allowed_folder_is_refused(places):
+    """defect 7: ``allowed/out -> ../secret`` was followed (HTTP 200 for a secret picture)."""
+    out = places["allowed"] / "out"
+    if not out.exists():
+        out.symlink_to(places["secret"])
+    assert "not under" in _refused(places, str(out / "pic.png"))
+    assert "not under" in _refused(places, f"file://{out}/pic.png")
+    inside = places["allowed"] / "same.png"  # a link that stays inside is fine
+    if not inside.exists():
+        inside.symlink_to(places["allowed"] / "ok.png")
+    assert _load(places, str(inside)).size == (8, 8)
+
+
+def test_a_fifo_or_folder_in_the_allowed_folder_is_a_4xx_without_blocking(places):
+    """defect 7: a FIFO in the allowed folder held a worker thread for ever."""
+    import os
+    import threading
+
+    fifo = places["allowed"] / "pipe.png"
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    (places["allowed"] / "dir.png").mkdir(exist_ok=True)
+    got = {}
+
+    def run():
+        for name in ("pipe.png", "dir.png"):
+            try:
+                _load(places, str(places["allowed"] / name))
+                got[name] = "loaded"
+            except Exception as e:  # noqa: BLE001 - reported below
+                got[name] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive():  # unblock the reader so the test run goes on
+        with open(fifo, "wb"):
+            pass
+        pytest.fail("reading a FIFO in the allowed folder blocked")
+    from serve.guards import ApiError
+
+    for name, e in got.items():
+        assert isinstance(e, ApiError) and 400 <= e.status < 500, (name, e)
+        assert "regular file" in e.message
+
+
+def test_short_base64_is_an_image_by_its_content(places):
+    """defect 11: a 1x1 GIF under 64 base64 characters got 403 ``uri_not_allowed``; an SVG or
+    EPS must be an unsupported format (415), not a refused path."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("P", (1, 1)).save(buf, format="GIF")
+    gif = base64.b64encode(buf.getvalue()).decode()
+    assert len(gif) < 64
+    assert _load(places, gif).size == (1, 1)
+    svg = base64.b64encode(b'<svg xmlns="http://www.w3.org/2000/svg"/>').decode()
+    eps = base64.b64encode(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 1 1\n").decode()
+    for b64 in (svg, eps):
+        _refused(places, b64, 415, "unsupported_format")
