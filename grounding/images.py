@@ -355,9 +355,9 @@ def _reduce(img, need: tuple[int, int]):
     if img.mode in ("P", "1", "PA"):
         # Palette indexes cannot be averaged: pick pixels down to twice the size, convert the
         # small image, then average (a GIF's canvas is never converted at full size).
-        half = r // 2
-        if half >= 2:
-            img = img.resize((math.ceil(w / half), math.ceil(h / half)), Image.Resampling.NEAREST)
+        pre = (min(w, 2 * size[0]), min(h, 2 * size[1]))
+        if pre != (w, h):
+            img = img.resize(pre, Image.Resampling.NEAREST)
         img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
         return img.resize(size, Image.Resampling.BOX)
     try:
