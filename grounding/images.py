@@ -427,3 +427,21 @@ def fit_to_model(dec: Decoded, resize):
 
     size = resize.resized_size(dec.size)
     return dec.image if dec.image.size == size else dec.image.resize(size, Image.BICUBIC)
+
+
+def exif_orientation(ref: str | bytes | Uri, storage: StorageOptions | None = None,
+                     max_bytes: int = MAX_BYTES) -> int:
+    """The EXIF orientation (1-8, 1 when there is none) of an image reference, read from its
+    header without decoding pixels. Rows labeled before the orientation was applied (issue 27)
+    have sizes and boxes in the STORED frame where this is 2-8 (README, "Images as displayed")."""
+    from PIL import Image
+
+    data = read_bytes(ref, storage, max_bytes)
+    fmt = _format_of(data[:16])
+    if fmt is None:
+        return 1
+    try:
+        with Image.open(io.BytesIO(data), formats=[fmt]) as img:
+            return _orientation(img)
+    except (OSError, SyntaxError, ValueError):
+        return 1

@@ -309,3 +309,36 @@ def _tiny_gif() -> bytes:
     buf = io.BytesIO()
     Image.new("P", (1, 1)).save(buf, format="GIF")
     return buf.getvalue()
+
+
+def test_rows_labeled_in_the_stored_frame_can_be_found(tmp_path):
+    """The README's selection of rows labeled before the fix: `exif_orientation` reads the
+    tag from the image a row names, and the snippet runs against a real output table."""
+    import json
+    import re
+    import textwrap
+    from pathlib import Path
+
+    from support import job_table
+
+    from grounding.images import exif_orientation
+
+    for o in (1, 6):
+        (tmp_path / f"o{o}.jpg").write_bytes(_oriented_jpeg(o))
+    (tmp_path / "plain.png").write_bytes(_png("RGB"))
+    assert [exif_orientation(str(tmp_path / n)) for n in ("o1.jpg", "o6.jpg", "plain.png")] == [
+        1, 6, 1]
+    rows = [{"row_id": f"s.jsonl:{i}", "source_id": f"id{i}", "image": str(tmp_path / n),
+             "text": "the red part", "status": "ok", "width": 60, "height": 120}
+            for i, n in enumerate(("o1.jpg", "o6.jpg", "plain.png"))]
+    rows.append({"row_id": "s.jsonl:3", "image": "inline:sha256:ab", "text": "x", "status": "ok",
+                 "width": 1, "height": 1})
+    job_table(tmp_path / "out", rows)
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    snippet = textwrap.dedent(re.search(r"<!-- relabel -->\n *```python\n(.*?) *```", readme,
+                                        re.S).group(1))
+    snippet = snippet.replace('"runs/label-1"', repr(str(tmp_path / "out")))
+    snippet = snippet.replace('"relabel.jsonl"', repr(str(tmp_path / "relabel.jsonl")))
+    exec(compile(snippet, "README.md", "exec"), {})
+    got = [json.loads(x) for x in (tmp_path / "relabel.jsonl").read_text().splitlines()]
+    assert got == [{"id": "id1", "image": str(tmp_path / "o6.jpg"), "text": "the red part"}]
