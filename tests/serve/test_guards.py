@@ -345,3 +345,35 @@ def test_short_base64_is_an_image_by_its_content(places):
     eps = base64.b64encode(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 1 1\n").decode()
     for b64 in (svg, eps):
         _refused(places, b64, 415, "unsupported_format")
+
+
+def test_the_endpoint_image_is_the_model_input_and_boxes_map_to_the_displayed_original(places):
+    """A 1600x800 JPEG stored turned (EXIF 6) is displayed 800x1600: the endpoint reports that
+    size, the engine gets exactly ``resized_size`` of it (decoded at a JPEG scale, never at
+    full size), and a mark found in the model input maps back onto the displayed original."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from grounding.resize import ResizeSpec
+    from serve.guards import load_model_image
+
+    shown = Image.new("RGB", (800, 1600), (240, 240, 240))
+    shown.paste((0, 0, 0), (100, 1200, 300, 1400))        # the mark, in displayed pixels
+    stored = shown.transpose(Image.Transpose.ROTATE_90)   # what a camera writes for EXIF 6
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", quality=95, exif=exif)
+    spec = ResizeSpec(min_pixels=32 * 32, max_pixels=256 * 256, factor=32)
+    dec = load_model_image(places["cfg"], places["uris"], base64.b64encode(buf.getvalue()).decode(),
+                           spec)
+    assert dec.size == (800, 1600)
+    assert dec.image.size == spec.resized_size(dec.size)
+    dark = np.argwhere(np.asarray(dec.image.convert("L")) < 100)
+    (y0, x0), (y1, x1) = dark.min(0), dark.max(0) + 1
+    sx, sy = dec.size[0] / dec.image.width, dec.size[1] / dec.image.height
+    box = [x0 * sx, y0 * sy, x1 * sx, y1 * sy]               # model pixels -> original pixels
+    assert np.allclose(box, [100, 1200, 300, 1400], atol=16), box
