@@ -310,7 +310,12 @@ def decode_for_model(data: bytes, target_pixels: int | None = None,
         raise ImageError("corrupt", f"image could not be decoded: {e}") from e
     img = _transpose(img, orientation)
     displayed = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-    return Decoded(to_rgb(img), displayed)
+    out = to_rgb(img)
+    # Pixels only: the EXIF block (its orientation tag, already applied, would turn the image
+    # AGAIN in code that calls exif_transpose, as transformers' load_image does; GPS) and XMP
+    # stay behind.
+    out.info = {}
+    return Decoded(out, displayed)
 
 
 def _declared_size(img) -> tuple[int, int]:

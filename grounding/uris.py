@@ -126,6 +126,8 @@ def parse_uri(ref: str, *, what: str = "the image URI", relative: bool = False) 
         raise UriError(f"{what} has a bad port") from None
     if port is not None and scheme not in _WEB:
         raise UriError(f"{what} has a port, which only http(s) URIs may carry")
+    if port == 0:
+        raise UriError(f"{what} has a bad port")
     host = (parts.hostname or "").lower()
     if ":" in host:  # an IPv6 literal: urlsplit took its brackets off
         import ipaddress

@@ -163,10 +163,16 @@ def _assert_quadrants(img, w, h):
 def test_exif_orientation_is_applied(orientation):
     """defect 10: a JPEG with Orientation 6 was read as stored (120x60 became 60x120 on the
     wire); sizes and pixels are now those a browser shows."""
+    from PIL import ImageOps
+
     data = _oriented_jpeg(orientation)
     img = decode(data)
     assert img.size == (120, 60)
     _assert_quadrants(img, 120, 60)
+    # the tag does not travel on: code that applies it again (transformers' load_image) must
+    # not turn the picture a second time
+    assert "exif" not in img.info and img.getexif().get(0x0112, 1) == 1
+    assert ImageOps.exif_transpose(img).size == (120, 60)
 
 
 @pytest.mark.parametrize("orientation", [1, 6, 8])

@@ -53,6 +53,7 @@ def test_canonical_form(ref, canonical):
     ("http://u@h/a.png", "user information"),
     ("s3://b:99/a.png", "port"),
     ("http://h:99999/a.png", "bad port"),
+    ("http://h:0/a.png", "bad port"),            # not the default port in disguise
     ("file://other/a.png", "another machine"),
     ("ftp://h/a.png", "unsupported scheme"),
     ("zip://a.png", "unsupported scheme"),
