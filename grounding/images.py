@@ -439,14 +439,28 @@ def exif_orientation(ref: str | bytes | Uri, storage: StorageOptions | None = No
     """The EXIF orientation (1-8, 1 when there is none) of an image reference, read from its
     header without decoding pixels. Rows labeled before the orientation was applied (issue 27)
     have sizes and boxes in the STORED frame where this is 2-8 (README, "Images as displayed")."""
+    return _header(read_bytes(ref, storage, max_bytes))[1]
+
+
+def displayed_size(data: bytes) -> tuple[int, int]:
+    """``(width, height)`` of an image as displayed (EXIF orientation applied), from its header
+    without decoding pixels; `ImageError` when it is no image in `FORMATS`."""
+    (w, h), orientation = _header(data)
+    if not w or not h:
+        raise ImageError("corrupt", "bytes are not an image in an accepted format "
+                         f"({', '.join(FORMATS)})")
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def _header(data: bytes) -> tuple[tuple[int, int], int]:
+    """The stored size and EXIF orientation ((0, 0) and 1 when unreadable)."""
     from PIL import Image
 
-    data = read_bytes(ref, storage, max_bytes)
     fmt = _format_of(data[:16])
     if fmt is None:
-        return 1
+        return (0, 0), 1
     try:
         with Image.open(io.BytesIO(data), formats=[fmt]) as img:
-            return _orientation(img)
+            return img.size, _orientation(img)
     except (OSError, SyntaxError, ValueError):
-        return 1
+        return (0, 0), 1

@@ -165,9 +165,11 @@ def test_exif_orientation_is_applied(orientation):
     wire); sizes and pixels are now those a browser shows."""
     from PIL import ImageOps
 
+    from grounding.images import displayed_size
+
     data = _oriented_jpeg(orientation)
     img = decode(data)
-    assert img.size == (120, 60)
+    assert img.size == displayed_size(data) == (120, 60)
     _assert_quadrants(img, 120, 60)
     # the tag does not travel on: code that applies it again (transformers' load_image) must
     # not turn the picture a second time
