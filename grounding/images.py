@@ -33,6 +33,7 @@ import binascii
 import io
 import math
 import re
+import struct
 from typing import NamedTuple
 
 from grounding.storage import StorageOptions
@@ -298,6 +299,8 @@ def decode_for_model(data: bytes, target_pixels: int | None = None,
             img.load()
             if need is not None:
                 img = _reduce(img, need)
+            img = _transpose(img, orientation)
+            out = to_rgb(img)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -306,11 +309,11 @@ def decode_for_model(data: bytes, target_pixels: int | None = None,
         if _png_zero_side(data):
             raise ImageError("zero_size", "PNG header declares a zero width or height") from e
         raise ImageError("corrupt", f"bytes are not a valid {fmt} image") from e
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError,
+            ZeroDivisionError, struct.error) as e:
+        # what a decoder raises on bytes it cannot make sense of
         raise ImageError("corrupt", f"image could not be decoded: {e}") from e
-    img = _transpose(img, orientation)
     displayed = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-    out = to_rgb(img)
     # Pixels only: the EXIF block (its orientation tag, already applied, would turn the image
     # AGAIN in code that calls exif_transpose, as transformers' load_image does; GPS) and XMP
     # stay behind.

@@ -112,7 +112,10 @@ def parse_uri(ref: str, *, what: str = "the image URI", relative: bool = False) 
     if scheme not in SCHEMES:
         raise UriError(f"{what} has an unsupported scheme {scheme!r} "
                        f"(use one of {', '.join(sorted(SCHEMES))})")
-    parts = urlsplit(ref)
+    try:
+        parts = urlsplit(ref)
+    except ValueError as e:  # an unbalanced '[', netloc characters that NFKC changes ...
+        raise UriError(f"{what} cannot be parsed: {e}") from None
     if "#" in ref:
         raise UriError(f"{what} has a fragment ('#')")
     if parts.query or "?" in ref:

@@ -63,6 +63,8 @@ def test_canonical_form(ref, canonical):
     ("a.png", "absolute path"),
     ("./a.png", "absolute path"),                # relative: only where asked for
     ("http://h/%ff.png", "UTF-8"),
+    ("http://[::1/a.png", "cannot be parsed"),   # urlsplit's own ValueError
+    ("http://h\uff0fevil/a.png", "cannot be parsed"),  # a netloc NFKC would change
 ])
 def test_refused(ref, why):
     if why is None:
