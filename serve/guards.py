@@ -238,6 +238,8 @@ def fetch_image(cfg, uris: UriAllowList, ref: str) -> bytes:
     try:
         src: str | Uri = ref
         if not ref.startswith("data:") and not is_base64_image(ref) and looks_like_uri(ref):
+            if not uris.prefixes:  # refused before the path is so much as looked up
+                raise ApiError(403, "uri_not_allowed", uris.why_not(ref) or "")
             try:
                 src = _parse(ref, what="the image URI")
             except UriError as e:
