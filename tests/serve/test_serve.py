@@ -402,3 +402,34 @@ def test_an_adapter_registered_after_start_is_found_after_the_next_poll(svc, tin
     r = _post(svc, {"image": svc["b64"], "text": svc["sample"].text, "adapter": name})
     assert r.status_code == 200 and r.json()["adapter"] == name, r.text
     assert r.json()["replica"]
+
+
+# ---- issue 27: images through the endpoint -------------------------------------------------
+def test_exif_orientation_is_the_size_the_endpoint_reports(svc):
+    """A JPEG stored 120x60 with EXIF Orientation 6 is displayed (and labeled) 60x120."""
+    from PIL import Image
+
+    stored = Image.new("RGB", (120, 60), (200, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", exif=exif)
+    r = _post(svc, {"image": base64.b64encode(buf.getvalue()).decode(), "text": "the red area"})
+    assert r.status_code == 200, r.text
+    assert r.json()["image_size"] == [60, 120]
+
+
+def test_a_uri_the_check_would_read_differently_is_a_4xx(svc):
+    """A leading space (urlsplit strips it, the fetch did not: HTTP 500) and fsspec's '::'
+    chaining are refused as URIs; a 1x1 GIF in base64 (under 64 characters) is an image."""
+    from PIL import Image
+
+    allowed = str(svc["tmp"] / "imgs" / "one.png")
+    for ref in (" " + allowed, "\vfile://" + allowed, f"file://{allowed}::nope",
+                f"file://{allowed}::http://127.0.0.1:1/secret"):
+        r = _post(svc, {"image": ref, "text": "x"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "uri_not_allowed", (ref, r.text)
+    buf = io.BytesIO()
+    Image.new("P", (1, 1)).save(buf, format="GIF")
+    r = _post(svc, {"image": base64.b64encode(buf.getvalue()).decode(), "text": "x"})
+    assert r.status_code == 200 and r.json()["image_size"] == [1, 1], r.text
