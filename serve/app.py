@@ -53,7 +53,7 @@ from serve.guards import (
     ApiError,
     check_auth,
     check_image_shape,
-    load_image,
+    load_model_image,
     parse_request,
     read_request,
 )
@@ -212,8 +212,11 @@ class GroundingService:
         return req
 
     def _image(self, ref: str):
-        img = load_image(self.cfg, self.uris, ref)
-        return img, check_image_shape(self.grounder.reader.resize, img.size)
+        """The image at the model's input size (decoded no larger than the model takes), its
+        displayed original ``(width, height)`` and its model-input size."""
+        resize = self.grounder.reader.resize
+        dec = load_model_image(self.cfg, self.uris, ref, resize)
+        return dec.image, dec.size, check_image_shape(resize, dec.size)
 
     def _prepare(self, img, text: str, adapter, model_size):
         from grounding.engines.base import EngineInput
@@ -241,13 +244,13 @@ class GroundingService:
             body = await read_request(self.cfg, request)
             req = await self._cpu(self._parse, body)
             del body
-            img, model_size = await self._cpu(self._image, req.image)
+            img, size, model_size = await self._cpu(self._image, req.image)
             adapter = await asyncio.to_thread(self.follower.adapter_for, req.adapter)
             prepared = await self._cpu(self._prepare, img, req.text, adapter, model_size)
             gen = await self._batched(prepared)
             if isinstance(gen, ApiError):
                 raise gen
-            res = await self._cpu(self.grounder.finish, gen, img.size)
+            res = await self._cpu(self.grounder.finish, gen, size)
         except ApiError as e:
             self.m_requests.labels(str(e.status)).inc()
             return _error(e.status, e.code, e.message)
@@ -256,7 +259,7 @@ class GroundingService:
         self.m_latency.observe(ms / 1000)
         return {"boxes": [{"x1": b.x1, "y1": b.y1, "x2": b.x2, "y2": b.y2, "score": b.score}
                           for b in res.boxes],
-                "status": res.status, "image_size": list(img.size), "model": self.cfg.inference.model,
+                "status": res.status, "image_size": list(size), "model": self.cfg.inference.model,
                 "adapter": adapter, "raw_text": res.raw_text, "latency_ms": round(ms, 1),
                 "replica": self.follower.replica}
 

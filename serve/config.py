@@ -85,10 +85,9 @@ class ServeConfig(Settings):
         source (never the keys), limits and deadlines."""
         from serve.gate import GateSettings
 
-        public = ["/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc",
-                  "/openapi.json"] + (["/metrics"] if self.metrics_public else [])
+        keyed = ["/v1/"] + ([] if self.metrics_public else ["/metrics"])
         return GateSettings(api_keys_env=self.api_keys_env, api_keys_file=self.api_keys_file,
-                            public_paths=public, max_body_bytes=self.max_body_bytes,
+                            keyed_prefixes=keyed, max_body_bytes=self.max_body_bytes,
                             body_timeout_s=self.body_timeout_s,
                             request_timeout_s=self.request_timeout_s,
                             max_requests_per_key=self.max_requests_per_key)

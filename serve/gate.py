@@ -33,6 +33,7 @@ Run::
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import os
 import time
@@ -58,8 +59,11 @@ class GateSettings(BaseModel):
                               "comma-separated API keys (read when api_keys_file is unset).")
     api_keys_file: str | None = Field(None, description="File with the API keys, one a line "
                                       "or comma-separated (a mounted Kubernetes Secret).")
-    public_paths: list[str] = Field(["/healthz", "/readyz"], description="GET/HEAD paths "
-                                    "answered without a key; they take no body.")
+    keyed_prefixes: list[str] = Field(["/v1/", "/metrics"], description="Paths that need a "
+                                      "key and may carry a body (up to max_body_bytes). Every "
+                                      "other path (/healthz, /readyz, /docs, Serve's /-/healthz "
+                                      "that KubeRay probes, unknown paths) needs no key and "
+                                      "takes no body.")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=0, description="Largest body.")
     body_timeout_s: float = Field(10.0, gt=0, description="Deadline to receive the body.")
     request_timeout_s: float | None = Field(60.0, gt=0, description="Deadline of the whole "
@@ -95,11 +99,31 @@ def read_api_keys(env: str, path: str | None) -> list[str]:
     return [k.strip() for k in os.environ.get(env, "").split(",") if k.strip()]
 
 
+def presented_key(headers) -> str:
+    """The API key a request presents (``X-API-Key``, else ``Authorization: Bearer``), or ""."""
+    got = headers.get("x-api-key") or ""
+    auth = headers.get("authorization") or ""
+    if not got and auth[:7].lower() == "bearer ":
+        got = auth[7:]
+    return got
+
+
+def matching_key(keys: list[str], got: str) -> str | None:
+    """The configured key equal to ``got`` (constant-time comparisons), or None."""
+    found = None
+    for k in keys:
+        if hmac.compare_digest(got.encode("utf-8", "surrogatepass"), k.encode()):
+            found = k
+    return found
+
+
 def reserved_header(headers: list[tuple[bytes, bytes]]) -> str | None:
     """The first client header that Ray Serve would act on (see the module docstring)."""
+    # Ray's session-id header is configurable (ray/serve/_private/constants.py SERVE_SESSION_ID).
+    session = os.environ.get("RAY_SERVE_SESSION_ID_HEADER_KEY", "").lower().replace("-", "_")
     for k, _ in headers:
         name = k.decode("latin-1").lower().replace("-", "_")
-        if name in RESERVED_HEADERS or name.startswith(RESERVED_PREFIXES):
+        if name in RESERVED_HEADERS or name.startswith(RESERVED_PREFIXES) or name == session:
             return k.decode("latin-1")
     return None
 
@@ -162,10 +186,8 @@ class Gate:
             await refuse(send, e.status, e.code, e.message)
             return
         try:
-            public = self._public(s, scope)
             try:
-                body = await _read_body(receive, 0 if public else s.max_body_bytes,
-                                        s.body_timeout_s)
+                body = await _read_body(receive, self._limit(s, scope), s.body_timeout_s)
             except _Refused as e:
                 await refuse(send, e.status, e.code, e.message)
                 return
@@ -181,27 +203,27 @@ class Gate:
                     del self.in_flight[key]
 
     @staticmethod
-    def _public(s: GateSettings, scope) -> bool:
-        return scope.get("method") in ("GET", "HEAD") and scope.get("path") in s.public_paths
+    def _keyed(s: GateSettings, scope) -> bool:
+        return str(scope.get("path", "")).startswith(tuple(s.keyed_prefixes))
+
+    def _limit(self, s: GateSettings, scope) -> int:
+        return s.max_body_bytes if self._keyed(s, scope) else 0
 
     def _admit(self, s: GateSettings, scope) -> str | None:
-        """The request's key (None: no keys configured, or a public path), or _Refused:
+        """The request's key (None: no keys configured, or a path without one), or _Refused:
         401 without a valid key, 413 for a declared body over the limit, 429 over the key's
         cap. Headers only: nothing of the body has been read."""
         from starlette.datastructures import Headers
 
-        from serve.guards import matching_key, presented_key
-
         h = Headers(scope=scope)
-        public = self._public(s, scope)
         key = None
         keys = s.api_keys()
-        if keys and not public:
+        if keys and self._keyed(s, scope):
             key = matching_key(keys, presented_key(h))
             if key is None:
                 raise _Refused(401, "unauthorized", "missing or wrong API key (X-API-Key "
                                "header or Authorization: Bearer)")
-        limit = 0 if public else s.max_body_bytes
+        limit = self._limit(s, scope)
         declared = h.get("content-length")
         if declared is not None:
             if not declared.strip().isdigit():

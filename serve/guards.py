@@ -10,7 +10,6 @@ Run::
 
 from __future__ import annotations
 
-import hmac
 import json
 import threading
 from dataclasses import replace
@@ -144,29 +143,13 @@ def parse_json(body: bytes, max_values: int | None = None):
     return data
 
 
-def presented_key(headers) -> str:
-    """The API key a request presents (``X-API-Key``, else ``Authorization: Bearer``), or ""."""
-    got = headers.get("x-api-key") or ""
-    auth = headers.get("authorization") or ""
-    if not got and auth[:7].lower() == "bearer ":
-        got = auth[7:]
-    return got
-
-
-def matching_key(keys: list[str], got: str) -> str | None:
-    """The configured key equal to ``got`` (constant-time comparisons), or None."""
-    found = None
-    for k in keys:
-        if hmac.compare_digest(got.encode("utf-8", "surrogatepass"), k.encode()):
-            found = k
-    return found
-
-
 def check_auth(cfg, request) -> None:
     """ApiError 401 unless the request carries one of the configured API keys (none configured:
     allowed, which `serve.config.ServeConfig.auth_refusal` permits only on loopback or with
     ``--insecure-no-auth``). The gate (`serve.gate`) checks this before the body is read; this
     is the route's own check."""
+    from serve.gate import matching_key, presented_key
+
     keys = cfg.api_keys()
     if keys and matching_key(keys, presented_key(request.headers)) is None:
         raise ApiError(401, "unauthorized", "missing or wrong API key (X-API-Key header "

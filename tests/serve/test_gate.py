@@ -6,6 +6,7 @@ Ray Serve's proxy and a replica: tests/serve/test_serve_hostile.py.)"""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -30,6 +31,8 @@ async def inner(scope, receive, send):
         body += m.get("body", b"")
         if not m.get("more_body"):
             break
+    if scope["path"].endswith("/slow"):
+        await asyncio.sleep(30)
     out = json.dumps({"got": len(body), "headers": [k.decode() for k, _ in scope["headers"]]})
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"application/json")]})
@@ -40,22 +43,37 @@ uvicorn.run(Gate(inner, settings_from_env, role=sys.argv[2]), host="127.0.0.1",
 """
 
 
-@pytest.fixture(scope="module")
-def gate(tmp_path_factory):
+def _server(tmp_path_factory, role: str, **extra):
     keys = tmp_path_factory.mktemp("keys") / "api-keys"
     keys.write_text("\n".join(KEYS) + "\n")
     keys.chmod(0o600)
     settings = {"api_keys_file": str(keys), "max_body_bytes": 1_000_000,
                 "body_timeout_s": 2.0, "max_requests_per_key": 8,
-                "public_paths": ["/healthz"]}
+                **extra}
     port = free_port()
-    env = {**__import__("os").environ, "GROUNDLABEL_GATE": json.dumps(settings)}
-    proc = subprocess.Popen([sys.executable, "-c", APP, str(port), "proxy"], env=env)
+    env = {**os.environ, "GROUNDLABEL_GATE": json.dumps(settings)}
+    proc = subprocess.Popen([sys.executable, "-c", APP, str(port), role], env=env)
     deadline = time.time() + 30
     while not port_open(port):
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.1)
-    yield {"url": f"http://127.0.0.1:{port}", "port": port, "pid": proc.pid}
+    return proc, {"url": f"http://127.0.0.1:{port}", "port": port}
+
+
+@pytest.fixture(scope="module")
+def gate(tmp_path_factory):
+    """The gate as in front of Serve's proxy."""
+    proc, info = _server(tmp_path_factory, "proxy")
+    yield info
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def replica_gate(tmp_path_factory):
+    """The gate as in front of a replica's FastAPI app: a request deadline of 1 s."""
+    proc, info = _server(tmp_path_factory, "replica", request_timeout_s=1.0)
+    yield info
     proc.kill()
     proc.wait()
 
@@ -145,11 +163,14 @@ def test_a_clients_request_id_is_dropped(gate):
     assert r.status_code == 200 and "x-request-id" not in r.json()["headers"]
 
 
-def test_public_paths_take_no_body_and_others_need_a_key(gate):
-    assert requests.post(f"{gate['url']}/healthz", data=b"x", timeout=30).status_code == 401
-    r = requests.get(f"{gate['url']}/healthz", data=b"x" * 10, timeout=30)
-    assert r.status_code == 413
-    assert requests.get(f"{gate['url']}/anything", timeout=30).status_code == 401
+def test_paths_without_a_key_take_no_body(gate):
+    assert requests.get(f"{gate['url']}/healthz", timeout=30).status_code == 200
+    assert requests.get(f"{gate['url']}/anything", timeout=30).status_code == 200
+    for path in ("/healthz", "/anything", "/-/healthz"):
+        r = requests.post(f"{gate['url']}{path}", data=b"x" * 10, timeout=30)
+        assert r.status_code == 413, path
+    assert requests.get(f"{gate['url']}/v1/models", timeout=30).status_code == 401
+    assert requests.get(f"{gate['url']}/metrics", timeout=30).status_code == 401
 
 
 def test_stalled_clients_hold_nothing_and_are_timed_out(gate):
@@ -190,3 +211,12 @@ def test_keys_are_re_read_when_their_file_changes(tmp_path):
     f.write_text("d\n")
     assert read_api_keys("UNUSED", str(f)) == ["d"]
     assert read_api_keys("UNUSED", str(tmp_path / "missing")) == []
+
+
+def test_the_replica_gate_ends_a_request_at_its_deadline(replica_gate):
+    r = requests.post(f"{replica_gate['url']}/v1/slow", data=b"{}",
+                      headers={"X-API-Key": KEYS[0]}, timeout=30)
+    assert r.status_code == 408 and r.json()["error"]["code"] == "request_timeout"
+    r = requests.post(f"{replica_gate['url']}/v1/fast", data=b"{}",
+                      headers={"X-API-Key": KEYS[0]}, timeout=30)
+    assert r.status_code == 200

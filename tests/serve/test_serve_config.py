@@ -70,12 +70,35 @@ def test_serve_refuses_to_start_without_keys_on_a_public_host(monkeypatch):
 
 
 def test_cluster_configs_take_keys_from_a_secret_and_never_disable_auth():
+    """Keys: a Secret mounted as a file on every node (api_keys_file), never an environment
+    variable nor a runtime_env; the proxy's request gate is installed on every node with the
+    app's own limits; auth is never switched off."""
+    from serve.gate import GateSettings
+
     doc = yaml.safe_load((CLUSTER / "rayservice.yaml").read_text())
-    (app,) = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]
-    assert not ServeConfig(**app["args"]).insecure_no_auth
+    serve_doc = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    (app,) = serve_doc["applications"]
+    cfg = ServeConfig(**app["args"])
+    assert not cfg.insecure_no_auth and cfg.api_keys_file
+    assert serve_doc["http_options"]["request_timeout_s"] == cfg.request_timeout_s
+    assert "GROUNDLABEL_API_KEYS" not in app["runtime_env"].get("env_vars", {})
     for group in [doc["spec"]["rayClusterConfig"]["headGroupSpec"],
                   *doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]]:
-        (ctr,) = group["template"]["spec"]["containers"]
-        assert {"secretRef": {"name": "groundlabel-api-keys"}} in ctr["envFrom"]
-    cfg = yaml.safe_load((CLUSTER / "serve-config.yaml").read_text())
-    assert not ServeConfig(**cfg["applications"][0]["args"]).insecure_no_auth
+        spec = group["template"]["spec"]
+        (ctr,) = spec["containers"]
+        assert {"secretRef": {"name": "groundlabel-api-keys"}} not in ctr["envFrom"]
+        (vol,) = [v for v in spec["volumes"] if v.get("secret", {}).get("secretName")
+                  == "groundlabel-api-keys"]
+        (mount,) = [m for m in ctr["volumeMounts"] if m["name"] == vol["name"]]
+        assert cfg.api_keys_file.startswith(mount["mountPath"] + "/") and mount["readOnly"]
+        env = {e["name"]: e["value"] for e in ctr["env"]}
+        assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "serve.gate:proxy_middlewares"
+        gate = GateSettings.model_validate_json(env["GROUNDLABEL_GATE"])
+        want = cfg.gate_settings()
+        for field in ("api_keys_file", "max_body_bytes", "body_timeout_s", "request_timeout_s",
+                      "max_requests_per_key"):
+            assert getattr(gate, field) == getattr(want, field), field
+    deploy = yaml.safe_load((CLUSTER / "serve-config.yaml").read_text())
+    cfg = ServeConfig(**deploy["applications"][0]["args"])
+    assert not cfg.insecure_no_auth and cfg.api_keys_file
+    assert deploy["http_options"]["request_timeout_s"] == cfg.request_timeout_s
