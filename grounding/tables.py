@@ -163,10 +163,13 @@ def records(dt, limit: int | None = None, storage: StorageOptions | None = None
         return []
     fs, root = filesystem(dt.table_uri, storage)
     log = root.rstrip("/") + "/_delta_log/"
+    # One GET an entry: fs.cat of a list HEADs every path first, and s3fs's cat_file HEADs a
+    # file to size it unless told to read it in one request.
+    one = {"max_concurrency": 1} if "s3" in fs.protocol else {}
 
     def entry(v: int) -> bytes | None:
-        try:  # one GET (fs.cat of a list would first HEAD every path)
-            return fs.cat_file(f"{log}{v:020d}.json")
+        try:
+            return fs.cat_file(f"{log}{v:020d}.json", **one)
         except FileNotFoundError:
             return None
 
