@@ -28,7 +28,7 @@ def _png(img) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def svc(ray_local, tiny_model, random_adapter, tmp_path_factory):
+def svc(ray_local, tiny_model, random_adapter, tmp_path_factory, proxy_gate):
     from ray import serve
 
     from grounding.synth import make_sample
@@ -42,12 +42,17 @@ def svc(ray_local, tiny_model, random_adapter, tmp_path_factory):
     (tmp / "imgs").mkdir()
     sample = make_sample(3, "base", 0)
     sample.image.save(tmp / "imgs" / "one.png")
-    os.environ["GL_TEST_KEYS"] = f"{KEY},other-key"
+    # The keys as a cluster mounts them from a Secret: a file only the service reads.
+    (tmp / "api-keys").write_text(f"{KEY}\nother-key\n")
+    (tmp / "api-keys").chmod(0o600)
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = ServeConfig(registry=str(tmp / "registry"), poll_s=0.5, api_keys_env="GL_TEST_KEYS",
+                      api_keys_file=str(tmp / "api-keys"),
                       allowed_uri_prefixes=[str(tmp / "imgs") + "/"], max_body_bytes=2_000_000,
                       max_image_pixels=4_000_000, port=port)
+    proxy_gate(cfg)  # the gate in front of Serve's proxy (tests/serve/conftest.py)
+    serve.start(http_options={"host": "127.0.0.1", "port": port,
+                              "request_timeout_s": cfg.request_timeout_s})
     serve.run(build_app(cfg), name="groundlabel-test", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     yield {"url": url, "reg": reg, "a": a, "b": b, "tmp": tmp, "sample": sample,
@@ -115,7 +120,7 @@ def test_guards(svc, case):
             "bad_json": 400, "extra_field": 422, "unknown_adapter": 404, "corrupt": 422,
             "wrong_family": 422, "no_route": 404,
             "nested_json": 400,     # nesting past MAX_JSON_DEPTH, inside a plausible body
-            "deep_json": 400,       # 50,000 levels: would raise RecursionError in the parser
+            "deep_json": 400,       # 50,000 levels: refused before parsing (too many values)
             "wrong_type": 422,      # text is a number
             "huge_number": 400,     # 5,000 digits: past Python's int-parsing limit (4,300)
             "wide_image": 422,      # 402x2 px: aspect ratio 201, over the label job's 200
@@ -185,7 +190,7 @@ def test_guards(svc, case):
     if want != 200:
         err = r.json()["error"]
         assert err["code"] and err["message"], r.text
-    codes = {"nested_json": "json_too_deep", "deep_json": "json_too_deep",
+    codes = {"nested_json": "json_too_deep", "deep_json": "json_too_large",
              "wide_image": "bad_aspect_ratio", "tall_image": "bad_aspect_ratio",
              "long_prompt": "prompt_too_long"}
     if case in codes:
