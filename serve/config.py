@@ -84,13 +84,15 @@ class ServeConfig(Settings):
         """The settings of the request gate (`serve.gate`) in the proxy and the replicas: key
         source (never the keys), limits and deadlines."""
         from serve.gate import GateSettings
+        from serve.guards import max_json_values
 
         keyed = ["/v1/"] + ([] if self.metrics_public else ["/metrics"])
         return GateSettings(api_keys_env=self.api_keys_env, api_keys_file=self.api_keys_file,
                             keyed_prefixes=keyed, max_body_bytes=self.max_body_bytes,
                             body_timeout_s=self.body_timeout_s,
                             request_timeout_s=self.request_timeout_s,
-                            max_requests_per_key=self.max_requests_per_key)
+                            max_requests_per_key=self.max_requests_per_key,
+                            max_json_values=max_json_values(self.max_text_chars))
 
     def auth_refusal(self, host: str) -> str | None:
         """Why the endpoint must not start without keys when its proxy listens on ``host``

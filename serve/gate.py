@@ -70,6 +70,11 @@ class GateSettings(BaseModel):
                                             "request (enforced in the replica).")
     max_requests_per_key: int = Field(32, ge=1, description="Requests one API key may have "
                                       "in flight here; more are answered 429.")
+    max_json_values: int | None = Field(None, ge=1, description="Most '[', '{' and ',' bytes "
+                                        "a body may hold (`serve.guards.max_json_values`), "
+                                        "counted chunk by chunk as it arrives: a wide JSON "
+                                        "body is refused (400 json_too_large) before it is "
+                                        "read whole. None: not counted here.")
 
     def api_keys(self) -> list[str]:
         return read_api_keys(self.api_keys_env, self.api_keys_file)
@@ -187,7 +192,8 @@ class Gate:
             return
         try:
             try:
-                body = await _read_body(receive, self._limit(s, scope), s.body_timeout_s)
+                body = await _read_body(receive, self._limit(s, scope), s.body_timeout_s,
+                                        s.max_json_values if self._keyed(s, scope) else None)
             except _Refused as e:
                 await refuse(send, e.status, e.code, e.message)
                 return
@@ -271,12 +277,14 @@ class Gate:
                              f"deadline of {s.request_timeout_s} s")
 
 
-async def _read_body(receive, limit: int, timeout_s: float) -> bytes:
+async def _read_body(receive, limit: int, timeout_s: float,
+                     max_values: int | None = None) -> bytes:
     """The whole body, or _Refused 408 (not complete within ``timeout_s``) / 413 (over
-    ``limit``), or _Gone (the client left)."""
+    ``limit``) / 400 (more than ``max_values`` JSON brackets and commas), or _Gone (the
+    client left)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    chunks, size = [], 0
+    chunks, size, values = [], 0, 0
     while True:
         left = deadline - loop.time()
         try:
@@ -292,6 +300,12 @@ async def _read_body(receive, limit: int, timeout_s: float) -> bytes:
         size += len(chunk)
         if size > limit:
             raise _Refused(413, "payload_too_large", f"body over the limit of {limit} bytes")
+        if max_values is not None:
+            values += chunk.count(b",") + chunk.count(b"[") + chunk.count(b"{")
+            if values > max_values:
+                raise _Refused(400, "json_too_large", f"the body has more than {max_values} "
+                               "JSON brackets and commas; a request is one object of at "
+                               "most 4 string fields")
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)

@@ -48,7 +48,7 @@ def _server(tmp_path_factory, role: str, **extra):
     keys.write_text("\n".join(KEYS) + "\n")
     keys.chmod(0o600)
     settings = {"api_keys_file": str(keys), "max_body_bytes": 1_000_000,
-                "body_timeout_s": 2.0, "max_requests_per_key": 8,
+                "body_timeout_s": 2.0, "max_requests_per_key": 8, "max_json_values": 2256,
                 **extra}
     port = free_port()
     env = {**os.environ, "GROUNDLABEL_GATE": json.dumps(settings)}
@@ -220,3 +220,14 @@ def test_the_replica_gate_ends_a_request_at_its_deadline(replica_gate):
     r = requests.post(f"{replica_gate['url']}/v1/fast", data=b"{}",
                       headers={"X-API-Key": KEYS[0]}, timeout=30)
     assert r.status_code == 200
+
+
+def test_wide_json_is_refused_as_it_arrives(gate):
+    """A flat array within the size limit is refused once its brackets and commas pass the
+    bound, counted chunk by chunk, before the body is complete."""
+    r = requests.post(f"{gate['url']}/v1/ground", data=b"[" + b"0," * 450_000 + b"0]",
+                      headers={"X-API-Key": KEYS[0]}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "json_too_large"
+    r = requests.post(f"{gate['url']}/v1/ground", data=b"[" + b"0," * 1000 + b"0]",
+                      headers={"X-API-Key": KEYS[0]}, timeout=30)
+    assert r.status_code == 200  # within the bound: the replica's parser decides

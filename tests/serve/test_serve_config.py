@@ -96,7 +96,7 @@ def test_cluster_configs_take_keys_from_a_secret_and_never_disable_auth():
         gate = GateSettings.model_validate_json(env["GROUNDLABEL_GATE"])
         want = cfg.gate_settings()
         for field in ("api_keys_file", "max_body_bytes", "body_timeout_s", "request_timeout_s",
-                      "max_requests_per_key"):
+                      "max_requests_per_key", "max_json_values"):
             assert getattr(gate, field) == getattr(want, field), field
     deploy = yaml.safe_load((CLUSTER / "serve-config.yaml").read_text())
     cfg = ServeConfig(**deploy["applications"][0]["args"])
