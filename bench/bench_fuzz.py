@@ -1,6 +1,7 @@
 """The larger property-based fuzz of the online endpoint: ``--examples`` requests generated
 from its OpenAPI schema and beyond it (tests/serve/serve_fuzz.py: nested JSON, huge numbers,
-unicode text, extreme and corrupt images, long prompts, strange adapter names, raw bytes)
+unicode text, extreme and corrupt images, long prompts, strange adapter names, raw bytes,
+mangled image URIs, lone surrogates and control tokens in the text, wide JSON)
 against a real Ray Serve deployment of the bundled tiny model with the vLLM CPU engine.
 Reported: status counts by kind of input, the number of 5xx (must be 0), and whether the
 endpoint was still healthy and answering afterwards. CI runs a smaller count of the same
@@ -46,6 +47,7 @@ def main() -> None:
     from grounding.synth import make_sample
     from serve.app import build_app
     from serve.config import ServeConfig
+    from serve.run import install_proxy_gate
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-fuzz-"))
     (tmp / "imgs").mkdir()
@@ -55,13 +57,15 @@ def main() -> None:
     sample.image.save(buf, format="PNG")
     normal = {"image": base64.b64encode(buf.getvalue()).decode(), "text": sample.text}
     os.environ["GL_BENCH_KEYS"] = KEY  # before Ray starts: the replica inherits it
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = 8124
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(ServeConfig(api_keys_env="GL_BENCH_KEYS", port=port,
-                                    allowed_uri_prefixes=[str(tmp / "imgs") + "/"],
-                                    max_body_bytes=2_000_000, max_image_pixels=4_000_000)),
-              name="bench-fuzz", route_prefix="/")
+    cfg = ServeConfig(api_keys_env="GL_BENCH_KEYS", port=port,
+                      allowed_uri_prefixes=[str(tmp / "imgs") + "/"],
+                      max_body_bytes=2_000_000, max_image_pixels=4_000_000)
+    install_proxy_gate(cfg)  # as `groundlabel serve`: the gate in front of Serve's proxy
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port,
+                              "request_timeout_s": cfg.request_timeout_s})
+    serve.run(build_app(cfg), name="bench-fuzz", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     spec = requests.get(f"{url}/openapi.json", timeout=30).json()
     seen: dict[str, dict[int, int]] = {}
