@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -315,6 +316,17 @@ async def _read_body(receive, limit: int, timeout_s: float,
 _env_cache: dict[str, tuple] = {}
 
 
+def _validated(text: str) -> GateSettings:
+    """Settings from JSON; on a mistake, the defaults (and the mistake logged), so that a typo
+    in a node's environment never turns every request into a 500."""
+    try:
+        return GateSettings.model_validate_json(text)
+    except ValueError as e:
+        logging.getLogger("groundlabel.serve").error("%s is not valid gate settings, using "
+                                                     "the defaults: %s", GATE_ENV, e)
+        return GateSettings()
+
+
 def settings_from_env() -> GateSettings | None:
     """`GateSettings` from ``GROUNDLABEL_GATE`` (JSON text, or a file path re-read when it
     changes, checked at most once a second); None when unset or the file does not exist yet."""
@@ -324,7 +336,7 @@ def settings_from_env() -> GateSettings | None:
     if raw.startswith("{"):
         hit = _env_cache.get(raw)
         if hit is None:
-            hit = _env_cache[raw] = (GateSettings.model_validate_json(raw),)
+            hit = _env_cache[raw] = (_validated(raw),)
         return hit[0]
     now = time.monotonic()
     hit = _env_cache.get(raw)
@@ -337,7 +349,7 @@ def settings_from_env() -> GateSettings | None:
             value = hit[2]
         else:
             with open(raw, encoding="utf-8") as f:
-                value = GateSettings.model_validate_json(f.read())
+                value = _validated(f.read())
     except OSError:
         sig, value = None, None
     _env_cache[raw] = (now, sig, value)

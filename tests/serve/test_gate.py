@@ -231,3 +231,16 @@ def test_wide_json_is_refused_as_it_arrives(gate):
     r = requests.post(f"{gate['url']}/v1/ground", data=b"[" + b"0," * 1000 + b"0]",
                       headers={"X-API-Key": KEYS[0]}, timeout=30)
     assert r.status_code == 200  # within the bound: the replica's parser decides
+
+
+def test_settings_with_a_mistake_fall_back_to_the_defaults(monkeypatch, tmp_path):
+    from serve.gate import GateSettings, settings_from_env
+
+    monkeypatch.setenv("GROUNDLABEL_GATE", '{"max_body_bytes": "lots", "nonsense": 1}')
+    assert settings_from_env() == GateSettings()
+    f = tmp_path / "gate.json"
+    monkeypatch.setenv("GROUNDLABEL_GATE", str(f))
+    assert settings_from_env() is None  # no file yet
+    f.write_text('{"max_body_bytes": 5}')
+    time.sleep(1.1)  # the file is looked at at most once a second
+    assert settings_from_env().max_body_bytes == 5
