@@ -2,7 +2,8 @@
 installed as ``groundlabel serve`` does) of the bundled tiny model with the vLLM CPU engine:
 
 1. ``/healthz`` latency idle, then while ``--hostile`` clients at a time send 8 MB
-   ``[0,0,...]`` bodies (within the default 8 MiB limit) with a valid key;
+   ``[0,0,...]`` bodies (within the default 8 MiB limit) with a valid key (each client a
+   process of its own, niced: they stand for other machines);
 2. an ordinary request's latency while ``--stalled`` authenticated clients have sent their
    headers and 11 body bytes and stalled (half on each of two keys);
 3. an unauthenticated 48 MiB body: bytes the server took before it answered and closed, its
@@ -25,7 +26,6 @@ import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -73,6 +73,23 @@ def _healthz(url: str, n: int, pause: float) -> list[float]:
         out.append((time.perf_counter() - t) * 1000)
         time.sleep(pause)
     return out
+
+
+def _hostile(url: str, key: str, t_end: float, out) -> None:
+    """One hostile client (a process): 8 MB ``[0,0,...]`` bodies with a valid key, one after
+    another until ``t_end``; its answers (status, code, seconds) go to ``out``."""
+    import requests
+
+    os.nice(10)
+    wide = b"[" + b"0," * 3_999_999 + b"0]"  # 8,000,001 bytes
+    h = {"X-API-Key": key, "content-type": "application/json"}
+    got = []
+    while time.time() < t_end:
+        t = time.perf_counter()
+        r = requests.post(f"{url}/v1/ground", data=wide, headers=h, timeout=300)
+        got.append((r.status_code, r.json().get("error", {}).get("code"),
+                    round(time.perf_counter() - t, 2)))
+    out.put(got)
 
 
 def _summary(ms: list[float]) -> dict:
@@ -130,27 +147,28 @@ def main() -> None:
 
     # 1. /healthz idle, then under wide JSON bodies.
     out["healthz_idle"] = _summary(_healthz(url, 40, 0.05))
-    wide = b"[" + b"0," * 3_999_999 + b"0]"  # 8,000,001 bytes
-    stop, answers = threading.Event(), []
+    # The hostile clients are processes of their own, niced: on a deployment they are other
+    # machines, and here they would otherwise take the 2 cores' time from the server (and, as
+    # threads, the GIL from the prober that times /healthz).
+    import multiprocessing as mp
 
-    def hostile():
-        while not stop.is_set():
-            t = time.perf_counter()
-            r = requests.post(f"{url}/v1/ground", data=wide, headers=h1, timeout=300)
-            answers.append((r.status_code, r.json().get("error", {}).get("code"),
-                            round(time.perf_counter() - t, 2)))
-
-    threads = [threading.Thread(target=hostile) for _ in range(args.hostile)]
-    for t in threads:
-        t.start()
+    ctx = mp.get_context("spawn")
+    answers = ctx.Queue()
+    t_end = time.time() + 1 + args.hostile_seconds
+    procs = [ctx.Process(target=_hostile, args=(url, KEYS[0], t_end, answers))
+             for _ in range(args.hostile)]
+    for p in procs:
+        p.start()
     time.sleep(1)
-    t0 = time.time()
     under: list[float] = []
-    while time.time() - t0 < args.hostile_seconds:
+    while time.time() < t_end:
         under += _healthz(url, 1, 0.1)
-    stop.set()
-    for t in threads:
-        t.join(600)
+    got = []
+    for _ in procs:  # every answer list first: a child exits only once its list was read
+        got += answers.get(timeout=600)
+    for p in procs:
+        p.join(600)
+    answers = got
     out["healthz_under_wide_json"] = _summary(under)
     out["wide_json_answers"] = {f"{s} {c}": sum(1 for a in answers if a[:2] == (s, c))
                                 for s, c in {a[:2] for a in answers}}
