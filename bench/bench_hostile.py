@@ -22,7 +22,6 @@ import io
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -33,25 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 KEYS = ["bench-key-1", "bench-key-2", "bench-key-3"]
 
 
-def _head(port: int, headers: dict, length: int) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", port), timeout=120)
-    lines = ["POST /v1/ground HTTP/1.1", "Host: x", f"Content-Length: {length}",
-             "Content-Type: application/json", *[f"{k}: {v}" for k, v in headers.items()]]
-    s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-    return s
+def _head(port: int, headers: dict, length: int):
+    from support import raw_post_head  # tests/support.py, on the path from main()
 
-
-def _status(s: socket.socket) -> int:
-    data = b""
-    try:
-        while b"\r\n" not in data:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-    except OSError:
-        return 0
-    return int(data.split(b" ", 2)[1]) if data else 0
+    return raw_post_head(port, "/v1/ground", {"Content-Type": "application/json", **headers},
+                         length, timeout=120)
 
 
 def _proxy_rss() -> int:
@@ -105,10 +90,11 @@ def main() -> None:
     ap.add_argument("--stalled", type=int, default=100, help="Stalled clients.")
     ap.add_argument("--out", default="bench/hostile.json", help="Where the figures go.")
     args = ap.parse_args()
-
+    sys.path.insert(0, str(ROOT / "tests"))
     import ray
     import requests
     from ray import serve
+    from support import read_status
 
     from grounding.synth import make_sample
     from serve.app import build_app
@@ -195,7 +181,7 @@ def main() -> None:
     statuses = []
     for s in stalled:  # each answered by the body deadline (10 s), or 0 after 30 s
         s.settimeout(max(0.1, 30 - (time.perf_counter() - t)))
-        statuses.append(_status(s))
+        statuses.append(read_status(s))
     out["stalled_answers"] = {str(x): statuses.count(x) for x in sorted(set(statuses))}
     out["stalled_answered_within_s"] = round(time.perf_counter() - t, 1)
     for s in stalled:
@@ -214,7 +200,7 @@ def main() -> None:
             sent += s.send(block[:total - sent])
     except OSError:
         pass
-    status = _status(s)
+    status = read_status(s)
     s.close()
     out["unauthenticated_48mib"] = {"bytes_taken": sent, "status": status,
                                     "seconds": round(time.perf_counter() - t, 2),

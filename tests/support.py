@@ -293,3 +293,28 @@ def random_lora(model, out, seed: int):
     get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                                  init_lora_weights=False)).save_pretrained(out)
     return out
+
+
+def raw_post_head(port: int, path: str, headers: dict, length: int,
+                  timeout: float = 60) -> socket.socket:
+    """A socket on which a POST to ``path`` on 127.0.0.1:``port`` has sent its headers
+    (``Content-Length: length``) and nothing of its body: a client that may stall."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    lines = [f"POST {path} HTTP/1.1", "Host: x", f"Content-Length: {length}",
+             *[f"{k}: {v}" for k, v in headers.items()]]
+    s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    return s
+
+
+def read_status(s: socket.socket) -> int:
+    """The HTTP status the server answered on ``s`` (0: closed or failed with no answer)."""
+    data = b""
+    try:
+        while b"\r\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        return 0
+    return int(data.split(b" ", 2)[1]) if data else 0

@@ -5,13 +5,12 @@ part is seen alone. (The endpoint itself under the same clients: test_serve_host
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
 import requests
 from fastapi import FastAPI, Request  # module level: the route's annotations resolve here
-from support import free_port
+from support import free_port, raw_post_head, read_status
 
 KEY, KEY2 = "proxy-key-1", "proxy-key-2"
 
@@ -47,25 +46,8 @@ def echo(ray_local, tmp_path_factory, proxy_gate):
     serve.shutdown()
 
 
-def _head(port: int, headers: dict, length: int) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", port), timeout=60)
-    lines = ["POST /v1/echo HTTP/1.1", "Host: x", f"Content-Length: {length}",
-             *[f"{k}: {v}" for k, v in headers.items()]]
-    s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-    return s
-
-
-def _status(s: socket.socket) -> int:
-    data = b""
-    try:
-        while b"\r\n" not in data:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-    except OSError:
-        return 0
-    return int(data.split(b" ", 2)[1]) if data else 0
+def _head(port: int, headers: dict, length: int):
+    return raw_post_head(port, "/v1/echo", headers, length)
 
 
 def test_the_proxy_answers_through_the_gate(echo):
@@ -91,7 +73,7 @@ def test_an_unauthenticated_48_mib_body_is_refused_unread_by_the_proxy(echo):
             sent += s.send(block[:total - sent])
     except OSError:
         pass
-    status = _status(s)
+    status = read_status(s)
     s.close()
     assert status == 401 and sent < 8 * 2**20, (status, sent)
 
@@ -108,7 +90,7 @@ def test_stalled_clients_take_no_replica_slot(echo):
         r = requests.post(f"{echo['url']}/v1/echo", data=b"{}", headers={"X-API-Key": KEY},
                           timeout=30)
         assert r.status_code == 200 and time.monotonic() - t < 2.0
-        statuses = [_status(s) for s in stalled]
+        statuses = [read_status(s) for s in stalled]
     finally:
         for s in stalled:
             s.close()

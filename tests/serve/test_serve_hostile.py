@@ -10,13 +10,12 @@ import base64
 import io
 import json
 import os
-import socket
 import threading
 import time
 
 import pytest
 import requests
-from support import free_port
+from support import free_port, raw_post_head, read_status
 
 pytestmark = pytest.mark.slow
 KEY, KEY2 = "hostile-key-1", "hostile-key-2"
@@ -68,25 +67,9 @@ def _body(svc, text_json: str) -> bytes:
     return ('{"image": "' + svc["b64"] + '", "text": ' + text_json + "}").encode()
 
 
-def _head(port: int, headers: dict, length: int) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", port), timeout=60)
-    lines = ["POST /v1/ground HTTP/1.1", "Host: x", f"Content-Length: {length}",
-             "Content-Type: application/json", *[f"{k}: {v}" for k, v in headers.items()]]
-    s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-    return s
-
-
-def _status(s: socket.socket) -> int:
-    data = b""
-    try:
-        while b"\r\n" not in data:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-    except OSError:
-        return 0
-    return int(data.split(b" ", 2)[1]) if data else 0
+def _head(port: int, headers: dict, length: int):
+    return raw_post_head(port, "/v1/ground", {"Content-Type": "application/json", **headers},
+                         length)
 
 
 def test_an_ordinary_request_answers(hsvc):
@@ -155,7 +138,7 @@ def test_an_unauthenticated_48_mib_body_is_refused_unread(hsvc):
             sent += s.send(block[:total - sent])
     except OSError:
         pass
-    status = _status(s)
+    status = read_status(s)
     s.close()
     print(f"\nunauthenticated 48 MiB body: {sent} bytes taken, answered {status}")
     assert status == 401 and sent < 8 * 2**20, (status, sent)
@@ -180,7 +163,7 @@ def test_100_stalled_clients_leave_ordinary_requests_answered(hsvc):
         took = time.monotonic() - t
         print(f"\nordinary request with 100 stalled clients: {r.status_code} in {took:.2f} s")
         assert r.status_code == 200 and took < 2.0, (r.status_code, took)
-        statuses = [_status(s) for s in stalled]
+        statuses = [read_status(s) for s in stalled]
     finally:
         for s in stalled:
             s.close()
