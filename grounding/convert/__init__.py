@@ -151,9 +151,9 @@ def embed_all(items: list[dict], where: str, opts: StorageOptions | None = None,
 
 
 def fill_sizes(items: list[dict], opts: StorageOptions | None = None) -> list[str]:
-    """Fill missing width/height from the image headers; returns problems for images that
-    cannot be read."""
-    from grounding.images import ImageError, read_bytes
+    """Fill missing width/height from the image headers, as displayed (EXIF orientation
+    applied: the frame boxes are drawn in); returns problems for images that cannot be read."""
+    from grounding.images import ImageError, displayed_size, read_bytes
 
     problems = []
     for it in items:
@@ -163,12 +163,7 @@ def fill_sizes(items: list[dict], opts: StorageOptions | None = None) -> list[st
         try:
             if not ref or ref.startswith("inline:"):
                 raise ImageError("missing", "no readable image reference")
-            import io
-
-            from PIL import Image
-
-            with Image.open(io.BytesIO(read_bytes(ref, opts))) as im:
-                it["width"], it["height"] = im.size
+            it["width"], it["height"] = displayed_size(read_bytes(ref, opts))
         except (ImageError, OSError) as e:
             problems.append(f"item {it['item_id']} ({ref}): image size unknown: {e}")
     return problems

@@ -214,3 +214,23 @@ def test_missing_file_and_unknown_format(tmp_path):
         read_labels(str(tmp_path / "nope.json"), "coco")
     with pytest.raises(ValueError, match="unknown format 'yolo'"):
         read_labels(str(tmp_path), "yolo")
+
+
+def test_filled_sizes_are_the_displayed_ones(tmp_path):
+    """An imported label without width/height gets the size a viewer shows: a JPEG stored
+    160x120 with EXIF Orientation 6 (turned 90 degrees) is 120x160 (its boxes, drawn on what
+    Label Studio displays, are in that frame)."""
+    from PIL import Image
+
+    from grounding.convert import fill_sizes
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (160, 120), (200, 10, 10)).save(tmp_path / "turned.jpg", "JPEG",
+                                                     exif=exif)
+    Image.new("RGB", (160, 120)).save(tmp_path / "plain.png")
+    items = [{"item_id": "a", "image": str(tmp_path / "turned.jpg")},
+             {"item_id": "b", "image": str(tmp_path / "plain.png")},
+             {"item_id": "c", "image": str(tmp_path / "turned.jpg"), "width": 7, "height": 9}]
+    assert fill_sizes(items) == []
+    assert [(it["width"], it["height"]) for it in items] == [(120, 160), (160, 120), (7, 9)]
