@@ -125,22 +125,33 @@ def test_keys_from_a_file_take_precedence(monkeypatch, tmp_path):
     assert "file-key" not in settings.model_dump_json()  # the path, never the keys
 
 
-def test_groundlabel_serve_installs_the_proxy_gate_before_ray_starts(monkeypatch):
-    import ray
+def test_groundlabel_serve_installs_the_proxy_gate_before_ray_starts():
+    """In a fresh interpreter (Ray must not run yet there, and the suite's own Ray does):
+    the proxy hook and the gate settings are in the environment Ray will inherit, without
+    the keys."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
     from serve.gate import GATE_ENV, PROXY_CALLBACK, PROXY_CALLBACK_ENV, GateSettings
-    from serve.run import install_proxy_gate
 
-    if ray.is_initialized():
-        pytest.skip("Ray already runs in this process")
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.delenv(PROXY_CALLBACK_ENV, raising=False)
-    monkeypatch.delenv(GATE_ENV, raising=False)
-    monkeypatch.setenv("GL_BODY_KEYS", "secret-key-1")
-    assert install_proxy_gate(ServeConfig(api_keys_env="GL_BODY_KEYS", max_body_bytes=4096))
-    import os
-
-    assert os.environ[PROXY_CALLBACK_ENV] == PROXY_CALLBACK
-    gate = GateSettings.model_validate_json(os.environ[GATE_ENV])
+    code = (
+        "import json, os\n"
+        "from serve.config import ServeConfig\n"
+        "from serve.run import install_proxy_gate\n"
+        "ok = install_proxy_gate(ServeConfig(api_keys_env='GL_BODY_KEYS', max_body_bytes=4096))\n"
+        f"print(json.dumps([ok, os.environ.get({PROXY_CALLBACK_ENV!r}), "
+        f"os.environ.get({GATE_ENV!r})]))\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", PROXY_CALLBACK_ENV, GATE_ENV)}
+    env["GL_BODY_KEYS"] = "secret-key-1"
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, cwd=root, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    ok, hook, gate_json = json.loads(res.stdout.strip().splitlines()[-1])
+    assert ok and hook == PROXY_CALLBACK
+    gate = GateSettings.model_validate_json(gate_json)
     assert gate.max_body_bytes == 4096 and gate.api_keys_env == "GL_BODY_KEYS"
-    assert "secret-key" not in os.environ[GATE_ENV]
+    assert "secret-key" not in gate_json
