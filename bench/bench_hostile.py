@@ -94,7 +94,7 @@ def main() -> None:
     import ray
     import requests
     from ray import serve
-    from support import read_status
+    from support import read_status, send_body
 
     from grounding.synth import make_sample
     from serve.app import build_app
@@ -192,16 +192,8 @@ def main() -> None:
     time.sleep(2)
     before = _proxy_rss()
     total = 48 * 2**20
-    s = _head(port, {}, total)
-    s.settimeout(30)
-    sent, block, t = 0, b"0" * 65536, time.perf_counter()
-    try:
-        while sent < total:
-            sent += s.send(block[:total - sent])
-    except OSError:
-        pass
-    status = read_status(s)
-    s.close()
+    t = time.perf_counter()
+    sent, status = send_body(_head(port, {}, total), total, timeout=30)
     out["unauthenticated_48mib"] = {"bytes_taken": sent, "status": status,
                                     "seconds": round(time.perf_counter() - t, 2),
                                     "proxy_rss_mb_before": round(before / 2**20),

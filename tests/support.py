@@ -318,3 +318,18 @@ def read_status(s: socket.socket) -> int:
     except OSError:
         return 0
     return int(data.split(b" ", 2)[1]) if data else 0
+
+
+def send_body(s: socket.socket, total: int, timeout: float = 20) -> tuple[int, int]:
+    """Send ``total`` bytes of body on ``s`` until done or the server closes; then its answer.
+    Returns ``(bytes the server took, HTTP status)`` and closes ``s``."""
+    s.settimeout(timeout)
+    sent, block = 0, b"0" * 65536
+    try:
+        while sent < total:
+            sent += s.send(block[:total - sent])
+    except OSError:
+        pass  # the server answered and closed before the body was all sent
+    status = read_status(s)
+    s.close()
+    return sent, status

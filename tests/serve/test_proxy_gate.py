@@ -10,7 +10,7 @@ import time
 import pytest
 import requests
 from fastapi import FastAPI, Request  # module level: the route's annotations resolve here
-from support import free_port, raw_post_head, read_status
+from support import free_port, raw_post_head, read_status, send_body
 
 KEY, KEY2 = "proxy-key-1", "proxy-key-2"
 
@@ -65,16 +65,7 @@ def test_the_proxy_answers_through_the_gate(echo):
 
 def test_an_unauthenticated_48_mib_body_is_refused_unread_by_the_proxy(echo):
     total = 48 * 2**20
-    s = _head(echo["port"], {}, total)
-    s.settimeout(20)
-    sent, block = 0, b"0" * 65536
-    try:
-        while sent < total:
-            sent += s.send(block[:total - sent])
-    except OSError:
-        pass
-    status = read_status(s)
-    s.close()
+    sent, status = send_body(_head(echo["port"], {}, total), total)
     assert status == 401 and sent < 8 * 2**20, (status, sent)
 
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 import requests
-from support import free_port, raw_post_head, read_status
+from support import free_port, raw_post_head, read_status, send_body
 
 pytestmark = pytest.mark.slow
 KEY, KEY2 = "hostile-key-1", "hostile-key-2"
@@ -130,16 +130,7 @@ def test_an_unauthenticated_48_mib_body_is_refused_unread(hsvc):
     proxy's gate answers 401 from the headers and closes the connection: the server takes
     only what socket buffers hold."""
     total = 48 * 2**20
-    s = _head(hsvc["port"], {}, total)
-    s.settimeout(20)
-    sent, block = 0, b"0" * 65536
-    try:
-        while sent < total:
-            sent += s.send(block[:total - sent])
-    except OSError:
-        pass
-    status = read_status(s)
-    s.close()
+    sent, status = send_body(_head(hsvc["port"], {}, total), total)
     print(f"\nunauthenticated 48 MiB body: {sent} bytes taken, answered {status}")
     assert status == 401 and sent < 8 * 2**20, (status, sent)
 
