@@ -104,6 +104,10 @@ VERBS: dict[str, Verb] = {
                               f"{C}:AdapterRollbackConfig", f"{C}:adapters_rollback"),
     "adapters history": Verb("Every promotion, refusal and rollback.",
                              f"{C}:AdaptersConfig", f"{C}:adapters_history"),
+    "adapters migrate": Verb("Convert an adapter registry of the old layout (meta.json, events/, "
+                             "production.json) into one on a Delta table, every adapter, "
+                             "calibration and event kept; rerun to resume.",
+                             f"{C}:AdaptersMigrateConfig", f"{C}:adapters_migrate"),
     "demo": Verb("Label a few synthetic images through vLLM, print Acc@0.5, draw PNGs.",
                  "pipelines.demo:DemoConfig", f"{C}:demo"),
     "eval-synth": Verb("Acc@0.5 of a model (or adapter) on a held-out synthetic set.",
@@ -121,7 +125,7 @@ VERBS: dict[str, Verb] = {
 GROUPS = {
     "review": "Human review in Label Studio: tasks out, decisions in.",
     "store": "The reviewed-label store (a Delta table): maintenance.",
-    "adapters": "The adapter registry: list, show, promote, rollback.",
+    "adapters": "The adapter registry: list, show, promote, rollback, history, migrate.",
     "tiny": "Build or train the tiny Qwen3-VL used by tests and demo.",
 }
 EPILOG = """loop: label (bulk boxes) -> review (people fix them) -> retrain (adapter from reviews)

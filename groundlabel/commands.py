@@ -85,16 +85,42 @@ class AdapterRollbackConfig(AdaptersConfig):
     """``groundlabel adapters rollback``."""
 
     reason: str = Field("manual", description="Why (recorded).")
-    wait_s: float = Field(60.0, ge=0, description="Seconds to wait for the registry lock while "
-                          "a retrain or another promotion holds it.")
-    force: bool = Field(False, description="Take the lock from its holder (recorded as a "
-                        "force-unlock event; the holder stops before it promotes).")
+    expected: str | None = Field(None, description="Act only if production is this adapter "
+                                 "('base': the base model); default: production as this "
+                                 "command reads it. Refused if production moved meanwhile.")
+    force: bool = Field(False, description="Commit unconditionally, whatever production is by "
+                        "then (recorded as forced, with what it replaced).")
+    key: str | None = Field(None, description="Idempotency key: a command re-run with the same "
+                            "key is the same event (default: a new one each run).")
+
+    def expect(self) -> dict:
+        if self.expected is None:
+            return {}
+        return {"expected": None if self.expected == "base" else self.expected}
 
 
 class AdapterPromoteConfig(AdapterRollbackConfig):
     """``groundlabel adapters promote NAME``."""
 
     name: str = Field(description="Adapter name.", json_schema_extra={"positional": True})
+
+
+class AdaptersMigrateConfig(Settings):
+    """``groundlabel adapters migrate OLD NEW``."""
+
+    old: str = Field(description="Registry of the old layout (meta.json, events/, "
+                     "production.json), folder or s3://; read only.",
+                     json_schema_extra={"positional": True})
+    new: str = Field(description="Where the registry goes (folder or s3://): empty, or a "
+                     "stopped migration of OLD to resume.", json_schema_extra={"positional": True})
+    storage: StorageOptions = Field(default_factory=StorageOptions, description="Object storage.")
+
+
+def adapters_migrate(cfg: AdaptersMigrateConfig) -> dict:
+    """Every adapter, calibration and event kept, production as it was."""
+    from grounding.registry import migrate
+
+    return migrate(cfg.old, cfg.new, cfg.storage)
 
 
 def adapters_list(cfg: AdaptersConfig) -> str:
@@ -136,13 +162,14 @@ def adapters_show(cfg: AdapterShowConfig) -> dict:
 
 
 def adapters_promote(cfg: AdapterPromoteConfig) -> str:
-    event = cfg.open().promote(cfg.name, cfg.reason, wait_s=cfg.wait_s, force=cfg.force)
+    event = cfg.open().promote(cfg.name, cfg.reason, force=cfg.force, key=cfg.key,
+                               **cfg.expect())
     return json.dumps({"promoted": cfg.name, "event": event})
 
 
 def adapters_rollback(cfg: AdapterRollbackConfig) -> str:
-    return json.dumps({"production": cfg.open().rollback(cfg.reason, wait_s=cfg.wait_s,
-                                                          force=cfg.force)})
+    return json.dumps({"production": cfg.open().rollback(cfg.reason, force=cfg.force,
+                                                          key=cfg.key, **cfg.expect())})
 
 
 def adapters_history(cfg: AdaptersConfig) -> list[dict]:

@@ -151,7 +151,7 @@ def labels_for_training(store, version: int, holdout_frac: float,
 def retrain(cfg: RetrainConfig) -> dict:
     """Snapshot -> split by image -> train (Ray Train) -> gate (vLLM) -> register -> promote or
     refuse."""
-    from grounding.registry import AdapterRegistry
+    from grounding.registry import AdapterRegistry, RegistryError
     from grounding.store import ReviewStore, StoreError
 
     opts = cfg.storage
@@ -168,9 +168,10 @@ def retrain(cfg: RetrainConfig) -> dict:
                   if cfg.regression_set else None)
     registry = AdapterRegistry(cfg.registry, opts)
     t0 = time.time()
-    # The lock is held for the whole run: two retrains never overlap, and production cannot
-    # change between the gate's measurement and the promotion.
-    with registry.lock() as lease:
+    # The training lease only keeps two retrains from training at once (compute); what keeps
+    # production right is the promotion itself: one commit, conditional on the production the
+    # gate compared against (refused if anything moved it meanwhile).
+    with registry.training_lease():
         production = registry.production()
         earlier_ids, since, since_note = earlier_labels(store, registry, production, cfg.store)
         earlier = earlier_ids or set()
@@ -195,17 +196,23 @@ def retrain(cfg: RetrainConfig) -> dict:
                 "replay": replay, "recipe": recipe, "run_name": run_name,
                 "train_metrics": train_metrics, "gate": verdict, "seconds": round(train_s, 1)}
         name = registry.register(adapter_dir, meta)
+        decision, now = None, production
         if verdict["passed"] and cfg.promote:
-            event = registry.promote_locked(name, "gate", lease, verdict)
-            decision = "promoted"
-        else:
+            try:
+                event = registry.promote(name, "gate", verdict, expected=production,
+                                         key=f"retrain:{name}:promote")
+                decision, now = "promoted", name
+            except RegistryError as e:  # production moved while this retrain ran
+                verdict = dict(verdict, passed=False, reasons=[*verdict["reasons"], str(e)])
+                now = registry.production()
+        if decision is None:
             decision = "refused" if not verdict["passed"] else "passed (not promoted)"
             event = registry.record("refuse" if not verdict["passed"] else "pass",
                                     name=name, production=production,
                                     reason="; ".join(verdict["reasons"]) or None,
-                                    metrics=verdict)
+                                    metrics=verdict, key=f"retrain:{name}:decision")
     return {"adapter": name, "decision": decision, "reasons": verdict["reasons"],
-            "event": event, "production": production if decision != "promoted" else name,
+            "event": event, "production": now,
             "snapshot_version": version, "gate": verdict,
             "new_domain": _scores(verdict["new"]), "old_domain": _scores(verdict["old"]),
             "regression": _scores(verdict["regression"]),

@@ -4,8 +4,9 @@ At every cron time (UTC) the scheduler counts the accepted and corrected items t
 since the snapshot the newest registered adapter was trained on, and retrains when there are at
 least ``min_new_labels``. It keeps no state of its own: "since when" is read from the registry
 (each adapter's ``snapshot_version``), so a restarted scheduler carries on where it was, and the
-registry lock (held by every retrain) means two schedulers, or a scheduler and a manual retrain,
-never train at once: the second one skips that tick.
+registry's training lease (held by every retrain while it trains) means two schedulers, or a
+scheduler and a manual retrain, never train at once: the second one skips that tick. Whatever
+happens, a retrain promotes only over the production its gate compared against.
 
 Run::
 
@@ -72,7 +73,7 @@ def check(cfg: ScheduleConfig, log=print) -> dict:
             res = retrain(RetrainConfig.model_validate(
                 cfg.model_dump(include=set(RetrainConfig.model_fields)) | {"version": latest}))
             tick.update(action="retrained", result=res)
-        except RegistryError as e:  # the lock: another retrain is running
+        except RegistryError as e:  # another retrain is training
             tick["action"] = f"skip: {e}"
     log(json.dumps(tick, default=str))
     return tick

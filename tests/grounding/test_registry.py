@@ -1,10 +1,9 @@
-"""The adapter registry: immutable names, metadata, an atomic production pointer with rollback,
-and a lock, on a folder and on a real S3 endpoint (moto server)."""
+"""The adapter registry: immutable names, metadata, the production pointer with rollback, on a
+folder and on a real S3 endpoint (moto server). Races and faults: test_registry_commits.py."""
 
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import time
 
 import pytest
@@ -74,228 +73,49 @@ def test_names_are_never_reused_and_bad_adapters_refused(reg, tmp_path):
         reg.download("nope", tmp_path / "cache")
 
 
-def test_crash_mid_upload_is_invisible(tmp_path):
+def test_an_upload_never_committed_is_invisible(tmp_path):
     reg = _registry("local", tmp_path)
-    # files uploaded, meta.json (the commit) never written: not an adapter, name still free
-    _adapter(tmp_path / "reg" / "adapters" / "half-done", 1)
+    # files staged, the register commit never made (a crash): not an adapter, name still free
+    _adapter(tmp_path / "reg" / "adapters" / "half-done" / "0123abcd", 9)
     assert reg.list() == [] and not reg.exists("half-done")
     assert reg.register(_adapter(tmp_path / "a", 1), {}, name="half-done") == "half-done"
+    local = reg.download("half-done", tmp_path / "cache")   # the committed upload's files
+    assert (tmp_path / "cache" / "half-done" / "adapter_model.safetensors").read_bytes() == \
+        bytes([1]) * 64 and local
 
 
-def _hold_lock(uri: str, endpoint, seconds: float, ready) -> None:
-    reg = AdapterRegistry(uri, StorageOptions(s3_endpoint_url=endpoint))
-    with reg.lock():
-        ready.set()
-        time.sleep(seconds)
+def test_the_registry_is_a_delta_table_any_reader_reads(reg, tmp_path):
+    """The events are rows of a Delta table (``<registry>/log``): every event one commit, its
+    number the table version."""
+    from deltalake import DeltaTable
+
+    from grounding.tables import delta_options, table_uri
+
+    a = reg.register(_adapter(tmp_path / "a", 1), {"snapshot_version": 2})
+    reg.promote(a, reason="gate")
+    dt = DeltaTable(table_uri(reg.log_uri), storage_options=delta_options(reg.log_uri, reg.opts))
+    rows = sorted(dt.to_pyarrow_table().to_pylist(), key=lambda r: r["event"])
+    assert [(r["event"], r["kind"], r["name"]) for r in rows] == [(1, "register", a),
+                                                                  (2, "promote", a)]
+    assert dt.version() == 2 and json.loads(rows[0]["data"])["snapshot_version"] == 2
+    assert rows[1]["previous"] is None and reg.events()[0]["event"] == 2
 
 
-def _lock_holder(reg, seconds: float):
-    """Another process holding the registry lock for ``seconds`` (returns once it holds it)."""
-    ctx = mp.get_context("spawn")
-    ready = ctx.Event()
-    p = ctx.Process(target=_hold_lock, args=(reg.uri, reg.opts.s3_endpoint_url, seconds, ready))
-    p.start()
-    assert ready.wait(60)
-    return p
+def test_a_second_retrain_does_not_train_while_one_holds_the_training_lease(reg):
+    with reg.training_lease():
+        with pytest.raises(RegistryError, match="another retrain .* is training"):
+            with AdapterRegistry(reg.uri, reg.opts).training_lease():
+                pass
+    with reg.training_lease():  # released
+        pass
 
 
-def test_lock_keeps_two_promotions_apart(reg, tmp_path):
-    name = reg.register(_adapter(tmp_path / "a", 1), {})
-    p = _lock_holder(reg, 6)
-    with pytest.raises(RegistryError, match="locked by"):
-        reg.promote(name)
-    assert reg.production() is None
-    p.join(60)
-    reg.promote(name)  # released
-    assert reg.production() == name
-
-
-def test_expired_lock_of_a_crashed_holder_is_taken_over(tmp_path):
-    reg = AdapterRegistry(str(tmp_path / "reg"), lease_s=900)
-    (tmp_path / "reg").mkdir()
-    (tmp_path / "reg" / "_lock").write_text(json.dumps({"owner": "dead:1", "until": time.time() - 1}))
-    name = reg.register(_adapter(tmp_path / "a", 1), {})
-    reg.promote(name)
-    assert reg.production() == name and not (tmp_path / "reg" / "_lock").exists()
-
-
-def test_lock_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
-    import socket
-    import subprocess
-
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    reg = AdapterRegistry(str(tmp_path / "reg"))
-    (tmp_path / "reg").mkdir()
-    (tmp_path / "reg" / "_lock").write_text(json.dumps(
-        {"owner": f"{socket.gethostname()}:{dead.pid}:x", "until": time.time() + 3600}))
-    name = reg.register(_adapter(tmp_path / "a", 1), {})
-    reg.promote(name)
-    assert reg.production() == name
-
-
-def test_a_long_holder_keeps_its_lock_by_renewing_the_lease(tmp_path):
-    import threading
-
-    reg = AdapterRegistry(str(tmp_path / "reg"), lease_s=0.6)
-    name = reg.register(_adapter(tmp_path / "a", 1), {})
-    held, done = threading.Event(), threading.Event()
-
-    def hold():
-        with reg.lock():
-            held.set()
-            done.wait(10)
-
-    t = threading.Thread(target=hold)
-    t.start()
-    held.wait(10)
-    time.sleep(1.5)  # well past one lease: still held, because it was renewed
-    with pytest.raises(RegistryError, match="locked by"):
-        AdapterRegistry(str(tmp_path / "reg"), lease_s=0.6).promote(name)
-    done.set()
-    t.join()
-    reg.promote(name)
-
-
-# ---- the lock under concurrency and faults (processes, on a folder and on moto's S3) ---------
-def _racer(uri: str, endpoint, me: int, rounds: int, names: list[str], out) -> None:
-    import random
-
-    reg = AdapterRegistry(uri, StorageOptions(s3_endpoint_url=endpoint))
-    rng = random.Random(me)
-    done = []
-    for _ in range(rounds):
-        with reg.lock(wait_s=120) as lease:
-            t0 = time.time()
-            if rng.random() < 0.6 or reg.production() is None:
-                name = rng.choice(names)
-                reg.promote_locked(name, f"racer {me}", lease)
-                done.append(("promote", name))
-            else:
-                try:
-                    done.append(("rollback", reg.rollback_locked(f"racer {me}", lease)))
-                except RegistryError:  # nothing left to undo
-                    pass
-            time.sleep(rng.random() * 0.05)
-            t1 = time.time()
-        out.put(("held", me, t0, t1))
-    out.put(("done", me, done))
-
-
-def _reader(uri: str, endpoint, seconds: float, out) -> None:
-    reg = AdapterRegistry(uri, StorageOptions(s3_endpoint_url=endpoint))
-    seen, bad = 0, []
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        try:
-            seen += 1
-            name = reg.production()   # parses production.json: must never be torn
-            if name is not None and not reg.exists(name):
-                bad.append(name)
-        except Exception as e:  # noqa: BLE001 - reported to the test
-            bad.append(repr(e))
-    out.put(("reader", seen, bad))
-
-
-def test_four_processes_racing_promote_rollback_and_the_lock(reg, tmp_path):
-    names = [reg.register(_adapter(tmp_path / f"a{i}", i), {}, name=f"ad-{i}") for i in range(3)]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    ep = reg.opts.s3_endpoint_url
-    rounds = 6
-    procs = [ctx.Process(target=_racer, args=(reg.uri, ep, i, rounds, names, out))
-             for i in range(4)]
-    procs.append(ctx.Process(target=_reader, args=(reg.uri, ep, 20, out)))
-    for p in procs:
-        p.start()
-    held, actions, reader = [], [], None
-    for _ in range(4 * rounds + 4 + 1):
-        msg = out.get(timeout=300)
-        if msg[0] == "held":
-            held.append(msg[2:])
-        elif msg[0] == "done":
-            actions += msg[2]
-        else:
-            reader = msg
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
-    held.sort()
-    for (_, end), (start, _) in zip(held, held[1:], strict=False):
-        assert start >= end, "two processes held the registry lock at once"
-    assert reader[1] > 0 and reader[2] == [], reader        # the pointer was never torn
-    events = reg.events()
-    assert [e["event"] for e in events] == list(range(1, len(events) + 1))  # complete, in order
-    assert sorted(repr((e["kind"], e["name"])) for e in events) == sorted(map(repr, actions))
-    stack = [None]                                            # replaying them gives the pointer
-    for e in events:
-        stack.append(e["name"]) if e["kind"] == "promote" else stack.pop()
-    assert reg.production() == stack[-1]
-    assert all(isinstance(e["lease"], int) for e in events)  # each names the lease it ran under
-
-
-def test_a_holder_that_lost_its_lease_stops_before_promoting(tmp_path):
-    from grounding.lease import Lease
-
-    reg = AdapterRegistry(str(tmp_path / "reg"), lease_s=0.6)
-    name = reg.register(_adapter(tmp_path / "a", 1), {})
-    with reg.lock() as lease:
-        # Another process takes the lock over (here: by force, as `--force` does).
-        thief = Lease(reg.fs, reg._p("_lock"), "thief", lease_s=60).acquire(force=True)
-        time.sleep(0.6)  # the holder's next renewal finds its token gone
-        with pytest.raises(RegistryError, match="taken over"):
-            reg.promote_locked(name, "gate", lease)
-        thief.release()
-    assert reg.production() is None and reg.events() == []
-
-
-def test_only_the_holder_releases_and_takeover_of_a_stale_lock_has_one_winner(tmp_path):
-    import threading
-
-    from grounding.lease import Lease, LeaseHeld
-
-    reg = AdapterRegistry(str(tmp_path / "reg"))
-    (tmp_path / "reg").mkdir()
-    (tmp_path / "reg" / "_lock").write_text(json.dumps({"owner": "gone:1", "seq": 7,
-                                                        "until": time.time() - 1}))
-    winners, losers = [], []
-
-    def wait_for_it(i):
-        try:
-            winners.append(Lease(reg.fs, reg._p("_lock"), f"w{i}").acquire(wait_s=0))
-        except LeaseHeld:
-            losers.append(i)
-
-    ts = [threading.Thread(target=wait_for_it, args=(i,)) for i in range(6)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    assert len(winners) == 1 and len(losers) == 5 and winners[0].seq == 8
-    other = Lease(reg.fs, reg._p("_lock"), "other")
-    other.token = "forged"
-    other.release()                      # not the holder: nothing happens
-    assert (tmp_path / "reg" / "_lock").exists()
-    winners[0].release()
-    assert not (tmp_path / "reg" / "_lock").exists()
-
-
-def test_promote_and_rollback_wait_for_the_lock_or_force_it(reg, tmp_path):
-    a = reg.register(_adapter(tmp_path / "a", 1), {})
-    b = reg.register(_adapter(tmp_path / "b", 2), {})
-    p = _lock_holder(reg, 4)
-    t0 = time.time()
-    reg.promote(a, wait_s=60)             # waits for the holder, then promotes
-    assert time.time() - t0 > 1 and reg.production() == a
-    p.join(60)
-    p = _lock_holder(reg, 30)
-    reg.promote(b, force=True)            # takes the lock; recorded
-    p.terminate()
-    p.join(60)
-    kinds = [e["kind"] for e in reg.events()]
-    assert kinds[-2:] == ["force-unlock", "promote"] and reg.production() == b
-    assert reg.events()[-2]["previous_holder"]["owner"]
-    assert reg.rollback(wait_s=5) == a
+def test_an_old_layout_registry_is_refused_with_the_migration_command(tmp_path):
+    old = tmp_path / "old"
+    (old / "events").mkdir(parents=True)
+    (old / "production.json").write_text(json.dumps({"name": None, "event": 0}))
+    with pytest.raises(RegistryError, match="groundlabel adapters migrate"):
+        AdapterRegistry(str(old)).production()
 
 
 # One rule for adapter names, inside the registry: every caller (serve, the label job, the CLI)

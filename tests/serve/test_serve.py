@@ -259,7 +259,7 @@ def test_broken_adapter_is_refused_and_the_old_one_keeps_serving(svc, tmp_path):
     reg = svc["reg"]
     before = reg.production()
     broken = tmp_path / "broken"
-    shutil.copytree(svc["tmp"] / "registry" / "adapters" / "adapter-b", broken)
+    shutil.copytree(reg.download("adapter-b", tmp_path / "dl"), broken)
     (broken / "meta.json").unlink()
     w = load_file(broken / "adapter_model.safetensors")
     save_file({k: torch.zeros(3, 5) for k in w}, broken / "adapter_model.safetensors")
@@ -378,7 +378,7 @@ def test_an_adapter_failing_its_probe_never_answers_and_leaves_no_trace(svc, tmp
 
     reg = svc["reg"]
     dora = tmp_path / "dora"
-    shutil.copytree(svc["tmp"] / "registry" / "adapters" / "adapter-b", dora)
+    shutil.copytree(reg.download("adapter-b", tmp_path / "dl"), dora)
     (dora / "meta.json").unlink()
     cfg = json.loads((dora / "adapter_config.json").read_text())
     (dora / "adapter_config.json").write_text(json.dumps(dict(cfg, use_dora=True)))
