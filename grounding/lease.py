@@ -1,5 +1,8 @@
-"""An exclusive lease on one object, with fencing: the registry's lock and a job output's
-"one writer" both use it.
+"""An exclusive lease on one object, with fencing. A courtesy wherever it is used: a job output's
+"one job at a time" and the registry's "one retrain training at a time" (`AdapterRegistry
+.training_lease`) refuse a second comer early, but no decision depends on a lease: a job's rows
+are committed exactly once by the table's commits, and production moves only by a conditional
+commit (`grounding.registry`).
 
 The lease object holds ``{"owner", "seq", "until", "acquired"}``. Every change goes through
 `grounding.atomic`:

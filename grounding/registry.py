@@ -156,7 +156,7 @@ class _Done(Exception):
 
 
 # Rows read per table (immutable once committed): a poller reads only the versions since.
-_ROWS: dict[tuple[str, str], tuple[int, list[dict]]] = {}
+_ROWS: dict[tuple[str, str, str], tuple[int, list[dict]]] = {}
 
 
 class AdapterRegistry:
@@ -192,7 +192,9 @@ class AdapterRegistry:
         versions not read before in this process: committed rows never change)."""
         import pyarrow as pa
 
-        key = (tables.table_uri(self.log_uri),
+        # The table's id too: a registry deleted and made again at the same place is another
+        # table, whose rows were never read here.
+        key = (tables.table_uri(self.log_uri), dtable.metadata().id,
                json.dumps(self.opts.model_dump(), sort_keys=True))
         v = dtable.version()
         start, rows = 1, []
