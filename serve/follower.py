@@ -118,8 +118,10 @@ class Follower:
         log.warning("refused adapter %s: %s", name, reason)
         if self.registry is not None:
             try:
-                retry(lambda: self.registry.record("serve-refuse", name=name, reason=reason,
-                                                   replica=self.replica), "recording a refusal")
+                # One event per adapter and replica, whatever the retries (its key).
+                retry(lambda: self.registry.record(
+                    "serve-refuse", key=f"serve-refuse:{name}:{self.replica}", name=name,
+                    reason=reason, replica=self.replica), "recording a refusal")
             except Exception as e:  # noqa: BLE001 - the refusal stands; only its record is lost
                 log.warning("could not record the refusal of %s: %s", name, e)
 

@@ -40,6 +40,7 @@ STORAGE_VERBS = {
     "adapters promote": ["--registry", "reg/", "gl-x"],
     "adapters rollback": ["--registry", "reg/"],
     "adapters history": ["--registry", "reg/"],
+    "adapters migrate": ["old/", "new/"],
 }
 
 

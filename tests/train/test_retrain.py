@@ -195,6 +195,45 @@ def test_gate_refuses_an_adapter_that_forgets_the_base_domain(scheduled, tmp_pat
 
 
 @pytest.mark.slow
+def test_a_retrain_does_not_promote_over_a_production_that_moved_during_its_gate(
+        scheduled, tmp_path, monkeypatch, random_adapter):
+    """The gate compared the candidate against production P (here the base model of a fresh
+    registry) and passed; meanwhile another process promoted another adapter. The retrain's
+    promotion ("P, now the candidate") is refused and recorded; production stays where the
+    other process put it (before: the lock made the other process wait, or, taken by force,
+    the retrain promoted anyway)."""
+    import subprocess
+    import sys
+
+    import train.retrain as R
+
+    reg = AdapterRegistry(scheduled["registry"])
+    candidate = reg.download(reg.production(), tmp_path / "cache")  # better than the base
+    fresh = str(tmp_path / "fresh-registry")
+    other = AdapterRegistry(fresh).register(random_adapter, {"note": "someone else's"},
+                                            name="other-adapter")
+    real = R.on_gate_node
+
+    def gate_then_someone_promotes(*a, **kw):
+        verdict = real(*a, **kw)
+        subprocess.run([sys.executable, "-m", "groundlabel.cli", "adapters", "promote", other,
+                        "--registry", fresh, "--reason", "operator"], check=True)
+        return verdict
+
+    monkeypatch.setattr(R, "on_gate_node", gate_then_someone_promotes)
+    res = _gate_only(scheduled, candidate, registry=fresh)
+    assert res["gate"]["heldout"]["p_better"] <= 0.05           # the gate itself passed
+    assert res["decision"] == "refused" and res["production"] == other
+    assert any("production moved from the base model to other-adapter" in r
+               for r in res["reasons"]), res["reasons"]
+    fresh_reg = AdapterRegistry(fresh)
+    assert fresh_reg.production() == other
+    last = fresh_reg.events()[-1]
+    assert (last["kind"], last["name"]) == ("refuse", res["adapter"])
+    assert [e["kind"] for e in fresh_reg.events()] == ["promote", "refuse"]
+
+
+@pytest.mark.slow
 def test_label_job_names_the_registered_adapter(scheduled, ray_local):
     from grounding.synth import write_dataset
     from pipelines.config import LabelJobConfig
