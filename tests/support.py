@@ -281,6 +281,39 @@ def tcp_proxy(listen: int, target: int):
     return proc
 
 
+@contextmanager
+def fault_proxy(endpoint: str, pattern: str = "^$", drops: int = 1, log: Path | None = None):
+    """tests/http_fault_proxy.py (a process) in front of the S3 ``endpoint``: it loses the
+    answers of the first ``drops`` PUTs whose path matches ``pattern`` (the store applied
+    them). With ``log`` (a file), every request is written there as ``req METHOD PATH``.
+    Yields a dict: ``url`` (point the client here), and ``said`` (the proxy's output, filled in
+    once the block ends)."""
+    import subprocess
+    import sys
+    import time
+
+    args = [sys.executable, str(Path(__file__).with_name("http_fault_proxy.py")), str(free_port()),
+            endpoint.rsplit(":", 1)[1], pattern, str(drops), *(["log"] if log else [])]
+    port = args[2]
+    out = log.open("w") if log else subprocess.PIPE
+    proc = subprocess.Popen(args, stdout=out, text=True)
+    box = {"url": f"http://127.0.0.1:{port}", "said": ""}
+    try:
+        deadline = time.time() + 30
+        if log:
+            while "ready" not in log.read_text():
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError("the fault proxy did not start")
+                time.sleep(0.05)
+        elif proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the fault proxy did not start")
+        yield box
+    finally:
+        proc.kill()
+        proc.wait()
+        box["said"] = log.read_text() if log else proc.stdout.read()
+
+
 def random_lora(model, out, seed: int):
     """A peft LoRA (q/v projections, r=8) with random non-zero A and B saved to ``out``: it
     changes the answers wherever it is really applied."""

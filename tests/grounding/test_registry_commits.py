@@ -15,19 +15,17 @@ import json
 import multiprocessing as mp
 import os
 import signal
-import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-from support import free_port
+from support import fault_proxy
 
 from grounding.registry import AdapterRegistry, RegistryError
 from grounding.storage import StorageOptions
 
-PROXY = Path(__file__).resolve().parents[1] / "http_fault_proxy.py"
 LEASED = hasattr(AdapterRegistry, "promote_locked")  # the registry before issue 30
 
 
@@ -88,17 +86,10 @@ def test_a_lost_response_on_a_promotion_records_it_once(s3_endpoint, tmp_path):
     uri = f"s3://{_bucket(s3_endpoint)}/registry"
     direct = _open(uri, s3_endpoint)
     a = direct.register(_adapter(tmp_path / "a", 1), {}, name="ad-a")
-    port = free_port()
     # The first PUT of an event (old: events/N.json; now: the log entry of the commit).
-    proxy = subprocess.Popen([sys.executable, str(PROXY), str(port),
-                              s3_endpoint.rsplit(":", 1)[1], r"(events|_delta_log)/\d+\.json$"],
-                             stdout=subprocess.PIPE, text=True)
-    try:
-        assert proxy.stdout.readline().strip() == "ready"
-        _open(uri, f"http://127.0.0.1:{port}").promote(a, reason="gate")
-    finally:
-        proxy.kill()
-        dropped = proxy.stdout.read()
+    with fault_proxy(s3_endpoint, r"(events|_delta_log)/\d+\.json$") as proxy:
+        _open(uri, proxy["url"]).promote(a, reason="gate")
+    dropped = proxy["said"]
     assert "dropped PUT" in dropped and "-> 200" in dropped, dropped  # the store applied it
     promotions = [e for e in direct.events() if e["kind"] == "promote"]
     assert [e["name"] for e in promotions] == [a]                    # once

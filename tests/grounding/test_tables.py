@@ -68,35 +68,22 @@ def test_records_cost_one_get_per_log_entry_and_no_head(tmp_path, s3_endpoint):
     is N GETs of log entries, nothing else per entry (s3fs's cat_file first HEADs a file to
     size it, which doubled resume planning's requests at 10M rows)."""
     import re
-    import subprocess
-    import sys
     import time
-    from pathlib import Path
 
     import boto3
-    from support import free_port
+    from support import fault_proxy
 
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="counted")
     storage = StorageOptions(s3_endpoint_url=s3_endpoint)
     _table("s3://counted/t", storage, 12)
-    port, log = free_port(), tmp_path / "proxy.log"
-    proxy = subprocess.Popen([sys.executable, str(Path(__file__).parents[1] / "http_fault_proxy.py"),
-                              str(port), s3_endpoint.rsplit(":", 1)[1], "^$", "0", "log"],
-                             stdout=log.open("w"), text=True)
-    try:
-        deadline = time.time() + 30
-        while "ready" not in log.read_text():
-            assert time.time() < deadline and proxy.poll() is None
-            time.sleep(0.05)
-        via = StorageOptions(s3_endpoint_url=f"http://127.0.0.1:{port}")
+    log = tmp_path / "proxy.log"
+    with fault_proxy(s3_endpoint, drops=0, log=log) as proxy:
+        via = StorageOptions(s3_endpoint_url=proxy["url"])
         dt = tables.open_table("s3://counted/t", via)
         before = len(log.read_text().splitlines())
         got = tables.records(dt, storage=via)
         time.sleep(0.2)
         lines = log.read_text().splitlines()[before:]
-    finally:
-        proxy.kill()
-        proxy.wait()
     assert len(got) == 8
     reqs = [m.groups() for ln in lines if (m := re.match(r"req (\w+) (\S+)", ln))]
     entries = [p for meth, p in reqs if meth == "GET" and "/_delta_log/" in p]

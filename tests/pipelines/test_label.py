@@ -157,23 +157,15 @@ def _put_dataset_on_s3(endpoint: str, shard: Path, bucket: str) -> str:
 def test_job_reads_and_writes_s3(ray_local, s3_endpoint, synth_shard, capfd):
     """A job on S3 through a proxy that loses the answer to its first commit: the store applied
     it, the client re-sent it and got 412; the job recognises its own commit and goes on."""
-    from support import free_port
+    from support import fault_proxy
 
     from pipelines.label import label
 
     src = _put_dataset_on_s3(s3_endpoint, synth_shard, "gl-s3-job")
-    port = free_port()
-    proxy = subprocess.Popen([sys.executable, str(Path(__file__).parents[1] /
-                                                  "http_fault_proxy.py"), str(port),
-                              s3_endpoint.rsplit(":", 1)[1], r"_delta_log/0+[1-9]\.json$"],
-                             stdout=subprocess.PIPE, text=True)
-    try:
-        assert proxy.stdout.readline().strip() == "ready"
-        s = label(_job(input=src, output="s3://gl-s3-job/out",
-                       s3_endpoint_url=f"http://127.0.0.1:{port}", commit_rows=4))
-    finally:
-        proxy.kill()
-    assert "dropped PUT" in proxy.stdout.read()
+    with fault_proxy(s3_endpoint, r"_delta_log/0+[1-9]\.json$") as proxy:
+        s = label(_job(input=src, output="s3://gl-s3-job/out", s3_endpoint_url=proxy["url"],
+                       commit_rows=4))
+    assert "dropped PUT" in proxy["said"]
     assert "(found after a lost response)" in capfd.readouterr().out
     assert s["rows"] == s["unique_rows"] == s["table_rows"] == 13
     assert s["errors"] == {"missing": 1}

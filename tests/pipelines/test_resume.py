@@ -21,13 +21,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-from support import free_port, job_table
+from support import fault_proxy, free_port, job_table
 
 from pipelines.config import LabelJobConfig
 from pipelines.output import JobOutput, OutputError
 
 PROC = Path(__file__).parents[1] / "commit_proc.py"
-PROXY = Path(__file__).parents[1] / "http_fault_proxy.py"
 
 
 def _cfg(data: Path, out: Path, **kw) -> LabelJobConfig:
@@ -191,20 +190,12 @@ def test_a_lost_response_on_a_commit_is_recognised_as_our_own(s3_endpoint, tmp_p
 
     bucket = f"lost-{uuid.uuid4().hex[:10]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
-    port = free_port()
-    proxy = subprocess.Popen([sys.executable, str(PROXY), str(port),
-                              s3_endpoint.rsplit(":", 1)[1], r"_delta_log/0+[1-9]\.json$"],
-                             stdout=subprocess.PIPE, text=True)
-    try:
-        assert proxy.stdout.readline().strip() == "ready"
-        via = f"http://127.0.0.1:{port}"
+    with fault_proxy(s3_endpoint, r"_delta_log/0+[1-9]\.json$") as proxy:
         uri = f"s3://{bucket}/out"
-        _table(uri, via)
-        code, said = _finish(_writer(uri, via, [0, 6]))
+        _table(uri, proxy["url"])
+        code, said = _finish(_writer(uri, proxy["url"], [0, 6]))
         assert code == 0 and "committed 1 recovered" in said, said
-    finally:
-        proxy.kill()
-        dropped = proxy.stdout.read()
+    dropped = proxy["said"]
     assert "dropped PUT" in dropped and "00000000000000000001.json -> 200" in dropped
     from grounding.storage import StorageOptions
 
