@@ -28,6 +28,14 @@ def main(listen: int, target: int, pattern: str, drops: int, log: bool = False) 
     budget = {"left": drops}
     lock = threading.Lock()
     rx = re.compile(pattern)
+    out = threading.Lock()
+
+    def say(line: str) -> None:
+        # One write per line under a lock: print() from the handler threads writes the text
+        # and its newline apart, and lines interleaved ("...07.jsonreq GET ...").
+        with out:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -50,7 +58,7 @@ def main(listen: int, target: int, pattern: str, drops: int, log: bool = False) 
 
         def _forward(self) -> None:
             if log:
-                print(f"req {self.command} {self.path}", flush=True)
+                say(f"req {self.command} {self.path}")
             body = self._body()
             headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
             if body or self.command in ("PUT", "POST"):
@@ -67,7 +75,7 @@ def main(listen: int, target: int, pattern: str, drops: int, log: bool = False) 
                         budget["left"] -= 1
                         drop = True
             if drop:
-                print(f"dropped PUT {self.path} -> {resp.status}", flush=True)
+                say(f"dropped PUT {self.path} -> {resp.status}")
                 self.close_connection = True
                 try:
                     self.connection.shutdown(socket.SHUT_RDWR)
