@@ -74,6 +74,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 LOG = "log"
 POINTER = ("promote", "rollback")          # events that move production
 NOT_EVENTS = ("register", "calibration")   # rows that `events` leaves out
+COMPACT_FILES = 64                          # small files a writer leaves before compacting
 PROPERTIES = {"delta.enableChangeDataFeed": "true",     # new rows since a version: cheap reads
               "delta.enableExpiredLogCleanup": "false"}  # the whole history stays readable
 _UNSET = object()
@@ -188,8 +189,9 @@ class AdapterRegistry:
             return None
 
     def _rows(self, dtable) -> list[dict]:
-        """Every event in the snapshot ``dtable``, oldest first (the change data feed of the
-        versions not read before in this process: committed rows never change)."""
+        """Every event in the snapshot ``dtable``, oldest first. Read whole (the snapshot's
+        files: few, as writers compact them) the first time in a process; afterwards only the
+        versions since, from the change data feed (committed rows never change)."""
         import pyarrow as pa
 
         # The table's id too: a registry deleted and made again at the same place is another
@@ -197,17 +199,20 @@ class AdapterRegistry:
         key = (tables.table_uri(self.log_uri), dtable.metadata().id,
                json.dumps(self.opts.model_dump(), sort_keys=True))
         v = dtable.version()
-        start, rows = 1, []
         cached = _ROWS.get(key)
-        if cached is not None and cached[0] <= v:
-            start, rows = cached[0] + 1, list(cached[1])
-        if v >= start:
-            t = pa.table(dtable.load_cdf(starting_version=start, ending_version=v))
-            new = []
-            for r in t.select([*_schema().names, "_change_type"]).to_pylist():
-                if r.pop("_change_type") == "insert":  # rows are never updated nor deleted
-                    new.append(dict(json.loads(r.pop("data") or "{}"), **r))
-            rows += sorted(new, key=lambda r: r["event"])
+        names = _schema().names
+        if cached is None or cached[0] > v:
+            raw = dtable.to_pyarrow_table(columns=names).to_pylist() if v else []
+        elif v > cached[0]:
+            t = pa.table(dtable.load_cdf(starting_version=cached[0] + 1, ending_version=v))
+            # Only inserts: rows are never updated nor deleted (a compaction adds no change).
+            raw = [r for r in t.select([*names, "_change_type"]).to_pylist()
+                   if r.pop("_change_type") == "insert"]
+        else:
+            return cached[1]
+        new = sorted((dict(json.loads(r.pop("data") or "{}"), **r) for r in raw),
+                     key=lambda r: r["event"])
+        rows = new if cached is None or cached[0] > v else cached[1] + new
         if cached is None or cached[0] <= v:
             _ROWS[key] = (v, rows)
         return rows
@@ -279,7 +284,23 @@ class AdapterRegistry:
             raise RegistryError(f"adapter registry {self.uri}: {e}") from None
         out = dict(json.loads(row["data"]), **{k: v for k, v in row.items() if k != "data"})
         out["event"] = done.version
+        self._compact()
         return out
+
+    def _compact(self) -> None:
+        """One event is one small file: past ``COMPACT_FILES`` files, rewrite them as one
+        (delta-rs OPTIMIZE: a commit that changes no data, so events and the change data feed
+        are untouched), so that a new process reads the registry in a few requests. Best
+        effort: a concurrent commit makes it fail harmlessly, and the next writer tries again.
+        The old files stay (never VACUUM a registry: its history must stay readable)."""
+        import logging
+
+        try:
+            dtable = tables.latest(self.log_uri, self.opts)
+            if len(dtable.file_uris()) > COMPACT_FILES:
+                dtable.optimize.compact()
+        except Exception as e:  # noqa: BLE001 - only slower reads until the next try
+            logging.getLogger(__name__).info("registry %s: compaction skipped: %s", self.uri, e)
 
     # -- adapters ------------------------------------------------------------------------
     def new_name(self, adapter_dir: str | Path, prefix: str = "gl") -> str:

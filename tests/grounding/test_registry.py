@@ -154,3 +154,24 @@ def test_adapter_names_inside_the_rule_work(reg, tmp_path, name):
     good = _adapter(tmp_path / "a1", 1)
     assert reg.register(good, {}, name=name) == name and reg.exists(name)
     assert reg.show(name)["name"] == name
+
+
+def test_writers_compact_the_small_files_and_every_reader_sees_the_same_events(tmp_path):
+    """One event is one small file; past COMPACT_FILES a writer rewrites them as one (OPTIMIZE,
+    a commit that changes no data). A reader that had read before (change data feed) and a
+    new one (the snapshot) see the same events."""
+    from grounding import registry as R
+
+    reg = _registry("local", tmp_path)
+    a = reg.register(_adapter(tmp_path / "a", 1), {}, name="ad-a")
+    seen_before = reg.events()
+    for i in range(R.COMPACT_FILES + 5):
+        reg.promote(a, f"round {i}") if i % 2 == 0 else reg.rollback(f"round {i}")
+    files = len(R.tables.latest(reg.log_uri).file_uris())
+    assert files < R.COMPACT_FILES                      # compacted along the way
+    warm = reg.events()                                 # read on top of what was read before
+    R._ROWS.clear()                                     # as a new process
+    cold = reg.events()
+    assert warm == cold and len(cold) == R.COMPACT_FILES + 5 and seen_before == []
+    assert [e["reason"] for e in cold] == [f"round {i}" for i in range(R.COMPACT_FILES + 5)]
+    assert reg.production() == (a if (R.COMPACT_FILES + 5) % 2 else None)
