@@ -6,6 +6,9 @@ least ``min_new_labels``. It keeps no state of its own: "since when" is read fro
 (each adapter's ``snapshot_version``), so a restarted scheduler carries on where it was, and the
 registry lock (held by every retrain) means two schedulers, or a scheduler and a manual retrain,
 never train at once: the second one skips that tick.
+With ``--mlflow-tracking-uri`` (or ``MLFLOW_TRACKING_URI``) each tick that trains is an
+MLflow run tagged ``groundlabel.trigger=schedule`` (`train.tracking`); a tick that cannot reach
+the tracking server trains nothing and is skipped, logged, like a locked registry.
 
 Run::
 
@@ -58,6 +61,7 @@ def check(cfg: ScheduleConfig, log=print) -> dict:
     from grounding.registry import AdapterRegistry, RegistryError
     from grounding.store import ReviewStore
     from train.retrain import retrain
+    from train.tracking import TrackingError
 
     opts = cfg.storage
     registry = AdapterRegistry(cfg.registry, opts)
@@ -70,9 +74,14 @@ def check(cfg: ScheduleConfig, log=print) -> dict:
     else:
         try:
             res = retrain(RetrainConfig.model_validate(
-                cfg.model_dump(include=set(RetrainConfig.model_fields)) | {"version": latest}))
+                cfg.model_dump(include=set(RetrainConfig.model_fields)) | {"version": latest}),
+                # MLflow: the run's tags say a tick started it, and why
+                trigger={"trigger": "schedule", "cron": "once" if cfg.once else cfg.cron,
+                         "new_labels": n, "since_version": since})
             tick.update(action="retrained", result=res)
         except RegistryError as e:  # the lock: another retrain is running
+            tick["action"] = f"skip: {e}"
+        except TrackingError as e:  # MLflow unreachable: nothing trained, the next tick retries
             tick["action"] = f"skip: {e}"
     log(json.dumps(tick, default=str))
     return tick
