@@ -61,7 +61,7 @@ labelstudio: $(LS_STAMP)
 # The MLflow tracking server for the tracking tests (and for a local UI, README.md), in its own
 # venv: full mlflow pins pyarrow<26 and cachetools<8, which do not fit .venv (.venv has only the
 # client, mlflow-skinny, from the main lock). requirements/mlflow.lock.txt is compiled with
-# `uv pip compile - --python-version 3.11 -o requirements/mlflow.lock.txt <<< mlflow==3.17.2`.
+# `echo mlflow==3.17.2 | uv pip compile - --python-version 3.11 -o requirements/mlflow.lock.txt`.
 MLFLOW_STAMP := .venv-mlflow/.installed
 $(MLFLOW_STAMP): requirements/mlflow.lock.txt $(STAMP)
 	test -x .venv-mlflow/bin/python || python3 -m venv .venv-mlflow

@@ -146,7 +146,10 @@ class Tracking:
 
     def summary(self) -> dict:
         """The run, for the retrain's result (empty without tracking)."""
-        return {"mlflow": self.meta() | {"errors": self.errors}} if self.enabled else {}
+        if not self.enabled:
+            return {}
+        return {"mlflow": {"run_id": self.run_id, "tracking_uri": self.uri,
+                           "experiment_id": self.experiment_id, "errors": self.errors}}
 
     # -- what a retrain records ---------------------------------------------------------------
     def data(self, store: str, version: int, train_items: list[dict], held: list[dict],
