@@ -52,6 +52,8 @@ def start_mlflow(tmp_dir: str | os.PathLike, timeout: float = 180.0) -> Iterator
     # nothing inherited may point the server at another store or server
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MLFLOW_", "PYTHON", "VIRTUAL_ENV"))}
+    # no usage telemetry to MLflow's hosts (the server, and the UI it serves)
+    env.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
     cmd = [str(MLFLOW_BIN), "server", "--host", "127.0.0.1", "--port", str(port),
            "--backend-store-uri", f"sqlite:///{tmp_dir / 'mlflow.db'}",
            "--artifacts-destination", str(tmp_dir / "artifacts"), "--workers", "1"]

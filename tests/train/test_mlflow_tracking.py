@@ -7,8 +7,8 @@ API; a real Ray Train LoRA run on the bundled tiny model and the real vLLM gate.
 .venv-mlflow the tests skip, unless GROUNDLABEL_REQUIRE_MLFLOW is set (CI).
 
     .venv/bin/pytest -q tests/train/test_mlflow_tracking.py
-    # the README's screenshot of the run page:
-    GROUNDLABEL_MLFLOW_SCREENSHOT=docs/img/mlflow-run.png .venv/bin/pytest -q \\
+    # the README's screenshots (docs/img/mlflow-run.png, docs/img/mlflow-loss.png):
+    GROUNDLABEL_MLFLOW_SCREENSHOTS=docs/img .venv/bin/pytest -q \\
         tests/train/test_mlflow_tracking.py -k chromium
 """
 
@@ -27,6 +27,11 @@ from mlflow_server import mlflow_available, start_mlflow
 from support import free_port
 
 from grounding.registry import AdapterRegistry
+
+# MLflow's client and server send usage telemetry to MLflow's hosts unless told not to; tests
+# reach nothing but loopback (the server's own environment says the same, mlflow_server.py).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENT = "groundlabel-test"
@@ -269,8 +274,8 @@ def test_an_unreachable_tracking_server_stops_the_retrain_before_training(tmp_pa
 @pytest.mark.slow
 def test_run_page_in_headless_chromium(scheduled, tmp_path, monkeypatch):
     """The run as a person sees it in the MLflow UI: its page names the adapter and shows the
-    parameters, the data and the gate; the screenshot is the README's (with
-    GROUNDLABEL_MLFLOW_SCREENSHOT=docs/img/mlflow-run.png)."""
+    data, the gate and the parameters; its metrics tab draws the loss and learning-rate curves.
+    The screenshots are the README's (with GROUNDLABEL_MLFLOW_SCREENSHOTS=docs/img)."""
     chromium, chromedriver = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
     if not chromium.exists():
         msg = f"{chromium} not installed (make browser)"
@@ -283,32 +288,55 @@ def test_run_page_in_headless_chromium(scheduled, tmp_path, monkeypatch):
 
     monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never download anything
     url, res = scheduled["url"], scheduled["res"]
-    run_id = res["mlflow"]["run_id"]
-    exp_id = res["mlflow"]["experiment_id"]
+    page = f"{url}/#/experiments/{res['mlflow']['experiment_id']}/runs/{res['mlflow']['run_id']}"
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(chromium)
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                 f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1400,1100"):
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1400,1400"):
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=Service(executable_path=str(chromedriver)), options=opts)
+    shots = []
+
+    def text(d) -> str:
+        return d.find_element("tag name", "body").text
+
+    def shot(name: str) -> None:
+        time.sleep(2)  # let the charts settle
+        path = tmp_path / name
+        assert driver.save_screenshot(str(path)) and path.stat().st_size > 20_000
+        shots.append(path)
+
     try:
         driver.set_page_load_timeout(60)
-        driver.get(f"{url}/#/experiments/{exp_id}/runs/{run_id}")
-        text = lambda d: d.find_element("tag name", "body").text  # noqa: E731
+        driver.get(f"{url}/")
+        # the classic run page: the "model training" side of the UI, the assistant panel shut
+        driver.execute_script(
+            "localStorage.setItem('mlflow.workflowType_v1', '\"machine_learning\"');"
+            "localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"
+            "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');")
+        driver.get(page)
+        driver.refresh()
         WebDriverWait(driver, 90).until(
             lambda d: res["adapter"] in text(d) and "reviewed-labels@v1/training" in text(d))
         body = text(driver)
-        assert "FINISHED" in body.upper() or "Finished" in body
-        for needle in ("snapshot_version", "quantization_reason", "groundlabel.decision"):
+        assert "Finished" in body and f"groundlabel.decision: {res['decision']}" in body
+        for needle in ("gate/heldout/p_better", "quantization_reason", "snapshot_version"):
             assert needle in body, needle
-        time.sleep(2)  # let the charts and fonts settle
-        shot = tmp_path / "mlflow-run.png"
-        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 20_000
-        if os.environ.get("GROUNDLABEL_MLFLOW_SCREENSHOT"):
-            import shutil
+        shot("mlflow-run.png")
 
-            shutil.copy(shot, os.environ["GROUNDLABEL_MLFLOW_SCREENSHOT"])
+        driver.get(page + "/model-metrics")
+        WebDriverWait(driver, 90).until(lambda d: "Search metric charts" in d.page_source)
+        driver.set_window_size(1400, 700)
+        driver.find_element("css selector", "input[placeholder='Search metric charts']") \
+            .send_keys("^(loss|lr)$")
+        WebDriverWait(driver, 30).until(lambda d: "(loss)" in text(d) and "(lr)" in text(d))
+        shot("mlflow-loss.png")
     finally:
         driver.quit()
+    if os.environ.get("GROUNDLABEL_MLFLOW_SCREENSHOTS"):
+        import shutil
+
+        for path in shots:
+            shutil.copy(path, Path(os.environ["GROUNDLABEL_MLFLOW_SCREENSHOTS"]) / path.name)
