@@ -172,6 +172,7 @@ def retrain(cfg: RetrainConfig, trigger: dict | None = None) -> dict:
 
 
 def _retrain(cfg: RetrainConfig, tracking) -> dict:
+    """`retrain` itself; ``tracking``: its MLflow run (`train.tracking.Tracking`, maybe off)."""
     from grounding.registry import AdapterRegistry
     from grounding.store import ReviewStore, StoreError
 

@@ -321,14 +321,15 @@ def test_run_page_in_headless_chromium(scheduled, tmp_path, monkeypatch):
         WebDriverWait(driver, 90).until(
             lambda d: res["adapter"] in text(d) and "reviewed-labels@v1/training" in text(d))
         body = text(driver)
-        assert "Finished" in body and f"groundlabel.decision: {res['decision']}" in body
-        for needle in ("gate/heldout/p_better", "quantization_reason", "snapshot_version"):
+        assert "Finished" in body and res["decision"] in body, body
+        for needle in ("groundlabel.decision", "gate/heldout/p_better", "quantization_reason",
+                       "snapshot_version"):
             assert needle in body, needle
         shot("mlflow-run.png")
 
         driver.get(page + "/model-metrics")
         WebDriverWait(driver, 90).until(lambda d: "Search metric charts" in d.page_source)
-        driver.set_window_size(1400, 700)
+        driver.set_window_size(1400, 820)
         driver.find_element("css selector", "input[placeholder='Search metric charts']") \
             .send_keys("^(loss|lr)$")
         WebDriverWait(driver, 30).until(lambda d: "(loss)" in text(d) and "(lr)" in text(d))
