@@ -25,7 +25,10 @@ label is read or any step trained: an unreachable server stops the retrain at on
 `TrackingError` (a scheduler tick is skipped and logged; the next tick tries again), so no
 training is ever thrown away for want of a tracking server. Once training started, a tracking
 call that fails is logged as a warning and listed in the result's ``mlflow.errors``: the
-adapter is still registered, gated and promoted as without tracking.
+adapter is still registered, gated and promoted as without tracking. An HTTP server is probed
+(seconds) before each part is sent (data, curve, result, end): once it stops answering nothing
+more is sent, so a server gone mid-retrain costs seconds, not the client's retries (minutes)
+at every call.
 
 Without a tracking URI nothing here runs and mlflow is never imported.
 """
@@ -83,6 +86,8 @@ class Tracking:
                  experiment_id: str | None = None):
         self.uri, self.client, self.run_id, self.experiment_id = uri, client, run_id, experiment_id
         self.errors: list[str] = []
+        self.lost = False  # the server stopped answering: nothing more is sent
+        self._http_uri: str | None = None  # probed before each step of the retrain
 
     @property
     def enabled(self) -> bool:
@@ -123,6 +128,8 @@ class Tracking:
             raise TrackingError(f"{where}: cannot create a run in experiment {experiment!r} "
                                 f"({e!r:.500}); nothing was trained") from e
         t = cls(redact(uri), client, run.info.run_id, exp_id)
+        if urlsplit(uri).scheme in ("http", "https"):
+            t._http_uri = uri
         log.warning("MLflow run %s in experiment %s at %s", t.run_id, experiment, t.uri)
         t._params(_config_params(cfg))
         return t
@@ -131,7 +138,7 @@ class Tracking:
         return self
 
     def __exit__(self, kind, err, tb) -> None:
-        if not self.enabled:
+        if not self._alive("end of run"):
             return
         if err is not None:
             self._call(self.client.set_tag, self.run_id, "groundlabel.error", f"{err!r:.4000}")
@@ -156,7 +163,7 @@ class Tracking:
              run_name: str, replay: dict) -> None:
         """Before training: the snapshot (store URI and version), the row counts, the training
         list and the held-out split as dataset inputs."""
-        if not self.enabled:
+        if not self._alive("data"):
             return
         self._params({"store": store, "snapshot_version": version,
                       "train_items": len(train_items), "heldout_items": len(held),
@@ -168,7 +175,7 @@ class Tracking:
     def steps(self, history: list, start_ms: int | None = None) -> None:
         """``loss`` and ``lr`` at every optimizer step: ``history`` rows are
         ``[step, loss, lr, train seconds]`` (`train.worker`)."""
-        if not self.enabled or not history:
+        if not history or not self._alive("steps"):
             return
         from mlflow.entities import Metric
 
@@ -184,7 +191,7 @@ class Tracking:
     def finish(self, result: dict, registry: str) -> None:
         """After the decision: the training summary, the gate's figures and verdict, the
         adapter's name and place in the registry, and the artifacts."""
-        if not self.enabled:
+        if not self._alive("result"):
             return
         tm = result.get("train_metrics") or {}
         self._params({"quantization": tm.get("quantization"),
@@ -215,6 +222,19 @@ class Tracking:
                        json.dumps(what, indent=2, default=str), path)
 
     # -- plumbing -----------------------------------------------------------------------------
+    def _alive(self, what: str) -> bool:
+        """Whether to send ``what``: not without a run, nor once the server stopped answering
+        (every call would first wait out the client's retries, minutes, before failing)."""
+        if not self.enabled or self.lost:
+            return False
+        if self._http_uri and (problem := _probe(self._http_uri)) is not None:
+            self.lost = True
+            msg = f"{what}: the server {problem}; nothing more is sent to this run"
+            log.warning("MLflow run %s at %s: %s", self.run_id, self.uri, msg)
+            self.errors.append(msg)
+            return False
+        return True
+
     def _call(self, fn, *args, **kw):
         """A tracking call that must not fail the retrain: an error is logged and kept."""
         try:
@@ -277,18 +297,22 @@ def _config_params(cfg) -> dict:
             "gate.regression_set": cfg.regression_set}
 
 
-def _check_server(uri: str, where: str, timeout: float = 5.0) -> None:
-    """A quick probe of an HTTP tracking server (its ``/health``), so that a wrong or stopped
-    server is reported at once, not after the MLflow client's retries (minutes)."""
+def _probe(uri: str, timeout: float = 5.0) -> str | None:
+    """What is wrong with an HTTP tracking server (None: its ``/health`` answers), found in
+    seconds, where the MLflow client would first wait out its retries (minutes)."""
     import requests
 
     url = uri.rstrip("/") + "/health"
     try:
         r = requests.get(url, timeout=timeout)
     except requests.RequestException as e:
-        raise TrackingError(f"{where} is unreachable ({type(e).__name__}: {e}); nothing was "
-                            f"trained. Start it, fix the URI, or unset both to retrain "
-                            f"without tracking") from None
+        return f"is unreachable ({type(e).__name__}: {e})"
     if r.status_code != 200:
-        raise TrackingError(f"{where}: GET {redact(url)} answered {r.status_code} "
-                            f"{r.text[:200]!r}; nothing was trained")
+        return f"answered GET {redact(url)} with {r.status_code} {r.text[:200]!r}"
+    return None
+
+
+def _check_server(uri: str, where: str) -> None:
+    if (problem := _probe(uri)) is not None:
+        raise TrackingError(f"{where} {problem}; nothing was trained. Start it, fix the URI, "
+                            f"or unset both to retrain without tracking")

@@ -240,6 +240,30 @@ print("RESULT " + json.dumps({{"keys": sorted(res), "adapter": res["adapter"],
     assert not [k for k in meta if k.startswith("mlflow")]
 
 
+@pytest.mark.slow
+def test_a_server_gone_mid_run_costs_seconds_and_loses_nothing(mlflow_url, tmp_path):
+    """The run is created, then its server stops: the rest of what a retrain sends (the loss
+    curve, the result, the end) is skipped after one quick probe, listed in ``errors``, and
+    never raises: the retrain goes on to register and promote as without tracking."""
+    from train.config import RetrainConfig
+    from train.tracking import Tracking
+
+    items = [{"item_id": f"i{i}", "image": f"/img/{i}.png", "text": "the red square",
+              "boxes": [[1, 2, 3, 4]]} for i in range(4)]
+    with start_mlflow(tmp_path / "doomed") as url:
+        t = Tracking.start(RetrainConfig(store="/s", registry="/r", mlflow_tracking_uri=url,
+                                         mlflow_experiment=EXPERIMENT))
+        t.data("/s", 1, items, items[:1], "retrain-doomed", {})
+    t0 = time.time()
+    with t:  # ends the run, or here: would
+        t.steps([[1, 2.0, 1e-3, 0.1], [2, 1.5, 9e-4, 0.2]])
+        t.finish({"adapter": "gl-x", "decision": "promoted", "event": 1,
+                  "train_metrics": {"step": 2}, "gate": {"passed": True, "reasons": []}}, "/r")
+    assert time.time() - t0 < 30
+    assert t.lost and len(t.errors) == 1 and "unreachable" in t.errors[0], t.errors
+    assert t.meta()["mlflow_run_id"] == t.run_id  # the registry still names the run
+
+
 def test_an_unreachable_tracking_server_stops_the_retrain_before_training(tmp_path):
     """``--mlflow-tracking-uri`` naming a closed port: one clear error at once (exit 2, no
     traceback), nothing read, trained or registered; a scheduler tick skips and says why."""
