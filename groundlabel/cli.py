@@ -191,11 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     from grounding.store import StoreError
     from pipelines.output import OutputError
     from pipelines.review import LabelStudioError
+    from train.tracking import TrackingError
 
     try:
         return _show(resolve(verb.run)(cfg))
     except (LabelFormatError, StoreError, FileNotFoundError, LabelStudioError, RegistryError,
-            OutputError, UnsafeStorage, LeaseLost) as e:
+            OutputError, UnsafeStorage, LeaseLost, TrackingError) as e:
         # Bad input, not a bug: one clear message (every problem listed), no traceback.
         print(f"groundlabel {args._verb}: error: {e}", file=sys.stderr)
         return 2

@@ -115,6 +115,15 @@ class RetrainConfig(Settings):
                                     "storage for the store, registry, images and checkpoints.")
     ray: RaySettings = Field(default_factory=RaySettings, description="The Ray cluster.")
     eval_batch_size: int = Field(32, ge=1, description="Requests per vLLM call in the gate.")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="Record the retrain as an MLflow run on this tracking server (e.g. "
+        "http://mlflow:5000; default: MLFLOW_TRACKING_URI, else no tracking and no mlflow "
+        "import): parameters, data version, loss and learning rate per step, the gate's "
+        "figures, the adapter's name (train/tracking.py). Checked before training: an "
+        "unreachable server stops the retrain at once.")
+    mlflow_experiment: str | None = Field(
+        None, description="MLflow experiment of the runs (default: MLFLOW_EXPERIMENT_NAME, "
+        "else groundlabel-retrain).")
 
 
 

@@ -37,6 +37,9 @@ Run::
     groundlabel retrain --store reviewed/ --registry adapters/ \\
         --regression-set data/base/data.jsonl --max-forgetting 0.05 --confidence 0.95
         # also refuse an adapter that loses base-domain accuracy
+    groundlabel retrain --store reviewed/ --registry adapters/ \\
+        --mlflow-tracking-uri http://127.0.0.1:5000
+        # ... recorded as an MLflow run (train/tracking.py; or set MLFLOW_TRACKING_URI)
 """
 
 from __future__ import annotations
@@ -57,8 +60,10 @@ __all__ = ["RetrainConfig", "fit", "retrain"]
 # ---------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------
-def fit(cfg: RetrainConfig, items: list[dict], run_name: str) -> tuple[str, dict]:
-    """Run the TorchTrainer; returns (local adapter folder, last metrics)."""
+def fit(cfg: RetrainConfig, items: list[dict], run_name: str,
+        tracking=None) -> tuple[str, dict]:
+    """Run the TorchTrainer; returns (local adapter folder, last metrics). The loss and learning
+    rate of every step go to ``tracking`` (`train.tracking.Tracking`), not into the metrics."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -83,12 +88,16 @@ def fit(cfg: RetrainConfig, items: list[dict], run_name: str) -> tuple[str, dict
                              # from the last checkpoint instead of failing the retrain.
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )
+    start_ms = int(time.time() * 1000)
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} ended without a checkpoint: {result.error}")
     import logging
 
-    m = result.metrics or {}
+    m = dict(result.metrics or {})
+    history = m.pop("history", None)  # [step, loss, lr, train_s] per step (train/worker.py)
+    if tracking is not None:
+        tracking.steps(history, start_ms)
     # which base the adapter was trained over (auto decides per machine): said here, and kept
     # in the train metrics the registry records
     logging.getLogger("groundlabel.retrain").info(
@@ -148,9 +157,22 @@ def labels_for_training(store, version: int, holdout_frac: float,
     return items, train_side, held
 
 
-def retrain(cfg: RetrainConfig) -> dict:
+def retrain(cfg: RetrainConfig, trigger: dict | None = None) -> dict:
     """Snapshot -> split by image -> train (Ray Train) -> gate (vLLM) -> register -> promote or
-    refuse."""
+    refuse; an MLflow run with a tracking URI (`train.tracking`; ``trigger``: tags saying what
+    started it)."""
+    from train.tracking import Tracking
+
+    # MLflow: the server is checked and the run created before anything is read or trained
+    # (nothing at all without a tracking URI); the run ends FAILED if the retrain raises.
+    with Tracking.start(cfg, trigger) as tracking:
+        result = _retrain(cfg, tracking)
+        tracking.finish(result, cfg.registry)
+    return result | tracking.summary()
+
+
+def _retrain(cfg: RetrainConfig, tracking) -> dict:
+    """`retrain` itself; ``tracking``: its MLflow run (`train.tracking.Tracking`, maybe off)."""
     from grounding.registry import AdapterRegistry, RegistryError
     from grounding.store import ReviewStore, StoreError
 
@@ -183,10 +205,11 @@ def retrain(cfg: RetrainConfig) -> dict:
         run_name = cfg.run_name or "retrain-" + hashlib.sha256(json.dumps(
             [cfg.store, version, cfg.inference.model, recipe, SPLIT_RULE, since],
             sort_keys=True).encode()).hexdigest()[:12]
+        tracking.data(cfg.store, version, train_items, held, run_name, replay)  # MLflow
         if cfg.candidate:
             adapter_dir, train_metrics = cfg.candidate, {"trained": False}
         else:
-            adapter_dir, train_metrics = fit(cfg, train_items, run_name)
+            adapter_dir, train_metrics = fit(cfg, train_items, run_name, tracking)
         train_s = time.time() - t0
         # The gate's engine runs where --gate-resources point (a GPU node), not in the driver.
         verdict = on_gate_node(cfg, adapter_dir, lambda local: gate(
@@ -195,6 +218,7 @@ def retrain(cfg: RetrainConfig) -> dict:
                 "train_items": len(train_items), "heldout_items": len(held),
                 "replay": replay, "recipe": recipe, "run_name": run_name,
                 "train_metrics": train_metrics, "gate": verdict, "seconds": round(train_s, 1)}
+        meta |= tracking.meta()  # MLflow: the run that recorded this adapter (none: nothing)
         name = registry.register(adapter_dir, meta)
         decision, now = None, production
         if verdict["passed"] and cfg.promote:

@@ -7,6 +7,10 @@ least ``min_new_labels``. It keeps no state of its own: "since when" is read fro
 registry's training lease (held by every retrain while it trains) means two schedulers, or a
 scheduler and a manual retrain, never train at once: the second one skips that tick. Whatever
 happens, a retrain promotes only over the production its gate compared against.
+With ``--mlflow-tracking-uri`` (or ``MLFLOW_TRACKING_URI``) each tick that trains is an
+MLflow run tagged ``groundlabel.trigger=schedule`` (`train.tracking`); a tick that cannot reach
+the tracking server trains nothing and is skipped, logged, like one that finds another retrain
+training.
 
 Run::
 
@@ -59,6 +63,7 @@ def check(cfg: ScheduleConfig, log=print) -> dict:
     from grounding.registry import AdapterRegistry, RegistryError
     from grounding.store import ReviewStore
     from train.retrain import retrain
+    from train.tracking import TrackingError
 
     opts = cfg.storage
     registry = AdapterRegistry(cfg.registry, opts)
@@ -71,9 +76,14 @@ def check(cfg: ScheduleConfig, log=print) -> dict:
     else:
         try:
             res = retrain(RetrainConfig.model_validate(
-                cfg.model_dump(include=set(RetrainConfig.model_fields)) | {"version": latest}))
+                cfg.model_dump(include=set(RetrainConfig.model_fields)) | {"version": latest}),
+                # MLflow: the run's tags say a tick started it, and why
+                trigger={"trigger": "schedule", "cron": "once" if cfg.once else cfg.cron,
+                         "new_labels": n, "since_version": since})
             tick.update(action="retrained", result=res)
         except RegistryError as e:  # another retrain is training
+            tick["action"] = f"skip: {e}"
+        except TrackingError as e:  # MLflow unreachable: nothing trained, the next tick retries
             tick["action"] = f"skip: {e}"
     log(json.dumps(tick, default=str))
     return tick

@@ -43,7 +43,7 @@ def train_loop(config: dict) -> None:
                             weight_decay=0.0)
     state = _resume(model, opt, {"step": 0, "train_s": 0.0, "resumed_from_step": None,
                                  "total": max(1, int(cfg.epochs * steps_per_epoch)),
-                                 "first_loss": None})
+                                 "first_loss": None, "history": []})
     if world > 1:
         import ray.train.torch
 
@@ -199,6 +199,7 @@ def _fit_loop(cfg: RetrainConfig, model, processor, opt, state: dict, example, n
         idx = [order[(k * cfg.batch_size + j) % n_items] for j in range(cfg.batch_size)]
         batch = encode(processor, [example(i) for i in idx], cfg.mask_label_text)
         _set_lr(cfg, opt, state)
+        lr = opt.param_groups[0]["lr"]
         loss = _optimizer_step(model, opt, batch)
         state["step"] += 1
         state["train_s"] = time.time() - t0
@@ -212,6 +213,11 @@ def _fit_loop(cfg: RetrainConfig, model, processor, opt, state: dict, example, n
         loss, state["total"], stop, ckpt = sync.step(rank, loss, total, stop, ckpt)
         if state["first_loss"] is None:
             state["first_loss"] = loss
+        # Every step's (mean) loss and learning rate: small (4 numbers a step), kept in the
+        # checkpointed state so a resumed run still has its whole curve; the driver takes it
+        # out of the metrics (train.retrain.fit) for MLflow.
+        state.setdefault("history", []).append(
+            [state["step"], round(loss, 6), lr, round(state["train_s"], 2)])
         loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
         if ckpt:
             import resource
@@ -225,7 +231,8 @@ def _fit_loop(cfg: RetrainConfig, model, processor, opt, state: dict, example, n
                 "samples_per_s": round((state["step"] - step_start)
                                        * counts["samples_per_step"] / max(run_s, 1e-9), 2),
                 **counts, "worker_peak_rss_mb": round(peak_mb),
-                "resumed_from_step": state["resumed_from_step"]})
+                "resumed_from_step": state["resumed_from_step"],
+                "history": state["history"]})
             last_ckpt = time.time()
         if stop:
             break
