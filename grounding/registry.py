@@ -202,7 +202,13 @@ class AdapterRegistry:
         cached = _ROWS.get(key)
         names = _schema().names
         if cached is None or cached[0] > v:
-            raw = dtable.to_pyarrow_table(columns=names).to_pylist() if v else []
+            # delta-rs's own query engine, not to_pyarrow_table: that path (a pyarrow dataset)
+            # aborts the interpreter at exit ("terminate called without an active exception",
+            # delta-rs 1.6.6 + pyarrow 26, most runs), so every CLI command would end in 134.
+            from deltalake import QueryBuilder
+
+            raw = pa.table(QueryBuilder().register("log", dtable).execute(
+                f"select {', '.join(names)} from log").read_all()).to_pylist() if v else []
         elif v > cached[0]:
             t = pa.table(dtable.load_cdf(starting_version=cached[0] + 1, ending_version=v))
             # Only inserts: rows are never updated nor deleted (a compaction adds no change).

@@ -175,3 +175,26 @@ def test_writers_compact_the_small_files_and_every_reader_sees_the_same_events(t
     assert warm == cold and len(cold) == R.COMPACT_FILES + 5 and seen_before == []
     assert [e["reason"] for e in cold] == [f"round {i}" for i in range(R.COMPACT_FILES + 5)]
     assert reg.production() == (a if (R.COMPACT_FILES + 5) % 2 else None)
+
+
+def test_a_process_reading_the_registry_exits_cleanly(tmp_path):
+    """A process that reads the registry (a user's script, `groundlabel adapters list`) gives
+    its answer and exits 0. Reading the table through a pyarrow dataset (delta-rs 1.6.6's
+    to_pyarrow_table) made the interpreter abort at exit ("terminate called without an active
+    exception", 134) in most runs."""
+    import subprocess
+    import sys
+
+    reg = _registry("local", tmp_path)
+    a = reg.register(_adapter(tmp_path / "a", 1), {}, name="ad-a")
+    for i in range(6):  # a few files: the abort came with most multi-file reads
+        reg.promote(a, f"round {i}") if i % 2 == 0 else reg.rollback(f"round {i}")
+    code = ("from grounding.registry import AdapterRegistry; "
+            f"r = AdapterRegistry({reg.uri!r}); print(r.production(), len(r.events()))")
+    for _ in range(4):
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=120)
+        assert (p.returncode, p.stdout.split()) == (0, ["None", "6"]), p.stderr[-300:]
+    p = subprocess.run([sys.executable, "-m", "groundlabel.cli", "adapters", "list",
+                        "--registry", reg.uri], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "production: (base model)" in p.stdout, p.stderr[-300:]
