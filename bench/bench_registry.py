@@ -48,6 +48,15 @@ def _spread(xs: list[float]) -> dict:
 
 
 def main() -> None:
+    moto: list[subprocess.Popen] = []
+    try:
+        _main(moto)
+    finally:
+        for m in moto:  # never left behind, whatever failed
+            m.kill()
+
+
+def _main(started: list) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--events", type=int, default=300, help="Events before measuring.")
     ap.add_argument("--repeat", type=int, default=5, help="Repeats of each measurement.")
@@ -64,6 +73,7 @@ def main() -> None:
     moto = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H",
                              "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+    started.append(moto)
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                       AWS_DEFAULT_REGION="us-east-1")
     ep = f"http://127.0.0.1:{port}"
@@ -129,7 +139,6 @@ def main() -> None:
         lines = [ln for ln in log.read_text().splitlines()[before:] if ln.startswith("req ")]
     out["warm_poll_requests"] = len(lines)
     out["warm_poll_request_lines"] = lines[:10]
-    moto.kill()
     Path(args.out).write_text(json.dumps(out, indent=2, sort_keys=True))
     print(json.dumps(out, indent=2, sort_keys=True))
 
