@@ -126,8 +126,11 @@ def create(uri: str, schema, storage: StorageOptions | None = None, *,
         DeltaTable.create(table_uri(uri), schema=schema, mode="error", description=description,
                           configuration=configuration,
                           storage_options=delta_options(uri, storage),
+                          # Version 0 or nothing: with retries, delta-rs turned a losing
+                          # create into a second create commit at version 1.
                           commit_properties=CommitProperties(
-                              custom_metadata={RECORD_KEY: json.dumps(record or {})}))
+                              custom_metadata={RECORD_KEY: json.dumps(record or {})},
+                              max_commit_retries=0))
         return True
     except DeltaError:
         if exists(uri, storage):  # a concurrent creator won version 0

@@ -89,3 +89,33 @@ def test_records_cost_one_get_per_log_entry_and_no_head(tmp_path, s3_endpoint):
     entries = [p for meth, p in reqs if meth == "GET" and "/_delta_log/" in p]
     assert len(entries) == 12, reqs
     assert [r for r in reqs if r[0] != "GET"] == [], reqs
+
+
+def _creator(uris: list[str], barrier, out) -> None:
+    made = 0
+    for uri in uris:
+        barrier.wait(60)
+        made += tables.create(uri, pa.schema([("a", pa.int64())]), record={"kind": "create"})
+    out.put(made)
+
+
+def test_racing_creators_make_one_table_at_version_0(tmp_path):
+    """Four processes create the same tables at once: each table is created once, as version
+    0. (delta-rs retried a losing create as version 1: a second create commit, which shifted
+    the store's first append to version 2; 1 race in 15 with two creators.)"""
+    import multiprocessing as mp
+
+    uris = [str(tmp_path / f"t{i}") for i in range(8)]
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_creator, args=(uris, barrier, out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    made = sum(out.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(60)
+    assert made == len(uris)                          # exactly one creator won each
+    for uri in uris:
+        logs = sorted(f for f in os.listdir(os.path.join(uri, "_delta_log"))
+                      if f.endswith(".json"))
+        assert logs == ["00000000000000000000.json"], (uri, logs)
