@@ -179,9 +179,11 @@ def test_writers_compact_the_small_files_and_every_reader_sees_the_same_events(t
 
 def test_a_process_reading_the_registry_exits_cleanly(tmp_path):
     """A process that reads the registry (a user's script, `groundlabel adapters list`) gives
-    its answer and exits 0. Reading the table through a pyarrow dataset (delta-rs 1.6.6's
-    to_pyarrow_table) made the interpreter abort at exit ("terminate called without an active
-    exception", 134) in most runs."""
+    its answer and exits 0. Reading a table through a pyarrow dataset (delta-rs 1.6.6's
+    to_pyarrow_table) can make the interpreter abort at exit ("terminate called without an
+    active exception"): a bare deltalake script did in 6 of 6 runs, the registry's first
+    reader did intermittently (it crashed bench_registry's cold reads). A guard: it did not
+    fail reliably on that code."""
     import subprocess
     import sys
 
