@@ -84,8 +84,10 @@ class HFEngine(Engine):
                     out[i] = g
         return out  # type: ignore[return-value]
 
-    def _compiled(self, grammar: str):
-        """The xgrammar grammar of a regex for this tokenizer, compiled once per regex."""
+    def _compiled(self, grammar: str | None):
+        """The xgrammar grammar of a regex for this tokenizer, compiled once per regex, in the
+        Lark form vLLM gets (`grounding.families._grammar.as_lark`), on the full vocabulary;
+        None: any text (a row without a grammar in a batch with some)."""
         import xgrammar as xgr
 
         if self._xgr_compiler is None:
@@ -93,7 +95,11 @@ class HFEngine(Engine):
             info = xgr.TokenizerInfo.from_huggingface(self.processor.tokenizer, vocab_size=vocab)
             self._xgr_compiler = xgr.GrammarCompiler(info)
         if grammar not in self._xgr_cache:
-            self._xgr_cache[grammar] = self._xgr_compiler.compile_regex(grammar)
+            from grounding.families._grammar import as_lark
+
+            self._xgr_cache[grammar] = (self._xgr_compiler.compile_regex(r"(?s:.)*")
+                                        if grammar is None else
+                                        self._xgr_compiler.compile_lark(as_lark(grammar)))
         return self._xgr_cache[grammar]
 
     def _grammar_processor(self, inputs: list[EngineInput]):
@@ -104,8 +110,7 @@ class HFEngine(Engine):
         from transformers import LogitsProcessorList
         from xgrammar.contrib.hf import LogitsProcessor
 
-        grammars = [self._compiled(i.grammar if i.grammar is not None else r"(?s:.)*")
-                    for i in inputs]
+        grammars = [self._compiled(i.grammar) for i in inputs]
         return LogitsProcessorList([LogitsProcessor(grammars)])
 
     def _generate(self, model, inputs: list[EngineInput]) -> list[Generation]:

@@ -37,6 +37,17 @@ def _engine_env(cfg: EngineConfig) -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 
+def structured_outputs(grammar: str):
+    """The structured-output request for an answer grammar (a regex, `Family.grammar`): as
+    Lark, which vLLM compiles against the full vocabulary in 0.32 and 0.33 alike (0.33 drops
+    special tokens for regex requests: `grounding.families._grammar.as_lark`)."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    from grounding.families._grammar import as_lark
+
+    return StructuredOutputsParams(grammar=as_lark(grammar))
+
+
 def llm_kwargs(cfg: EngineConfig, on_cpu: bool) -> dict:
     """The `vllm.LLM` arguments of resolved settings (`EngineConfig.resolved`)."""
     kwargs = dict(
@@ -56,6 +67,9 @@ def llm_kwargs(cfg: EngineConfig, on_cpu: bool) -> dict:
     mm = {k: v for k, v in (("min_pixels", cfg.min_pixels), ("max_pixels", cfg.max_pixels)) if v}
     if mm:
         kwargs["mm_processor_kwargs"] = mm
+    # xgrammar, named: our Lark answer grammars are checked against how it compiles them
+    # (tests/grounding/test_grammar_reach.py); "auto" would fall back to another backend.
+    kwargs["structured_outputs_config"] = {"backend": "xgrammar"}
     if on_cpu:
         # No CUDA graphs to capture on the CPU, and an in-process executor starts in seconds.
         kwargs.update(enforce_eager=True, distributed_executor_backend="uni")
@@ -318,11 +332,9 @@ class VLLMEngine(Engine):
         """Greedy sampling with the chosen token's log-prob; under ``grammar`` (a regex) via
         vLLM's structured outputs when given. One object per grammar, reused."""
         from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
-
         cache = self._params_by_grammar
         if grammar not in cache:
-            so = StructuredOutputsParams(regex=grammar) if grammar is not None else None
+            so = structured_outputs(grammar) if grammar is not None else None
             # skip_special_tokens=False: Qwen2-VL's <|box_start|> and its kin are special
             # tokens, and the parser needs them; end tokens are stripped by the parser.
             cache[grammar] = SamplingParams(temperature=0.0, max_tokens=self.cfg.max_new_tokens,
