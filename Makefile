@@ -22,19 +22,37 @@ $(STAMP): pyproject.toml requirements/cpu.lock.txt
 	$(PY) -m compileall -q grounding pipelines serve train groundlabel >/dev/null
 	touch $(STAMP)
 
+# `make lock` compiles both locks. The GPU lock (requirements/gpu.lock.txt: GPU nodes, the cluster
+# image) takes the CUDA build of the same vLLM (0.32.0: torch 2.13.0, torchvision 0.28.0 as on the
+# CPU), the same overrides (torchaudio/torchcodec left out there too: see the file), and the CPU
+# lock's pins as constraints, so both locks pin the same version of every package they share
+# (tests/cluster/test_locks.py). The one exception: vllm 0.32.0's CUDA build pins
+# apache-tvm-ffi==0.1.11 itself (flashinfer's kernels), so that line is not a constraint.
+GPU_CONSTRAINTS := .venv/cpu-pins-for-gpu.txt
 lock:
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install --quiet uv
 	$(PY) -m uv pip compile pyproject.toml --extra cpu --extra dev \
 	  --override requirements/cpu-overrides.txt --python-version 3.11 -o requirements/cpu.lock.txt
+	grep -v -E '^apache-tvm-ffi==' requirements/cpu.lock.txt > $(GPU_CONSTRAINTS)
+	$(PY) -m uv pip compile pyproject.toml --extra gpu --extra dev \
+	  --override requirements/cpu-overrides.txt -c $(GPU_CONSTRAINTS) --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 -o requirements/gpu.lock.txt
 
 install: $(STAMP)
 
-# GPU nodes: the CUDA build of vLLM, which brings its own CUDA torch; no overrides needed.
+# GPU nodes (a cluster launcher node, a GPU dev box): the exact versions of
+# requirements/gpu.lock.txt (vllm 0.32.0 CUDA build, torch 2.13.0 with CUDA 13.0 wheels: the
+# driver must support CUDA 13), installed as pinned, without re-resolving; cluster/Dockerfile
+# installs the same lock into the cluster image. It also touches $(STAMP), so the targets that
+# need an installed .venv use this one instead of installing the CPU lock over it.
 install-gpu:
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install --quiet uv
-	$(PY) -m uv pip install --python $(PY) --compile-bytecode -e '.[gpu,dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check uv
+	$(PY) -m uv pip install --python $(PY) --no-deps --compile-bytecode -r requirements/gpu.lock.txt
+	$(PY) -m uv pip install --python $(PY) --no-deps -e .
+	$(PY) -m compileall -q grounding pipelines serve train groundlabel >/dev/null
+	touch $(STAMP)
 
 demo: $(STAMP)
 	.venv/bin/groundlabel demo --n 8 --out demo-out
