@@ -129,7 +129,19 @@ MODEL   ?= /models/Qwen2.5-VL-7B-Instruct
 NUM_GPUS ?= 8
 RUNTIME_ENV ?= cluster/runtime-env.yaml
 
-.PHONY: check-address submit-label submit-retrain deploy-serve package-code
+# The one image of every cluster node (cluster/Dockerfile: Ray 2.60.0 + requirements/gpu.lock.txt
+# as pinned + our code). Every manifest under cluster/ names this tag; bump pyproject.toml's
+# version (and the manifests' tags) when the lock or the code changes.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
+IMAGE ?= ghcr.io/groundlabel/groundlabel:$(VERSION)-gpu
+
+.PHONY: check-address submit-label submit-retrain deploy-serve package-code image image-push
+image:
+	docker build -f cluster/Dockerfile -t $(IMAGE) .
+
+image-push: image
+	docker push $(IMAGE)
+
 check-address:
 	@test -n "$(RAY_ADDRESS)" || (echo "set RAY_ADDRESS=http://HEAD:8265" && exit 2)
 
