@@ -127,6 +127,16 @@ STORE   ?= s3://groundlabel/reviewed
 REGISTRY ?= s3://groundlabel/adapters
 MODEL   ?= /models/Qwen2.5-VL-7B-Instruct
 NUM_GPUS ?= 8
+# The engines' GPU settings, for MODEL on one L4 24 GB per engine (cluster/README.md, "What a
+# node runs", has the arithmetic). On 80 GB cards (A100/H100):
+#   make submit-label GPU_MEM=0.90 BATCH_SIZE=32 BATCHES_IN_FLIGHT=8
+# The defaults of the CLI are the CPU's (float32, max_model_len 1024): never rely on them here.
+ENGINE_FLAGS = --dtype bfloat16 --max-model-len 2048 --max-pixels 1003520
+GPUS_PER_ACTOR ?= 1
+NUM_ACTORS ?= $(NUM_GPUS)
+GPU_MEM ?= 0.90
+BATCH_SIZE ?= 12
+BATCHES_IN_FLIGHT ?= 2
 RUNTIME_ENV ?= cluster/runtime-env.yaml
 
 # The one image of every cluster node (cluster/Dockerfile: Ray 2.60.0 + requirements/gpu.lock.txt
@@ -149,13 +159,16 @@ submit-label: check-address $(STAMP)
 	.venv/bin/ray job submit --address $(RAY_ADDRESS) --working-dir . \
 	  --runtime-env $(RUNTIME_ENV) -- \
 	  python -m groundlabel label --input $(INPUT) --output $(OUTPUT) --model $(MODEL) \
-	  --num-actors $(NUM_GPUS) --gpus-per-actor 1 --cpus-per-actor 4 \
-	  --actor-resources '{"inference": 1}' --batch-size 64 --commit-rows 4096 --no-progress
+	  $(ENGINE_FLAGS) --num-actors $(NUM_ACTORS) --gpus-per-actor $(GPUS_PER_ACTOR) \
+	  --gpu-memory-utilization $(GPU_MEM) --cpus-per-actor 4 \
+	  --actor-resources '{"inference": 1}' --batch-size $(BATCH_SIZE) \
+	  --batches-in-flight $(BATCHES_IN_FLIGHT) --commit-rows 4096 --no-progress
 
 submit-retrain: check-address $(STAMP)
 	.venv/bin/ray job submit --address $(RAY_ADDRESS) --working-dir . \
 	  --runtime-env $(RUNTIME_ENV) -- \
 	  python -m groundlabel retrain --store $(STORE) --registry $(REGISTRY) --model $(MODEL) \
+	  $(ENGINE_FLAGS) --gpu-memory-utilization 0.90 --eval-batch-size 24 \
 	  --num-workers $(NUM_GPUS) --use-gpu --quantize auto --worker-resources '{"train": 1}' \
 	  --gate-resources '{"inference": 1}' --storage-path s3://groundlabel/ray-train
 

@@ -145,19 +145,33 @@ def test_makefile_submit_targets_name_valid_commands():
     text = (CLUSTER.parent / "Makefile").read_text()
     for target in ("submit-label", "submit-retrain", "deploy-serve"):
         assert re.search(rf"^{target}:", text, re.M), target
-    block = text.split("submit-label:")[1].split("\n\n")[0]
-    cmd = " ".join(line.strip().rstrip("\\") for line in block.splitlines()[1:])
-    cmd = re.sub(r"\$\((\w+)\)", lambda m: {"INPUT": "s3://b/in/", "OUTPUT": "s3://b/out",
-                                            "MODEL": "/m", "NUM_GPUS": "8"}.get(m.group(1), "x"),
-                 cmd)
-    argv = shlex.split(cmd.split(" -- ", 1)[1])
-    _, cfg = _cli(_entrypoint(" ".join(shlex.quote(a) for a in argv)))
+    _, cfg = _cli(make_command("submit-label", INPUT="s3://b/in/", OUTPUT="s3://b/out",
+                               MODEL="/m", NUM_GPUS="8"))
     assert cfg.num_actors == 8 and cfg.actor_resources == {"inference": 1.0}
-    block = text.split("submit-retrain:")[1].split("\n\n")[0]
-    cmd = " ".join(line.strip().rstrip("\\") for line in block.splitlines()[1:])
-    cmd = re.sub(r"\$\((\w+)\)", lambda m: {"STORE": "s3://b/r", "REGISTRY": "s3://b/a",
-                                            "MODEL": "/m", "NUM_GPUS": "8"}.get(m.group(1), "x"),
-                 cmd)
-    args, cfg = _cli(shlex.split(cmd.split(" -- ", 1)[1])[3:])
+    args, cfg = _cli(make_command("submit-retrain", STORE="s3://b/r", REGISTRY="s3://b/a",
+                                  MODEL="/m", NUM_GPUS="8"))
     assert args.verb == "retrain" and cfg.num_workers == 8
     _trains_and_gates_on_gpu_nodes(cfg)
+
+
+def make_vars(text: str, **given: str) -> dict[str, str]:
+    """The Makefile's `NAME ?= value` / `NAME := value` / `NAME = value` variables, expanded
+    (``given`` wins, as on the command line)."""
+    raw = dict(re.findall(r"^([A-Z_]+)\s*[?:]?=\s*(.*?)\s*$", text, re.M))
+    raw.update(given)
+
+    def expand(value: str, depth: int = 0) -> str:
+        assert depth < 10, value
+        return re.sub(r"\$\((\w+)\)", lambda m: expand(raw.get(m.group(1), ""), depth + 1), value)
+
+    return {k: expand(v) for k, v in raw.items()}
+
+
+def make_command(target: str, **given: str) -> list[str]:
+    """The `groundlabel` argv a Makefile target runs (after `ray job submit ... --`)."""
+    text = (CLUSTER.parent / "Makefile").read_text()
+    values = make_vars(text, **given)
+    block = text.split(f"\n{target}:")[1].split("\n\n")[0]
+    cmd = " ".join(line.strip().rstrip("\\") for line in block.splitlines()[1:])
+    cmd = re.sub(r"\$\((\w+)\)", lambda m: values.get(m.group(1), ""), cmd)
+    return _entrypoint(cmd.split(" -- ", 1)[1])
