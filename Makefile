@@ -130,7 +130,8 @@ NUM_GPUS ?= 8
 # The engines' GPU settings, for MODEL on one L4 24 GB per engine (cluster/README.md, "What a
 # node runs", has the arithmetic). On 80 GB cards (A100/H100):
 #   make submit-label GPU_MEM=0.90 BATCH_SIZE=32 BATCHES_IN_FLIGHT=8
-# The defaults of the CLI are the CPU's (float32, max_model_len 1024): never rely on them here.
+# The CLI derives these on a GPU too (EngineConfig.resolved: bf16, the context from --max-pixels,
+# 0.9 x the GPUs an actor holds); they are written out so that what runs is what is read here.
 ENGINE_FLAGS = --dtype bfloat16 --max-model-len 2048 --max-pixels 1003520
 GPUS_PER_ACTOR ?= 1
 NUM_ACTORS ?= $(NUM_GPUS)
