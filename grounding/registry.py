@@ -202,13 +202,10 @@ class AdapterRegistry:
         cached = _ROWS.get(key)
         names = _schema().names
         if cached is None or cached[0] > v:
-            # delta-rs's own query engine, not to_pyarrow_table: that path (a pyarrow dataset)
-            # aborts the interpreter at exit ("terminate called without an active exception",
-            # delta-rs 1.6.6 + pyarrow 26, most runs), so every CLI command would end in 134.
-            from deltalake import QueryBuilder
-
-            raw = pa.table(QueryBuilder().register("log", dtable).execute(
-                f"select {', '.join(names)} from log").read_all()).to_pylist() if v else []
+            # delta-rs's own query engine (`tables.read_all`), not to_pyarrow_table, which can
+            # abort the interpreter at exit.
+            t = tables.read_all(dtable, names) if v else None
+            raw = [] if t is None else t.to_pylist()
         elif v > cached[0]:
             t = pa.table(dtable.load_cdf(starting_version=cached[0] + 1, ending_version=v))
             # Only inserts: rows are never updated nor deleted (a compaction adds no change).

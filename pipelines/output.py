@@ -229,21 +229,10 @@ class JobOutput:
                 return pq.read_table(f, columns=columns)
         if not self.exists():
             return sch.empty_table()
-        t = pa.table(self.table().to_pyarrow_table(columns=columns))
-        return t.select(sch.names).cast(sch)
+        from grounding import tables
 
-    def tables(self, columns: list[str] | None = None):
-        """The current version's rows file by file (a whole output without holding it)."""
-        import pyarrow as pa
-
-        if self.is_file() or not self.exists():
-            yield self.read(columns)
-            return
-        ds = self.table().to_pyarrow_dataset()
-        for frag in ds.get_fragments():
-            yield pa.Table.from_batches(frag.to_batches(columns=columns),
-                                        ds.schema if columns is None else
-                                        pa.schema([ds.schema.field(c) for c in columns]))
+        t = tables.read_all(self.table(), columns)
+        return sch.empty_table() if t is None else t.select(sch.names).cast(sch)
 
     # ---- identity ---------------------------------------------------------------------
     def job_record(self) -> dict:
