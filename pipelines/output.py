@@ -6,8 +6,11 @@
     OUTPUT/_startup/RUN/    each inference actor's start-up marks in the last run
     OUTPUT/_lease           a courtesy: refuses a second job at once, guarantees nothing
 
-Anyone reads an output with ordinary tools: ``deltalake.DeltaTable(OUTPUT).to_pyarrow_table()``,
-``polars.read_delta(OUTPUT)``, ``ray.data.read_delta(OUTPUT)``. Columns: `pipelines.schema`.
+Anyone reads an output with ordinary tools: ``polars.read_delta(OUTPUT)``,
+``ray.data.read_delta(OUTPUT)``, deltalake's ``QueryBuilder().register("t", DeltaTable(OUTPUT))``.
+(deltalake 1.6.6's ``to_pyarrow_table()`` reads too, but the interpreter may abort at exit
+afterwards: delta-rs #2184, polars #24169; see `grounding.tables.scan`.) Columns:
+`pipelines.schema`.
 
 **Exactly once is enforced by the commit** (`grounding.tables.commit`), not by timing:
 

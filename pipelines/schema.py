@@ -1,8 +1,8 @@
 """Columns of a labeling job, stage by stage, and the output schema users read.
 
-Output (one row per input row of the Delta table at ``OUTPUT``; read it with
-``deltalake.DeltaTable(OUTPUT).to_pyarrow_table()``, polars ``read_delta`` or
-``ray.data.read_delta``):
+Output (one row per input row of the Delta table at ``OUTPUT``; read it with polars
+``read_delta``, ``ray.data.read_delta`` or deltalake's ``QueryBuilder``: see
+`pipelines.output`):
 
 | column         | type                 | meaning |
 |----------------|----------------------|---------|

@@ -89,12 +89,12 @@ def test_the_registry_is_a_delta_table_any_reader_reads(reg, tmp_path):
     number the table version."""
     from deltalake import DeltaTable
 
-    from grounding.tables import delta_options, table_uri
+    from grounding.tables import delta_options, read_all, table_uri
 
     a = reg.register(_adapter(tmp_path / "a", 1), {"snapshot_version": 2})
     reg.promote(a, reason="gate")
     dt = DeltaTable(table_uri(reg.log_uri), storage_options=delta_options(reg.log_uri, reg.opts))
-    rows = sorted(dt.to_pyarrow_table().to_pylist(), key=lambda r: r["event"])
+    rows = sorted(read_all(dt).to_pylist(), key=lambda r: r["event"])
     assert [(r["event"], r["kind"], r["name"]) for r in rows] == [(1, "register", a),
                                                                   (2, "promote", a)]
     assert dt.version() == 2 and json.loads(rows[0]["data"])["snapshot_version"] == 2
