@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import posixpath
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 LINEAGE = ("job_id", "row_id", "model", "adapter", "prompt_version", "family")
 FIELDS = ("item_id", "image", "width", "height", "text", "boxes", "scores", "score", *LINEAGE)
@@ -121,3 +123,40 @@ def from_job_rows(rows: list[dict]) -> list[dict]:
             it["calibrated"] = r["calibrated_score"]
         out.append(it)
     return out
+
+
+# Query parameters of pre-signed links (S3 v2/v4, GCS, Azure SAS): they change per link but
+# name the same object, so they are no part of an image's identity.
+_SIGNING = ("x-amz-", "x-goog-", "signature", "expires", "awsaccesskeyid", "googleaccessid",
+            "sig", "se", "sp", "sv", "sr", "st", "skoid", "sktid", "skt", "ske", "sks", "skv")
+
+
+def image_key(ref: str | None) -> str | None:
+    """The normalised image reference an item is split by (None when the item has none).
+
+    Local paths: ``file://`` dropped, ``.``/``..``/``//`` collapsed (never resolved against the
+    working directory, which differs between processes). URIs: scheme and host lower-cased,
+    the path collapsed, the query kept without the signing parameters of pre-signed links.
+    ``inline:sha256:...`` (images sent as bytes) is already their content hash.
+    """
+    if not ref or not ref.strip():
+        return None
+    ref = ref.strip()
+    if ref.startswith("file://"):
+        ref = ref[len("file://"):]
+    if "://" not in ref[:16]:
+        return posixpath.normpath(ref) if not ref.startswith("inline:") else ref
+    u = urlsplit(ref)
+    query = urlencode(sorted((k, v) for k, v in parse_qsl(u.query, keep_blank_values=True)
+                             if not k.lower().startswith(_SIGNING)))
+    path = posixpath.normpath(u.path) if u.path not in ("", "/") else u.path
+    return urlunsplit((u.scheme.lower(), u.netloc.lower(), path, query, ""))
+
+
+def image_unit(item: dict) -> float:
+    """Where ``item``'s image falls in [0, 1): sha256 of its `image_key` (its item_id when it
+    has no image). The same in every process and store version; every item of one image gets
+    the same number, so splits by it (the gate's held-out set, calibration's) never put one
+    image on both sides."""
+    key = image_key(item.get("image")) or f"item:{item['item_id']}"
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF

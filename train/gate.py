@@ -23,16 +23,14 @@ Check a decision by hand (no engine needed)::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import posixpath
 import random
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from grounding.labels import image_unit
 from grounding.storage import StorageOptions
 from train.config import RetrainConfig
 
@@ -40,39 +38,10 @@ from train.config import RetrainConfig
 # is visible in the registry (adapters gated before it were split by a hash of item_id).
 SPLIT_RULE = "image-ref-sha256"
 
-# Query parameters of pre-signed links (S3 v2/v4, GCS, Azure SAS): they change per link but
-# name the same object, so they are no part of an image's identity.
-_SIGNING = ("x-amz-", "x-goog-", "signature", "expires", "awsaccesskeyid", "googleaccessid",
-            "sig", "se", "sp", "sv", "sr", "st", "skoid", "sktid", "skt", "ske", "sks", "skv")
-
-
-def image_key(ref: str | None) -> str | None:
-    """The normalised image reference an item is split by (None when the item has none).
-
-    Local paths: ``file://`` dropped, ``.``/``..``/``//`` collapsed (never resolved against the
-    working directory, which differs between processes). URIs: scheme and host lower-cased,
-    the path collapsed, the query kept without the signing parameters of pre-signed links.
-    ``inline:sha256:...`` (images sent as bytes) is already their content hash.
-    """
-    if not ref or not ref.strip():
-        return None
-    ref = ref.strip()
-    if ref.startswith("file://"):
-        ref = ref[len("file://"):]
-    if "://" not in ref[:16]:
-        return posixpath.normpath(ref) if not ref.startswith("inline:") else ref
-    u = urlsplit(ref)
-    query = urlencode(sorted((k, v) for k, v in parse_qsl(u.query, keep_blank_values=True)
-                             if not k.lower().startswith(_SIGNING)))
-    path = posixpath.normpath(u.path) if u.path not in ("", "/") else u.path
-    return urlunsplit((u.scheme.lower(), u.netloc.lower(), path, query, ""))
-
-
 def heldout(item: dict, holdout_frac: float) -> bool:
     """True when ``item`` is on the held-out side: sha256 of its `image_key` (its item_id when it
     has no image) below ``holdout_frac``."""
-    key = image_key(item.get("image")) or f"item:{item['item_id']}"
-    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < holdout_frac
+    return image_unit(item) < holdout_frac
 
 
 def split(items: list[dict], holdout_frac: float) -> tuple[list[dict], list[dict]]:

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-from grounding.labels import item
+from grounding.labels import image_key, item
 from grounding.registry import AdapterRegistry
 from grounding.store import ReviewStore, decision_record
-from train.gate import compare, compare_part, decide, heldout, image_key, mix, split
+from train.gate import compare, compare_part, decide, heldout, mix, split
 from train.retrain import earlier_labels
 
 
