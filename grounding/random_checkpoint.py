@@ -59,6 +59,8 @@ QWEN_SPECIAL = {
 }
 
 FILLER = "<f{}>"
+# Part of the reuse key: a change to what `build` writes makes older builds stale.
+BUILDER_VERSION = 2
 
 
 def shrink_config(config: dict, layers: int | None = None, shrink: bool = False) -> dict:
@@ -89,8 +91,20 @@ def padded_tokenizer(src: str | Path, vocab_size: int) -> dict:
     """``tokenizer.json`` of ``src`` with filler entries up to ``vocab_size`` ids in all."""
     tok = json.loads((Path(src) / "tokenizer.json").read_text())
     vocab = tok["model"]["vocab"]
-    used = set(vocab.values()) | {a["id"] for a in tok["added_tokens"]}
-    taken = set(vocab) | {a["content"] for a in tok["added_tokens"]}
+    # `tokenizers` does not keep an added token's id from the file: one the model vocabulary
+    # lacks gets (model vocabulary size + its rank), so fillers in the model vocabulary would
+    # move every such token (the tiny model's "10".."1000", ids 421-1411) past them. Each
+    # added token goes into the model vocabulary at its own id first: no merge produces it,
+    # so encoding is unchanged (added tokens are matched before the model anyway).
+    by_id = {v: k for k, v in vocab.items()}
+    for a in tok["added_tokens"]:
+        if a["content"] not in vocab:
+            if a["id"] in by_id:
+                raise ValueError(f"added token {a['content']!r} has id {a['id']}, which the "
+                                 f"model vocabulary gives to {by_id[a['id']]!r}")
+            vocab[a["content"]] = a["id"]
+    used = set(vocab.values())
+    taken = set(vocab)
     if max(used) >= vocab_size:
         raise ValueError(f"the tokenizer already has id {max(used)} >= vocab_size {vocab_size}")
     for i in range(vocab_size):
@@ -141,7 +155,7 @@ def build(name: str, out: str | Path, device: str = "cuda", layers: int | None =
     text = config.get("text_config", config)
     tok = padded_tokenizer(tokenizer_from, text["vocab_size"])
     remapped = remap_special_ids(config, _token_ids(tok))
-    key = {"published": name, "layers": layers, "shrink": shrink, "seed": seed,
+    key = {"builder": BUILDER_VERSION, "published": name, "layers": layers, "shrink": shrink, "seed": seed,
            "tokenizer": f"{Path(tokenizer_from).name}, padded to {text['vocab_size']} ids"}
     meta = {"family": None, "random_weights": True, **key, "special_token_ids": remapped}
     p = Path(out)
