@@ -73,6 +73,8 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # this tree's packages, as the stages' processes get them
+    sys.path.insert(0, str(ROOT))
 ANSWER_STATUSES = ("ok", "clipped", "truncated", "empty", "unparseable")
 # 4xx a valid request may get under load (deadline, per-key cap): counted, not failed on
 SHED_CODES = (408, 429)
@@ -213,9 +215,36 @@ def run_measured(cmd: list[str], cuda: bool, log: Path, timeout: float) -> tuple
         try:
             rc = p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _kill_group(p)
             rc = 124
-    return rc, time.perf_counter() - t0, mem.stop()
+        finally:  # also when this run is stopped: nothing of the stage outlives it
+            _kill_group(p)  # and whatever of its session (Ray's processes) outlived it
+    peaks = mem.stop()
+    if cuda:
+        wait_device_free()
+    return rc, time.perf_counter() - t0, peaks
+
+
+def gpu_used_mb() -> float | None:
+    r = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                        "-i", "0"], capture_output=True, text=True, check=False)
+    try:
+        return float(r.stdout.strip())
+    except ValueError:
+        return None
+
+
+def wait_device_free(limit_mb: float = 2048, timeout: float = 90) -> None:
+    """Until the device's used memory is back under ``limit_mb`` (a stage's processes may free
+    it a moment after they exit): the next engine refuses to start with less than
+    ``gpu_memory_utilization`` of the card free."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        used = gpu_used_mb()
+        if used is None or used < limit_mb:
+            return
+        time.sleep(1)
+    print(f"[gpu-check] the device still has {gpu_used_mb()} MB in use after {timeout} s",
+          flush=True)
 
 
 def _kill_group(p: subprocess.Popen, grace: float = 30.0) -> None:
@@ -428,6 +457,8 @@ def stage_serve(a, cuda: bool, model: str, work: Path) -> tuple[dict, list[str]]
         _kill_group(p)
         log.close()
         res.update(mem.stop())
+        if cuda:
+            wait_device_free()
     fails = serve_failures({k: v for k, v in res.get("codes", {}).items()},
                            res.get("no_response", 0), ready)
     fails += serve_failures(res["warmup"]["codes"], res["warmup"]["no_response"], True) \
@@ -562,6 +593,10 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if a.only is None:  # a stopped check stops its stage's processes (finally blocks) too
+        import signal
+
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if a.only == "build":
         only_build(a)
         return 0
@@ -638,9 +673,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[gpu-check] {st}: {r['stage_s']} s" + (f", FAILED: {fails}" if fails else ""),
               flush=True)
     res["ok"] = not res["failures"]
+    res["under_10_min"] = res.get("total_s", 0) < 600
     save()
-    print(json.dumps({k: res[k] for k in ("device", "card", "model_config", "total_s", "ok",
-                                          "failures")}, indent=2))
+    print(json.dumps({k: res.get(k) for k in ("device", "card", "model_config", "total_s", "ok",
+                                              "failures")}, indent=2))
     return 0 if res["ok"] else 1
 
 
