@@ -22,19 +22,37 @@ $(STAMP): pyproject.toml requirements/cpu.lock.txt
 	$(PY) -m compileall -q grounding pipelines serve train groundlabel >/dev/null
 	touch $(STAMP)
 
+# `make lock` compiles both locks. The GPU lock (requirements/gpu.lock.txt: GPU nodes, the cluster
+# image) takes the CUDA build of the same vLLM (0.32.0: torch 2.13.0, torchvision 0.28.0 as on the
+# CPU), the same overrides (torchaudio/torchcodec left out there too: see the file), and the CPU
+# lock's pins as constraints, so both locks pin the same version of every package they share
+# (tests/cluster/test_locks.py). The one exception: vllm 0.32.0's CUDA build pins
+# apache-tvm-ffi==0.1.11 itself (flashinfer's kernels), so that line is not a constraint.
+GPU_CONSTRAINTS := .venv/cpu-pins-for-gpu.txt
 lock:
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install --quiet uv
 	$(PY) -m uv pip compile pyproject.toml --extra cpu --extra dev \
 	  --override requirements/cpu-overrides.txt --python-version 3.11 -o requirements/cpu.lock.txt
+	grep -v -E '^apache-tvm-ffi==' requirements/cpu.lock.txt > $(GPU_CONSTRAINTS)
+	$(PY) -m uv pip compile pyproject.toml --extra gpu --extra dev \
+	  --override requirements/cpu-overrides.txt -c $(GPU_CONSTRAINTS) --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 -o requirements/gpu.lock.txt
 
 install: $(STAMP)
 
-# GPU nodes: the CUDA build of vLLM, which brings its own CUDA torch; no overrides needed.
+# GPU nodes (a cluster launcher node, a GPU dev box): the exact versions of
+# requirements/gpu.lock.txt (vllm 0.32.0 CUDA build, torch 2.13.0 with CUDA 13.0 wheels: the
+# driver must support CUDA 13), installed as pinned, without re-resolving; cluster/Dockerfile
+# installs the same lock into the cluster image. It also touches $(STAMP), so the targets that
+# need an installed .venv use this one instead of installing the CPU lock over it.
 install-gpu:
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install --quiet uv
-	$(PY) -m uv pip install --python $(PY) --compile-bytecode -e '.[gpu,dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check uv
+	$(PY) -m uv pip install --python $(PY) --no-deps --compile-bytecode -r requirements/gpu.lock.txt
+	$(PY) -m uv pip install --python $(PY) --no-deps -e .
+	$(PY) -m compileall -q grounding pipelines serve train groundlabel >/dev/null
+	touch $(STAMP)
 
 demo: $(STAMP)
 	.venv/bin/groundlabel demo --n 8 --out demo-out
@@ -117,9 +135,32 @@ STORE   ?= s3://groundlabel/reviewed
 REGISTRY ?= s3://groundlabel/adapters
 MODEL   ?= /models/Qwen2.5-VL-7B-Instruct
 NUM_GPUS ?= 8
+# The engines' GPU settings, for MODEL on one L4 24 GB per engine (cluster/README.md, "What a
+# node runs", has the arithmetic). On 80 GB cards (A100/H100):
+#   make submit-label GPU_MEM=0.90 BATCH_SIZE=32 BATCHES_IN_FLIGHT=8
+# The CLI derives these on a GPU too (EngineConfig.resolved: bf16, the context from --max-pixels,
+# 0.9 x the GPUs an actor holds); they are written out so that what runs is what is read here.
+ENGINE_FLAGS = --dtype bfloat16 --max-model-len 2048 --max-pixels 1003520
+GPUS_PER_ACTOR ?= 1
+NUM_ACTORS ?= $(NUM_GPUS)
+GPU_MEM ?= 0.90
+BATCH_SIZE ?= 12
+BATCHES_IN_FLIGHT ?= 2
 RUNTIME_ENV ?= cluster/runtime-env.yaml
 
-.PHONY: check-address submit-label submit-retrain deploy-serve package-code
+# The one image of every cluster node (cluster/Dockerfile: Ray 2.60.0 + requirements/gpu.lock.txt
+# as pinned + our code). Every manifest under cluster/ names this tag; bump pyproject.toml's
+# version (and the manifests' tags) when the lock or the code changes.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
+IMAGE ?= ghcr.io/groundlabel/groundlabel:$(VERSION)-gpu
+
+.PHONY: check-address submit-label submit-retrain deploy-serve package-code image image-push
+image:
+	docker build -f cluster/Dockerfile -t $(IMAGE) .
+
+image-push: image
+	docker push $(IMAGE)
+
 check-address:
 	@test -n "$(RAY_ADDRESS)" || (echo "set RAY_ADDRESS=http://HEAD:8265" && exit 2)
 
@@ -127,13 +168,16 @@ submit-label: check-address $(STAMP)
 	.venv/bin/ray job submit --address $(RAY_ADDRESS) --working-dir . \
 	  --runtime-env $(RUNTIME_ENV) -- \
 	  python -m groundlabel label --input $(INPUT) --output $(OUTPUT) --model $(MODEL) \
-	  --num-actors $(NUM_GPUS) --gpus-per-actor 1 --cpus-per-actor 4 \
-	  --actor-resources '{"inference": 1}' --batch-size 64 --commit-rows 4096 --no-progress
+	  $(ENGINE_FLAGS) --num-actors $(NUM_ACTORS) --gpus-per-actor $(GPUS_PER_ACTOR) \
+	  --gpu-memory-utilization $(GPU_MEM) --cpus-per-actor 4 \
+	  --actor-resources '{"inference": 1}' --batch-size $(BATCH_SIZE) \
+	  --batches-in-flight $(BATCHES_IN_FLIGHT) --commit-rows 4096 --no-progress
 
 submit-retrain: check-address $(STAMP)
 	.venv/bin/ray job submit --address $(RAY_ADDRESS) --working-dir . \
 	  --runtime-env $(RUNTIME_ENV) -- \
 	  python -m groundlabel retrain --store $(STORE) --registry $(REGISTRY) --model $(MODEL) \
+	  $(ENGINE_FLAGS) --gpu-memory-utilization 0.90 --eval-batch-size 24 \
 	  --num-workers $(NUM_GPUS) --use-gpu --quantize auto --worker-resources '{"train": 1}' \
 	  --gate-resources '{"inference": 1}' --storage-path s3://groundlabel/ray-train
 

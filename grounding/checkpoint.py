@@ -51,3 +51,13 @@ def resize_spec(model_dir: str | Path, min_pixels: int | None = None,
     hi = max_pixels or pre.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280
     factor = int(pre.get("patch_size", 14)) * int(pre.get("merge_size", 2))
     return ResizeSpec(min_pixels=int(lo), max_pixels=int(hi), factor=factor)
+
+
+def max_positions(model_dir: str | Path) -> int | None:
+    """The longest sequence the checkpoint's language model takes (``max_position_embeddings``
+    of ``text_config`` or of the top level), None when the config does not say."""
+    cfg = _read_json(Path(model_dir) / "config.json")
+    for part in (cfg.get("text_config") or {}, cfg.get("llm_config") or {}, cfg):
+        if part.get("max_position_embeddings"):
+            return int(part["max_position_embeddings"])
+    return None

@@ -35,7 +35,8 @@ class LabelJobConfig(Settings):
         default_factory=dict, description="Custom Ray resources each inference actor needs, "
         "e.g. {\"inference\": 1} to place engines on the nodes that offer it.")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per inference actor.")
-    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per inference actor (0 on CPU).")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per inference actor (0 on CPU; "
+                                 "default: --tensor-parallel-size when that is over 1).")
     batch_size: int = Field(16, ge=1, description="Rows per block an inference actor takes "
                             "(and per block read): smaller blocks reach the engine sooner.")
     batches_in_flight: int = Field(8, ge=1, description="Blocks each inference actor keeps in "
@@ -73,4 +74,5 @@ class LabelJobConfig(Settings):
     def _check(self) -> LabelJobConfig:
         if self.input.rstrip("/") == self.output.rstrip("/"):
             raise ValueError("`--output` must differ from `--input`")
+        self.gpus_per_actor = self.inference.actor_gpus(self.gpus_per_actor, "--gpus-per-actor")
         return self

@@ -147,7 +147,7 @@ class GroundingService:
         self.family = family
         from serve.guards import TokenBudget
 
-        inf = cfg.inference
+        inf = self.engine.cfg  # resolved: the context the engine really runs with
         self.budget = TokenBudget(inf.model, self.grounder.reader.resize, inf.max_model_len,
                                   inf.max_new_tokens)
         self.gen_lock = threading.Lock()  # one engine call at a time (vLLM is not re-entrant)

@@ -3,7 +3,7 @@ config, see cluster/serve-config.yaml)."""
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from grounding.engines.base import EngineConfig
 from grounding.settings import RaySettings, Settings
@@ -66,7 +66,8 @@ class ServeConfig(Settings):
     batch_wait_ms: float = Field(10.0, ge=0, description="How long a batch waits to fill.")
     num_replicas: int = Field(1, ge=1, description="Serve replicas (one engine each).")
     num_cpus: float = Field(1.0, gt=0, description="CPUs per replica.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (default: "
+                            "--tensor-parallel-size when that is over 1).")
     host: str = Field("127.0.0.1", description="HTTP host of Serve's proxy.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of Serve's proxy.")
     storage: StorageOptions = Field(default_factory=StorageOptions,
@@ -102,6 +103,11 @@ class ServeConfig(Settings):
         return (f"no API keys: set {self.api_keys_env} (comma-separated keys) in the "
                 f"replicas' environment or name a file of keys with --api-keys-file, or pass --insecure-no-auth (insecure_no_auth: true) "
                 f"to serve without authentication on {host!r}, which is not a loopback address")
+
+    @model_validator(mode="after")
+    def _gpus_follow_tensor_parallel(self) -> ServeConfig:
+        self.num_gpus = self.inference.actor_gpus(self.num_gpus, "--num-gpus")
+        return self
 
     @field_validator("allowed_uri_prefixes")
     @classmethod

@@ -19,6 +19,41 @@ from pydantic import BaseModel, Field, model_validator
 from grounding.families.generic import Convention
 from grounding.paths import DEFAULT_MODEL
 
+_VISION_MARKERS = 2  # <|vision_start|> and <|vision_end|> around an image's tokens
+_MIN_PROMPT = 32  # the chat template and a short referring expression
+_TEXT_BUDGET = 512  # text tokens the derived context leaves for template + expression
+_LEN_STEP = 1024  # the derived context is a whole number of these
+_MEMORY_SHARE = 0.9  # of a whole GPU: vLLM's own default, leaving room for CUDA and NCCL
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where this process runs an engine: ``cpu`` or ``cuda``, whether it computes in bf16,
+    and the GPUs it holds (Ray's assignment: 0.5 for an actor sharing one GPU; all visible
+    GPUs outside Ray)."""
+
+    kind: Literal["cpu", "cuda"] = "cpu"
+    bf16: bool = False
+    gpus: float = 0.0
+    name: str = "cpu"
+
+    @classmethod
+    def detect(cls) -> Device:
+        import torch
+
+        if not torch.cuda.is_available():
+            return cls()
+        gpus = float(torch.cuda.device_count())
+        try:
+            import ray
+
+            if ray.is_initialized():
+                gpus = float(ray.get_runtime_context().get_assigned_resources().get("GPU", gpus))
+        except Exception:  # noqa: BLE001 - outside a Ray worker: the visible GPUs
+            pass
+        return cls(kind="cuda", bf16=torch.cuda.is_bf16_supported(), gpus=gpus,
+                   name=torch.cuda.get_device_name(0))
+
 
 class EngineConfig(BaseModel):
     """Engine: which model, and how to load and run it. The settings group of every verb that
@@ -43,11 +78,19 @@ class EngineConfig(BaseModel):
     coords: Convention | None = Field(
         None, description="Generic family only: what its numbers mean: original pixels, "
         "resized-input pixels, 0-1000 or 0-1 of the image (default norm1000).")
-    dtype: str = Field("float32", description="Compute dtype (float32 on CPU; bfloat16 on GPU).")
-    max_model_len: int = Field(1024, ge=64, description="Longest prompt + answer, in tokens "
-                               "(1024 fits the tiny model; a real Qwen2.5-VL on 1024x768 images "
-                               "needs ~1100 visual + text tokens: use 4096).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Compute dtype. auto: bfloat16 on a GPU that computes in it, "
+        "float16 on an older GPU, float32 on the CPU (`resolved`).")
+    max_model_len: int | None = Field(
+        None, ge=64, description="Longest prompt + image + answer, in tokens. Default: one "
+        "image at max_pixels (visual tokens + 2 markers) + 512 text tokens + max_new_tokens, "
+        "rounded up to a multiple of 1024, within the checkpoint's positions (1024 for the "
+        "tiny model, 2048 for Qwen2.5-VL at --max-pixels 1003520). A setting too small for one "
+        "image is refused at start.")
     max_new_tokens: int = Field(64, description="Answer token limit per request.")
+    min_new_tokens: int = Field(0, ge=0, description="Answer tokens generated before the end "
+                                "token is allowed (vLLM min_tokens): fixed answer lengths for "
+                                "throughput checks (`make gpu-check`); 0 in production.")
     min_pixels: int | None = Field(None, description="Override the processor's min pixels.")
     max_pixels: int | None = Field(None, description="Override the processor's max pixels: "
                                    "bounds visual tokens and memory per image.")
@@ -62,7 +105,14 @@ class EngineConfig(BaseModel):
                                "GiB: pays only when rows repeat images. 0 keeps an engine's "
                                "memory flat over a long job (vLLM's 4 GiB default grew the "
                                "label actor by about 0.5 GB per 2,000 distinct images).")
-    gpu_memory_utilization: float = Field(0.85, description="vLLM GPU memory share (GPU only).")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="vLLM's share of each GPU's memory (GPU only). Default: "
+        "0.9 x the share of a GPU this process holds (Ray's assignment): 0.45 for an actor "
+        "with 0.5 GPU, so two engines fit on one card.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine is split across "
+                                      "(vLLM tensor parallelism), for checkpoints larger than "
+                                      "one GPU; each label actor / serve replica then asks Ray "
+                                      "for this many GPUs.")
     engine_seed: int = Field(0, description="Engine seed (decoding is greedy anyway).")
 
     @model_validator(mode="after")
@@ -72,6 +122,9 @@ class EngineConfig(BaseModel):
                              f"{self.min_pixels})")
         if self.max_new_tokens < 1:
             raise ValueError(f"`--max-new-tokens` must be >= 1, got {self.max_new_tokens}")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"`--min-new-tokens` ({self.min_new_tokens}) must be <= "
+                             f"`--max-new-tokens` ({self.max_new_tokens})")
         if (self.prompt_template is not None or self.coords is not None) and \
                 self.family != "generic":
             raise ValueError("`--prompt-template` and `--coords` are settings of the generic "
@@ -79,6 +132,86 @@ class EngineConfig(BaseModel):
         if self.family == "generic":
             self.resolve_family()  # a bad template is an error now, not at the first request
         return self
+
+    # ---- device-aware defaults: the one place they are derived -----------------------------
+    def image_tokens(self) -> int:
+        """Visual tokens of the largest image the processor lets through (``max_pixels``):
+        Qwen-VL processors resize to at most max_pixels in whole patch x merge cells, one
+        token per cell."""
+        from grounding.checkpoint import resize_spec
+
+        spec = resize_spec(self.model, self.min_pixels, self.max_pixels)
+        return spec.max_pixels // (spec.factor * spec.factor)
+
+    def model_len(self) -> int:
+        """``max_model_len`` as given, or derived from the checkpoint and the image budget.
+        Raises ValueError when one image cannot fit (in the setting or in the checkpoint's
+        positions), naming the flags that change it."""
+        from grounding.checkpoint import max_positions
+
+        image = self.image_tokens()
+        need = image + _VISION_MARKERS + _MIN_PROMPT + self.max_new_tokens
+        positions = max_positions(self.model)
+        hint = ("lower --max-pixels (each visual token covers "
+                f"{self._cell()}x{self._cell()} px) or --max-new-tokens")
+        if positions is not None and need > positions:
+            raise ValueError(f"one image at max_pixels is {image} visual tokens: with a prompt "
+                             f"and {self.max_new_tokens} answer tokens it needs {need}, more "
+                             f"than the checkpoint's {positions} positions; {hint}")
+        if self.max_model_len is not None:
+            if need > self.max_model_len:
+                raise ValueError(f"one image at max_pixels is {image} visual tokens: with a "
+                                 f"prompt and {self.max_new_tokens} answer tokens it needs "
+                                 f"{need} > --max-model-len {self.max_model_len}; raise "
+                                 f"--max-model-len or {hint}")
+            return self.max_model_len
+        derived = image + _VISION_MARKERS + _TEXT_BUDGET + self.max_new_tokens
+        derived = -(-derived // _LEN_STEP) * _LEN_STEP
+        return derived if positions is None else min(derived, positions)
+
+    def _cell(self) -> int:
+        from grounding.checkpoint import resize_spec
+
+        return resize_spec(self.model, self.min_pixels, self.max_pixels).factor
+
+    def resolved(self, device: Device | None = None) -> EngineConfig:
+        """These settings with every derived default made concrete for ``device`` (detected
+        when None): dtype, max_model_len, gpu_memory_utilization. Engines run on the resolved
+        copy; errors here come before any model loads."""
+        device = device or Device.detect()
+        tp = self.tensor_parallel_size
+        if tp > 1 and (device.kind != "cuda" or device.gpus < tp):
+            raise ValueError(f"tensor_parallel_size {tp} needs {tp} GPUs; this process holds "
+                             f"{device.gpus:g} ({device.kind}): ask Ray for {tp} GPUs per "
+                             "actor (the label and serve settings do so by default)")
+        dtype = self.dtype
+        if dtype == "auto":
+            dtype = ("float32" if device.kind == "cpu" else
+                     "bfloat16" if device.bf16 else "float16")
+        share = self.gpu_memory_utilization
+        if device.kind == "cpu":
+            share = None
+        elif share is None:
+            # Each engine worker uses one GPU (its tp-th of the actor's); an actor holding
+            # part of a GPU shares it, so its engine takes only that part of the memory.
+            per_gpu = min(1.0, device.gpus / tp) if device.gpus > 0 else 1.0
+            share = round(_MEMORY_SHARE * per_gpu, 4)
+        return self.model_copy(update={"dtype": dtype, "max_model_len": self.model_len(),
+                                       "gpu_memory_utilization": share})
+
+    def actor_gpus(self, asked: float, flag: str) -> float:
+        """The GPUs an actor running this engine asks Ray for: ``asked`` (its ``flag``), or
+        ``tensor_parallel_size`` when that is over 1 and nothing was asked; fewer than the
+        engine is split across is refused."""
+        tp = self.tensor_parallel_size
+        if tp == 1:
+            return asked
+        if asked == 0:
+            return float(tp)
+        if asked != tp:
+            raise ValueError(f"tensor_parallel_size {tp} needs {tp} GPUs per actor, "
+                             f"{flag} says {asked:g}: leave {flag} unset or make it {tp}")
+        return asked
 
     def resolve_family(self):
         """The `grounding.families.Family` object these settings ask for: ``family`` (the

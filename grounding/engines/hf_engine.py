@@ -19,9 +19,15 @@ class HFEngine(Engine):
     def __init__(self, cfg: EngineConfig, model=None, processor=None):
         """Load ``cfg.model``, or wrap an already loaded ``model`` and ``processor`` (a model
         being trained is evaluated through the same engine code as a served one)."""
-        super().__init__(cfg)
+        from grounding.engines.base import Device
+
+        device = Device.detect()
+        super().__init__(cfg.resolved(device))
+        cfg = self.cfg
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.device = "cuda" if device.kind == "cuda" else "cpu"
 
         if processor is None:
             kw = {k: v for k, v in (("min_pixels", cfg.min_pixels),
@@ -33,8 +39,10 @@ class HFEngine(Engine):
         self._xgr_cache: dict[str, object] = {}
         if model is None:
             model = AutoModelForImageTextToText.from_pretrained(
-                cfg.model, dtype=getattr(torch, cfg.dtype))
+                cfg.model, dtype=getattr(torch, cfg.dtype)).to(self.device)
             model.eval()
+        else:
+            self.device = model.device.type  # a model being trained stays where it is
         self.model = model
         self._peft = None
         self._loaded: set[str] = set()
@@ -76,8 +84,10 @@ class HFEngine(Engine):
                     out[i] = g
         return out  # type: ignore[return-value]
 
-    def _compiled(self, grammar: str):
-        """The xgrammar grammar of a regex for this tokenizer, compiled once per regex."""
+    def _compiled(self, grammar: str | None):
+        """The xgrammar grammar of a regex for this tokenizer, compiled once per regex, in the
+        Lark form vLLM gets (`grounding.families._grammar.as_lark`), on the full vocabulary;
+        None: any text (a row without a grammar in a batch with some)."""
         import xgrammar as xgr
 
         if self._xgr_compiler is None:
@@ -85,7 +95,11 @@ class HFEngine(Engine):
             info = xgr.TokenizerInfo.from_huggingface(self.processor.tokenizer, vocab_size=vocab)
             self._xgr_compiler = xgr.GrammarCompiler(info)
         if grammar not in self._xgr_cache:
-            self._xgr_cache[grammar] = self._xgr_compiler.compile_regex(grammar)
+            from grounding.families._grammar import as_lark
+
+            self._xgr_cache[grammar] = (self._xgr_compiler.compile_regex(r"(?s:.)*")
+                                        if grammar is None else
+                                        self._xgr_compiler.compile_lark(as_lark(grammar)))
         return self._xgr_cache[grammar]
 
     def _grammar_processor(self, inputs: list[EngineInput]):
@@ -96,8 +110,7 @@ class HFEngine(Engine):
         from transformers import LogitsProcessorList
         from xgrammar.contrib.hf import LogitsProcessor
 
-        grammars = [self._compiled(i.grammar if i.grammar is not None else r"(?s:.)*")
-                    for i in inputs]
+        grammars = [self._compiled(i.grammar) for i in inputs]
         return LogitsProcessorList([LogitsProcessor(grammars)])
 
     def _generate(self, model, inputs: list[EngineInput]) -> list[Generation]:
@@ -105,9 +118,10 @@ class HFEngine(Engine):
 
         tok = self.processor.tokenizer
         enc = self.processor(text=[i.prompt for i in inputs], images=[i.image for i in inputs],
-                             padding=True, return_tensors="pt")
+                             padding=True, return_tensors="pt").to(self.device)
         with torch.inference_mode():
-            res = model.generate(**enc, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
+            res = model.generate(**enc, max_new_tokens=self.cfg.max_new_tokens,
+                                 min_new_tokens=self.cfg.min_new_tokens or None, do_sample=False,
                                  output_scores=True, return_dict_in_generate=True,
                                  pad_token_id=tok.pad_token_id,
                                  logits_processor=self._grammar_processor(inputs))

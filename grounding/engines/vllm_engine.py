@@ -37,6 +37,52 @@ def _engine_env(cfg: EngineConfig) -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 
+def structured_outputs(grammar: str):
+    """The structured-output request for an answer grammar (a regex, `Family.grammar`): as
+    Lark, which vLLM compiles against the full vocabulary in 0.32 and 0.33 alike (0.33 drops
+    special tokens for regex requests: `grounding.families._grammar.as_lark`)."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    from grounding.families._grammar import as_lark
+
+    return StructuredOutputsParams(grammar=as_lark(grammar))
+
+
+def llm_kwargs(cfg: EngineConfig, on_cpu: bool) -> dict:
+    """The `vllm.LLM` arguments of resolved settings (`EngineConfig.resolved`)."""
+    kwargs = dict(
+        model=cfg.model,
+        dtype=cfg.dtype,
+        max_model_len=cfg.max_model_len,
+        limit_mm_per_prompt={"image": 1, "video": 0},
+        mm_processor_cache_gb=cfg.mm_cache_gb,
+        seed=cfg.engine_seed,
+        trust_remote_code=True,
+        enable_lora=cfg.enable_lora,
+    )
+    if cfg.enable_lora:
+        kwargs.update(max_lora_rank=cfg.max_lora_rank, max_loras=cfg.max_loras)
+        if cfg.vision_lora:  # adapters that also adapt the vision tower / merger
+            kwargs["enable_tower_connector_lora"] = True
+    mm = {k: v for k, v in (("min_pixels", cfg.min_pixels), ("max_pixels", cfg.max_pixels)) if v}
+    if mm:
+        kwargs["mm_processor_kwargs"] = mm
+    # xgrammar, named: our Lark answer grammars are checked against how it compiles them
+    # (tests/grounding/test_grammar_reach.py); "auto" would fall back to another backend.
+    kwargs["structured_outputs_config"] = {"backend": "xgrammar"}
+    if on_cpu:
+        # No CUDA graphs to capture on the CPU, and an in-process executor starts in seconds.
+        kwargs.update(enforce_eager=True, distributed_executor_backend="uni")
+    else:
+        kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization,
+                      tensor_parallel_size=cfg.tensor_parallel_size)
+        if cfg.tensor_parallel_size > 1:
+            # Worker processes on the GPUs Ray gave this actor (CUDA_VISIBLE_DEVICES): a
+            # nested Ray executor would ask the cluster for GPUs the actor already holds.
+            kwargs["distributed_executor_backend"] = "mp"
+    return kwargs
+
+
 class _Rows:
     """One caller's rows on their way through the engine: a future that gets every row's
     `Generation`, in the caller's order, once the last one finishes."""
@@ -76,8 +122,8 @@ class VLLMEngine(Engine):
     """
 
     def __init__(self, cfg: EngineConfig):
-        super().__init__(cfg)
-        _engine_env(cfg)
+        super().__init__(cfg.resolved())  # device-aware defaults; errors before vLLM loads
+        _engine_env(self.cfg)
         self.timings: dict[str, float] = {}  # start-up seconds: vllm import, engine init
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lora_ids: dict[str, int] = {}
@@ -96,40 +142,6 @@ class VLLMEngine(Engine):
         self.tokenizer = self.llm.get_tokenizer()
         self._special_ids = set(self.tokenizer.all_special_ids)
 
-    def _llm_kwargs(self) -> dict:
-        from vllm.platforms import current_platform
-
-        cfg = self.cfg
-        kwargs = dict(
-            model=cfg.model,
-            dtype=cfg.dtype,
-            max_model_len=cfg.max_model_len,
-            limit_mm_per_prompt={"image": 1, "video": 0},
-            mm_processor_cache_gb=cfg.mm_cache_gb,
-            seed=cfg.engine_seed,
-            trust_remote_code=True,
-            enable_lora=cfg.enable_lora,
-        )
-        if cfg.enable_lora:
-            kwargs.update(max_lora_rank=cfg.max_lora_rank, max_loras=cfg.max_loras)
-            if cfg.vision_lora:  # adapters that also adapt the vision tower / merger
-                kwargs["enable_tower_connector_lora"] = True
-        mm = {k: v for k, v in (("min_pixels", cfg.min_pixels), ("max_pixels", cfg.max_pixels)) if v}
-        if mm:
-            kwargs["mm_processor_kwargs"] = mm
-        if current_platform.is_cpu():
-            # No CUDA graphs to capture on the CPU, and an in-process executor starts in seconds.
-            kwargs.update(enforce_eager=True, distributed_executor_backend="uni")
-            # Eager on the CPU means eager everywhere: vLLM still torch.compiles one sampler
-            # helper (the sampled token's rank, for log-probs), which cost 2.4 s of tracing on
-            # each engine's first batch (measured) to count a few comparisons. Same numbers.
-            import torch._dynamo
-
-            torch._dynamo.config.disable = True
-        else:
-            kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization)
-        return kwargs
-
     # ---- the engine thread -------------------------------------------------------------
     def _run(self, ready: threading.Event) -> None:
         try:
@@ -138,7 +150,17 @@ class VLLMEngine(Engine):
 
             self.timings["vllm_import_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            self.llm = LLM(**self._llm_kwargs())
+            from vllm.platforms import current_platform
+
+            on_cpu = current_platform.is_cpu()
+            if on_cpu:
+                # Eager on the CPU means eager everywhere: vLLM still torch.compiles one
+                # sampler helper (the sampled token's rank, for log-probs), which cost 2.4 s of
+                # tracing on each engine's first batch (measured) to count a few comparisons.
+                import torch._dynamo
+
+                torch._dynamo.config.disable = True
+            self.llm = LLM(**llm_kwargs(self.cfg, on_cpu))
             self.timings["engine_init_s"] = time.perf_counter() - t0
         except BaseException as e:  # noqa: BLE001 - handed to the constructor, which raises it
             self._init_error = e
@@ -310,14 +332,13 @@ class VLLMEngine(Engine):
         """Greedy sampling with the chosen token's log-prob; under ``grammar`` (a regex) via
         vLLM's structured outputs when given. One object per grammar, reused."""
         from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
-
         cache = self._params_by_grammar
         if grammar not in cache:
-            so = StructuredOutputsParams(regex=grammar) if grammar is not None else None
+            so = structured_outputs(grammar) if grammar is not None else None
             # skip_special_tokens=False: Qwen2-VL's <|box_start|> and its kin are special
             # tokens, and the parser needs them; end tokens are stripped by the parser.
             cache[grammar] = SamplingParams(temperature=0.0, max_tokens=self.cfg.max_new_tokens,
+                                            min_tokens=self.cfg.min_new_tokens,
                                             logprobs=1, skip_special_tokens=False,
                                             structured_outputs=so)
         return cache[grammar]

@@ -15,6 +15,8 @@ four-digit ``<locNNNN>`` and the 0-1 convention's decimals. A regular grammar ca
 
 from __future__ import annotations
 
+import re
+
 MAX_BOXES = 8
 """Boxes one answer may hold: enough for "all the dogs", short of a box repeated until the
 token limit cuts the answer."""
@@ -61,3 +63,12 @@ def json_item(number: str) -> str:
     """``{"bbox_2d": [x1, y1, x2, y2], "label": "..."}`` as ``json.dumps`` writes it, the label
     optional (the Qwen JSON answer style)."""
     return rf'\{{"bbox_2d": {quad(number)}(?:, "label": "{label(chr(34) + chr(92))}")?\}}'
+
+
+def as_lark(regex: str) -> str:
+    """The answer grammar ``regex`` as a Lark grammar of one regular terminal: what the
+    engines send. vLLM 0.33 compiles regex requests against a vocabulary without special
+    tokens, so Qwen2-VL's ``<|box_start|>`` could not be produced; Lark grammars are compiled
+    against the full vocabulary (there and in 0.32), and xgrammar reads the terminal as the
+    same regular language (tests/grounding/test_grammar_reach.py)."""
+    return "start: /" + re.sub(r"(?<!\\)/", r"\/", regex) + "/"

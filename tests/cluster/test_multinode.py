@@ -131,10 +131,12 @@ def test_serve_deploy_of_the_cluster_config_answers(two_nodes, tiny_model, tmp_p
 
     Deployed is a copy with only what cannot work on this machine overridden, nothing else:
     the HTTP port (a free one, on loopback), ``proxy_location: HeadOnly`` (both nodes share
-    one host, so proxies on every node would fight for the port), the runtime_env's
-    ``working_dir`` and ``pip`` (an S3 zip and GPU wheels: the nodes run this checkout's
-    environment instead), and the args ``model`` (the bundled tiny model), ``registry``
-    (none: no S3 here), ``num_gpus: 0`` and ``num_cpus: 1`` (a 2-CPU node each)."""
+    one host, so proxies on every node would fight for the port), and the args ``model`` (the
+    bundled tiny model), ``registry`` (none: no S3 here), ``num_gpus: 0`` and ``num_cpus: 1``
+    (a 2-CPU node each), and the engine's GPU settings sized for a 7B model on an L4
+    (``dtype``, ``max_model_len``, ``max_pixels``, ``gpu_memory_utilization``: the CPU
+    defaults instead). The runtime_env installs nothing (the nodes' image does; here they run
+    this checkout's environment)."""
     import base64
     import io
 
@@ -149,12 +151,11 @@ def test_serve_deploy_of_the_cluster_config_answers(two_nodes, tiny_model, tmp_p
     cfg["proxy_location"] = "HeadOnly"
     cfg["http_options"] = dict(cfg["http_options"], host="127.0.0.1", port=port)
     (app,) = cfg["applications"]
-    env = app["runtime_env"]
-    env.pop("working_dir")
-    env.pop("pip")
+    assert set(app["runtime_env"]) <= {"env_vars"}, app["runtime_env"]
     args = app["args"]
     args.update(model=str(tiny_model), num_gpus=0, num_cpus=1)
-    args.pop("registry")
+    for gpu_only in ("registry", "dtype", "max_model_len", "max_pixels", "gpu_memory_utilization"):
+        args.pop(gpu_only)
     path = tmp_path / "serve-config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     serve_cli = str(Path(sys.executable).with_name("serve"))

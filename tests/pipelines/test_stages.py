@@ -88,6 +88,7 @@ def test_engine_length_limit_is_a_job_and_serve_setting():
     a = build_parser().parse_args(["label", "--input", "x", "--output", "y",
                                    "--max-model-len", "4096"])
     assert model_from_args(LabelJobConfig, a).inference.max_model_len == 4096
-    assert LabelJobConfig(input="x", output="y").inference.max_model_len == 1024  # engine's
+    default = LabelJobConfig(input="x", output="y").inference
+    assert default.max_model_len is None and default.model_len() == 1024  # derived (tiny)
     a = build_parser().parse_args(["serve", "--max-model-len", "4096"])
     assert model_from_args(ServeConfig, a).inference.max_model_len == 4096
