@@ -78,6 +78,7 @@ if str(ROOT) not in sys.path:  # this tree's packages, as the stages' processes 
 ANSWER_STATUSES = ("ok", "clipped", "truncated", "empty", "unparseable")
 # 4xx a valid request may get under load (deadline, per-key cap): counted, not failed on
 SHED_CODES = (408, 429)
+MAX_PIXELS_CUDA = 1280 * 28 * 28
 
 
 # ---- the failure rules (pure: tested in tests/pipelines/test_gpu_check.py) ----------------------
@@ -288,16 +289,18 @@ def has_min_new_tokens() -> bool:
 
 
 def engine_flags(a, cuda: bool) -> list[str]:
-    """The engine flags label and serve share: fixed answer lengths, no grammar; on CUDA bf16
-    and room for a real Qwen2.5-VL's prompts (images capped at 1,280 visual tokens)."""
+    """The engine flags label and serve share: fixed answer lengths, no grammar; on CUDA images
+    capped at 1,280 visual tokens (Qwen2.5-VL's usual --max-pixels; its processor allows 16,384).
+    dtype, max_model_len and the memory share are the engine's device-aware defaults
+    (`EngineConfig.resolved`: bf16, 2,048 tokens, 0.9 of the card) unless given here."""
     n = str(a.answer_tokens)
     flags = ["--max-new-tokens", n, "--no-constrained"]
     if has_min_new_tokens():
         flags += ["--min-new-tokens", n]
     if cuda:
-        flags += ["--dtype", "bfloat16", "--max-model-len", "4096",
-                  "--max-pixels", str(1280 * 28 * 28),
-                  "--gpu-memory-utilization", str(a.gpu_memory_utilization)]
+        flags += ["--max-pixels", str(MAX_PIXELS_CUDA)]
+        if a.gpu_memory_utilization:
+            flags += ["--gpu-memory-utilization", str(a.gpu_memory_utilization)]
     return flags
 
 
@@ -524,8 +527,8 @@ def only_retrain(a) -> None:
     items = ReviewStore(store).labels(1)
     spe = plan_steps_per_epoch(len(items), batch, 1)
     inf = {"model": a.model}
-    if cuda:
-        inf.update(dtype="bfloat16", max_pixels=1280 * 28 * 28)
+    if cuda:  # the processor's image cap, as label and serve run it
+        inf["max_pixels"] = MAX_PIXELS_CUDA
     cfg = RetrainConfig(store=store, registry=str(tmp / "reg"), storage_path=str(tmp / "ray"),
                         inference=EngineConfig(**inf), quantize="nf4", batch_size=batch,
                         epochs=a.steps / spe, max_minutes=15, checkpoint_every_s=3600,
@@ -583,7 +586,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="Load time (default 60 on cuda, 40 on cpu).")
     ap.add_argument("--serve-start-timeout", type=float, default=600)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=None,
+                    help="vLLM's share of the card (default: the engine's, 0.9).")
     ap.add_argument("--stage-timeout", type=float, default=1200)
     ap.add_argument("--stages", nargs="*", default=["build", "label", "serve", "retrain",
                                                       "grammar_reach"])
