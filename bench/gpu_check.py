@@ -78,7 +78,7 @@ if str(ROOT) not in sys.path:  # this tree's packages, as the stages' processes 
 ANSWER_STATUSES = ("ok", "clipped", "truncated", "empty", "unparseable")
 # 4xx a valid request may get under load (deadline, per-key cap): counted, not failed on
 SHED_CODES = (408, 429)
-MAX_PIXELS_CUDA = 1280 * 28 * 28
+MAX_PIXELS_PUBLISHED = 1280 * 28 * 28
 
 
 # ---- the failure rules (pure: tested in tests/pipelines/test_gpu_check.py) ----------------------
@@ -289,18 +289,19 @@ def has_min_new_tokens() -> bool:
 
 
 def engine_flags(a, cuda: bool) -> list[str]:
-    """The engine flags label and serve share: fixed answer lengths, no grammar; on CUDA images
-    capped at 1,280 visual tokens (Qwen2.5-VL's usual --max-pixels; its processor allows 16,384).
-    dtype, max_model_len and the memory share are the engine's device-aware defaults
-    (`EngineConfig.resolved`: bf16, 2,048 tokens, 0.9 of the card) unless given here."""
+    """The engine flags label and serve share: fixed answer lengths, no grammar; for a built
+    (published) config, images capped at 1,280 visual tokens (``--max-pixels 1003520``, what
+    Qwen2.5-VL is usually served with; its processor allows 16,384). dtype, max_model_len and
+    the memory share are the engine's device-aware defaults (`EngineConfig.resolved`: on CUDA
+    bf16, 2,048 tokens, 0.9 of the card) unless given here."""
     n = str(a.answer_tokens)
     flags = ["--max-new-tokens", n, "--no-constrained"]
     if has_min_new_tokens():
         flags += ["--min-new-tokens", n]
-    if cuda:
-        flags += ["--max-pixels", str(MAX_PIXELS_CUDA)]
-        if a.gpu_memory_utilization:
-            flags += ["--gpu-memory-utilization", str(a.gpu_memory_utilization)]
+    if a.max_pixels:
+        flags += ["--max-pixels", str(a.max_pixels)]
+    if cuda and a.gpu_memory_utilization:
+        flags += ["--gpu-memory-utilization", str(a.gpu_memory_utilization)]
     return flags
 
 
@@ -322,7 +323,6 @@ def stage_build(a, cuda: bool, work: Path) -> dict:
 
 def stage_label(a, cuda: bool, model: str, work: Path) -> tuple[dict, list[str]]:
     from grounding.synth import write_dataset
-    from pipelines.output import JobOutput
 
     data = write_dataset(work / "label-in", a.rows, "base", seed=11)
     out = work / "label-out"
@@ -339,8 +339,7 @@ def stage_label(a, cuda: bool, model: str, work: Path) -> tuple[dict, list[str]]
         return res, [f"label: no summary (exit {rc})"]
     s = json.loads(summary_path.read_text())
     tl = s.get("startup", {}).get("timeline_s", {})
-    rows = JobOutput(str(out)).read(["num_tokens", "status"]).to_pydict()
-    toks = [t for t in rows["num_tokens"] if t is not None]
+    toks = answer_tokens(out)
     engine_s = (tl["written"] - tl["engine_ready"]) if {"written", "engine_ready"} <= set(tl) \
         else None
     res.update({
@@ -353,12 +352,28 @@ def stage_label(a, cuda: bool, model: str, work: Path) -> tuple[dict, list[str]]
                                   "mean": round(statistics.fmean(toks), 2) if toks else None},
         "tokens_per_s": round(sum(toks) / s["seconds"], 1) if s.get("seconds") else None,
         "engine_phase_tokens_per_s": round(sum(toks) / engine_s, 1) if engine_s else None,
-        "startup_s": s.get("startup", {}).get("to_first_part_s"),
+        # command -> engine ready to take rows (Python, Ray, actor, vLLM import, engine init)
+        "startup_s": tl.get("engine_ready"),
+        "to_first_rows_s": tl.get("first_rows_out"),  # ... -> the first block labeled
+        "to_first_part_s": s.get("startup", {}).get("to_first_part_s"),  # ... -> committed
         "startup_phases_s": s.get("startup", {}).get("phases_s"),
     })
     if rc:
         res["log_tail"] = _tail(work / "label.log")
     return res, label_failures(s, a.rows, rc)
+
+
+def answer_tokens(table: Path) -> list[int]:
+    """Generated tokens of every row of a job's output table, through delta-rs's own query
+    engine: reading it as a pyarrow dataset (``to_pyarrow_table``) often aborts the process
+    at exit with delta-rs 1.6.6 + pyarrow 26 (bench/RESULTS.md, the registry), which would
+    turn this check's exit status into 134."""
+    import pyarrow as pa
+    from deltalake import DeltaTable, QueryBuilder
+
+    t = pa.table(QueryBuilder().register("o", DeltaTable(str(table))).execute(
+        "select num_tokens from o").read_all())
+    return [x for x in t.column("num_tokens").to_pylist() if x is not None]
 
 
 def _bodies(n: int = 64) -> list[dict]:
@@ -474,6 +489,7 @@ def stage_serve(a, cuda: bool, model: str, work: Path) -> tuple[dict, list[str]]
 def stage_retrain(a, cuda: bool, model: str, work: Path) -> tuple[dict, list[str]]:
     cmd = [sys.executable, __file__, "--only", "retrain", "--device", a.device, "--model", model,
            "--steps", str(a.steps), "--result", str(work / "retrain.json"),
+           *(["--max-pixels", str(a.max_pixels)] if a.max_pixels else []),
            "--ckpt-dir", str(work / "retrain")]
     rc, wall, mem = run_measured(cmd, cuda, work / "retrain.log", a.stage_timeout)
     res = {"wall_s": round(wall, 1), "exit": rc, **mem}
@@ -527,8 +543,8 @@ def only_retrain(a) -> None:
     items = ReviewStore(store).labels(1)
     spe = plan_steps_per_epoch(len(items), batch, 1)
     inf = {"model": a.model}
-    if cuda:  # the processor's image cap, as label and serve run it
-        inf["max_pixels"] = MAX_PIXELS_CUDA
+    if a.max_pixels:  # the processor's image cap, as label and serve run it
+        inf["max_pixels"] = a.max_pixels
     cfg = RetrainConfig(store=store, registry=str(tmp / "reg"), storage_path=str(tmp / "ray"),
                         inference=EngineConfig(**inf), quantize="nf4", batch_size=batch,
                         epochs=a.steps / spe, max_minutes=15, checkpoint_every_s=3600,
@@ -592,6 +608,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", nargs="*", default=["build", "label", "serve", "retrain",
                                                       "grammar_reach"])
     ap.add_argument("--work", default=None, help="Scratch folder (default: a new temp dir).")
+    ap.add_argument("--max-pixels", type=int, default=None, help="Processor image cap "
+                    f"(default {MAX_PIXELS_PUBLISHED} for a built config, the model's own "
+                    "otherwise).")
     ap.add_argument("--only", choices=["build", "retrain"], help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -629,6 +648,8 @@ def main(argv: list[str] | None = None) -> int:
 
         a.model = str(DEFAULT_MODEL)
     model = a.ckpt_dir if build else a.model
+    if build and a.max_pixels is None:
+        a.max_pixels = MAX_PIXELS_PUBLISHED
     work = Path(a.work or tempfile.mkdtemp(prefix="gl-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
     name = (f"{a.model_config} (random weights" + (", shrunk" if a.shrink else "")
@@ -641,7 +662,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"rows": a.rows, "answer_tokens": a.answer_tokens,
                      "fixed_answer_length": has_min_new_tokens(), "constrained": False,
                      "clients": a.clients, "serve_seconds": a.serve_seconds,
-                     "retrain_steps": a.steps, "stages": a.stages},
+                     "retrain_steps": a.steps, "max_pixels": a.max_pixels,
+                     "stages": a.stages},
         "work": str(work), "failures": [],
     }
     if not has_min_new_tokens():
