@@ -226,11 +226,11 @@ def run_measured(cmd: list[str], cuda: bool, log: Path, timeout: float) -> tuple
 
 
 def gpu_used_mb() -> float | None:
-    r = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
-                        "-i", "0"], capture_output=True, text=True, check=False)
     try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,"
+                            "nounits", "-i", "0"], capture_output=True, text=True, check=False)
         return float(r.stdout.strip())
-    except ValueError:
+    except (OSError, ValueError):  # no nvidia-smi, or no answer: nothing to wait for
         return None
 
 
@@ -305,6 +305,23 @@ def engine_flags(a, cuda: bool) -> list[str]:
     return flags
 
 
+def label_args(a, cuda: bool, model: str, data, out) -> list[str]:
+    """``groundlabel`` arguments of the label stage (one actor; on CUDA one GPU, blocks of 64)."""
+    args = ["label", "--input", str(data), "--output", str(out), "--no-progress", "--model",
+            model, *engine_flags(a, cuda)]
+    if cuda:
+        args += ["--gpus-per-actor", "1", "--batch-size", "64"]
+    return args
+
+
+def serve_args(a, cuda: bool, model: str, port: int) -> list[str]:
+    """``groundlabel`` arguments of the serve stage (one replica; on CUDA one GPU)."""
+    args = ["serve", "--model", model, "--port", str(port), *engine_flags(a, cuda)]
+    if cuda:
+        args += ["--num-gpus", "1"]
+    return args
+
+
 # ---- stages ----------------------------------------------------------------------------------
 def stage_build(a, cuda: bool, work: Path) -> dict:
     """The random-weight checkpoint, in its own process (its device memory goes with it)."""
@@ -326,10 +343,7 @@ def stage_label(a, cuda: bool, model: str, work: Path) -> tuple[dict, list[str]]
 
     data = write_dataset(work / "label-in", a.rows, "base", seed=11)
     out = work / "label-out"
-    cmd = [sys.executable, "-m", "groundlabel", "label", "--input", str(data), "--output",
-           str(out), "--no-progress", "--model", model, *engine_flags(a, cuda)]
-    if cuda:
-        cmd += ["--gpus-per-actor", "1", "--batch-size", "64"]
+    cmd = [sys.executable, "-m", "groundlabel", *label_args(a, cuda, model, data, out)]
     rc, wall, mem = run_measured(cmd, cuda, work / "label.log", a.stage_timeout)
     res: dict = {"command": " ".join(cmd[1:]), "rows_in": a.rows, "exit": rc,
                  "wall_s": round(wall, 1), **mem}
@@ -442,10 +456,7 @@ def stage_serve(a, cuda: bool, model: str, work: Path) -> tuple[dict, list[str]]
     import requests
 
     port = _free_port()
-    cmd = [sys.executable, "-m", "groundlabel", "serve", "--model", model, "--port", str(port),
-           *engine_flags(a, cuda)]
-    if cuda:
-        cmd += ["--num-gpus", "1"]
+    cmd = [sys.executable, "-m", "groundlabel", *serve_args(a, cuda, model, port)]
     base = f"http://127.0.0.1:{port}"
     res: dict = {"command": " ".join(cmd[1:])}
     log = open(work / "serve.log", "w")  # noqa: SIM115 - closed below
@@ -574,9 +585,13 @@ def versions() -> dict:
 
 def card(cuda: bool) -> str:
     if cuda:  # nvidia-smi, not torch: no CUDA context in this process for the whole run
-        r = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,"
-                            "noheader", "-i", "0"], capture_output=True, text=True, check=False)
-        return r.stdout.strip() or "CUDA device (nvidia-smi gave no name)"
+        try:
+            r = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,"
+                                "noheader", "-i", "0"], capture_output=True, text=True,
+                               check=False)
+            return r.stdout.strip() or "CUDA device (nvidia-smi gave no name)"
+        except OSError:
+            return "CUDA device (no nvidia-smi)"
     name = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
                  if ln.startswith("model name")), platform.processor())
     return f"{name}, {os.cpu_count()} cores (no GPU)"

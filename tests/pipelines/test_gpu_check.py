@@ -152,3 +152,31 @@ def test_gpu_check_on_cuda(tmp_path):
     assert res["ok"] and res["label"]["rows"] == 2000
     assert res["label"]["peak_gpu_used_mb"] > 0 and res["serve"]["p99_ms"] > 0
     assert res["retrain"]["step"] == 50
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_stage_commands_parse_as_the_cli_takes_them(tmp_path, cuda):
+    """The label and serve commands of both devices (the CUDA flags never run here) are
+    accepted by groundlabel's own parser and settings: fixed answer lengths, no grammar, one
+    GPU per actor / replica on CUDA, the image cap of a built config."""
+    from argparse import Namespace
+
+    from grounding.paths import DEFAULT_MODEL
+    from groundlabel.cli import VERBS, build_parser, resolve
+    from groundlabel.flags import model_from_args
+
+    g = _gpu_check()
+    a = Namespace(answer_tokens=30, max_pixels=1003520, gpu_memory_utilization=None)
+    (tmp_path / "in.jsonl").write_text("")
+    cfgs = {}
+    for argv in (g.label_args(a, cuda, str(DEFAULT_MODEL), tmp_path / "in.jsonl", tmp_path / "o"),
+                 g.serve_args(a, cuda, str(DEFAULT_MODEL), 8123)):
+        args = build_parser().parse_args(argv)
+        verb = VERBS[args._verb]
+        cfgs[args._verb] = model_from_args(resolve(verb.config), args, None, verb.fixed)
+    for cfg in cfgs.values():
+        inf = cfg.inference
+        assert (inf.min_new_tokens, inf.max_new_tokens, inf.constrained) == (30, 30, False)
+        assert inf.max_pixels == 1003520
+    assert cfgs["label"].gpus_per_actor == (1.0 if cuda else 0.0)
+    assert cfgs["serve"].num_gpus == (1.0 if cuda else 0.0)
