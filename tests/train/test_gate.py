@@ -461,3 +461,17 @@ def test_spend_is_read_back_from_the_registry(tmp_path):
         reg.events(), new, 0.95)})
     reg.rollback("test")
     assert spend(reg.events(), prod, 0.95)["k"] == 1  # rolled back: production moved again
+
+
+def test_summary_names_the_test_the_images_and_the_reason():
+    from train.gate import summary
+
+    units = [i // 5 for i in range(80)]
+    h = compare([T] * 30 + [F] * 10 + [T] * 40, [F] * 30 + [T] * 10 + [T] * 40, 0.95, units)
+    seq = spend([], "prod", 0.95)
+    passed, reasons = decide(h, None, None, **RULE, alpha=seq["alpha"])
+    line = summary({"heldout": h, "passed": passed, "reasons": reasons, "sequential": seq,
+                    "rule": {"confidence": 0.95}})
+    assert line.startswith("exact sign test on per-image differences, one-sided on 16 images")
+    assert "images +6/-2" in line and "alpha=0.025" in line and "gate 1 against" in line
+    assert "refused: not better than production at alpha 0.025" in line
