@@ -475,3 +475,69 @@ def test_summary_names_the_test_the_images_and_the_reason():
     assert line.startswith("exact sign test on per-image differences, one-sided on 16 images")
     assert "images +6/-2" in line and "alpha=0.025" in line and "gate 1 against" in line
     assert "refused: not better than production at alpha 0.025" in line
+
+
+def test_retrain_records_the_test_the_images_and_the_spent_alpha(tmp_path, monkeypatch):
+    """`retrain --candidate` end to end with the engine faked (hits given): the result's summary
+    line and the registry event name the test, the images and the reason, and carry the
+    ``sequential`` record the next gate reads (k = 2 against the same production, 1 against a
+    new one). Before: no such record, every gate at 0.05 (the old gate had no sequential field
+    and its line no test or images)."""
+    import grounding.engines
+    import train.gate as G
+    import train.retrain as R
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store_uri = str(tmp_path / "store")
+    store = ReviewStore(store_uri)
+    store.append([decision_record(it, "accept") for it in _items(200, 5)], source="test")
+    answers = {}
+
+    class Engine:
+        def add_adapter(self, *a):
+            pass
+
+        def close(self):
+            pass
+
+    def evaluate(engine, items, adapters, *a, **kw):
+        # 5 items per image; the candidate wins all of an image's items on 2 in 3 images
+        n = len(items)
+        if answers["better"]:
+            cand = [int(it["image"].split("-")[-1].split(".")[0]) % 3 != 0 for it in items]
+        else:
+            cand = [True] * n
+        return {"candidate": cand, "production": [True] * n if not answers["better"]
+                else [False] * n}
+
+    monkeypatch.setattr(grounding.engines, "load_engine", lambda *a, **kw: Engine())
+    monkeypatch.setattr(G, "evaluate_items", evaluate)
+    monkeypatch.setattr(R, "on_gate_node", lambda cfg, d, work: work(d))
+    reg_uri = str(tmp_path / "reg")
+
+    def run(seed: int, better: bool) -> dict:
+        answers["better"] = better
+        return R.retrain(R.RetrainConfig(store=store_uri, registry=reg_uri, holdout_frac=0.3,
+                                         candidate=str(_adapter(tmp_path / f"c{seed}", seed))))
+
+    first = run(1, True)
+    assert first["decision"] == "promoted", first["reasons"]
+    h = first["gate"]["heldout"]
+    assert h["test"] == "exact sign test on per-image differences, one-sided"
+    assert h["images"] * 5 == h["n"] and h["images_production_better"] == 0
+    assert f"on {h['images']} images" in first["summary"] and first["summary"].endswith("passed")
+    events = AdapterRegistry(reg_uri).events()
+    assert events[-1]["kind"] == "promote"
+    assert events[-1]["metrics"]["sequential"]["k"] == 1
+    assert events[-1]["metrics"]["sequential"]["against"] is None  # the base model
+    prod = first["adapter"]
+    second = run(2, False)  # no better than the new production: refused, first gate against it
+    third = run(3, False)
+    assert second["decision"] == third["decision"] == "refused"
+    assert [r["gate"]["sequential"]["k"] for r in (second, third)] == [1, 2]
+    last = AdapterRegistry(reg_uri).events()[-1]
+    assert last["kind"] == "refuse" and last["metrics"]["sequential"] == {
+        "scheme": "alpha spending alpha/(k(k+1)) per production", "against": prod, "k": 2,
+        "alpha": pytest.approx(0.05 / 6), "spent": pytest.approx(0.05 * 2 / 3)}
+    assert "refused: not better than production at alpha 0.00833" in third["summary"]
+    assert last["reason"].startswith("not better than production at alpha 0.00833")
