@@ -71,12 +71,23 @@ class RetrainConfig(Settings):
     margin: float = Field(0.02, ge=0, description="Promote only if held-out Acc@0.5 beats "
                           "production by at least this (0-1), besides the paired test.")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="Promote only if the candidate "
-                              "beats production on the same held-out items at this confidence "
-                              "(exact one-sided McNemar test: p <= 1 - confidence).")
-    max_forgetting: float = Field(0.05, ge=0, le=1, description="Refuse when Acc@0.5 (0-1) falls "
-                                  "by more than this, paired, on held-out labels production was "
-                                  "trained with (store versions <= its snapshot) or on "
-                                  "--regression-set.")
+                              "beats production on the same held-out images at this confidence "
+                              "(exact one-sided sign test on per-image differences), spent over "
+                              "the repeated gates against one production (--alpha-spending).")
+    alpha_spending: bool = Field(True, description="The k-th gate against the same production "
+                                 "tests at (1 - confidence) / (k (k + 1)), so that over all "
+                                 "gates a no-better candidate is promoted at most "
+                                 "1 - confidence of the time (k is read from the registry's "
+                                 "events). Off: every gate at 1 - confidence (repeated gates "
+                                 "then promote no-better candidates far more often).")
+    max_forgetting: float = Field(0.05, ge=0, le=1, description="Refuse unless the upper "
+                                  "--confidence bound of the Acc@0.5 drop (0-1; paired, per "
+                                  "image) is at most this, on held-out labels production was "
+                                  "trained with (store versions <= its snapshot) and on "
+                                  "--regression-set (a non-inferiority test).")
+    min_forgetting: int = Field(50, ge=2, description="Refuse (too few) when fewer items than "
+                                "this could be scored to check forgetting on (earlier held-out "
+                                "labels, or the regression set); none at all: nothing to check.")
     regression_set: str | None = Field(None, description="Labels of an older domain the "
                                        "candidate must not forget (a label file, or a reviewed-"
                                        "label store folder); scored, never trained on.")

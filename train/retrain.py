@@ -21,11 +21,14 @@
    ``gate_resources`` point (`on_gate_node`), never in the driver on the head node.
 4. **Gate.** The new adapter and the production adapter (or the base model) answer the same
    held-out items through the same vLLM engine that serves (`train.gate`). Promoted only when
-   at least ``min_heldout`` items were scored, the candidate is better by an exact paired
-   (McNemar) test at ``confidence`` and by at least ``margin``, and it loses no more than
-   ``max_forgetting`` on the held-out labels production was trained with nor on the
-   ``regression_set``. Every decision, with n, both scores, the discordant counts, the p-value
-   and the reasons, is recorded in the registry (event and adapter meta).
+   at least ``min_heldout`` items were scored, the candidate is better by an exact one-sided
+   sign test on per-image differences at this gate's alpha (``1 - confidence`` spent over the
+   gates against one production: `train.gate.spend`, train/schedule.py) and by at least
+   ``margin``, and the upper ``confidence`` bound of its drop on the held-out labels production
+   was trained with and on the ``regression_set`` is at most ``max_forgetting`` (on at least
+   ``min_forgetting`` items). Every decision, with the test, n and images, both scores, the
+   discordant counts, the p-value and alpha, the bounds and the reasons, is recorded in the
+   registry (event and adapter meta), and the one-line ``summary`` says it.
 
 Run::
 
@@ -51,7 +54,8 @@ import time
 from pathlib import Path
 
 from train.config import RetrainConfig, recipe_of
-from train.gate import SPLIT_RULE, gate, load_regression_set, mix, split
+from train.gate import SPLIT_RULE, gate, load_regression_set, mix, spend, split
+from train.gate import summary as gate_summary
 from train.worker import train_loop
 
 __all__ = ["RetrainConfig", "fit", "retrain"]
@@ -212,8 +216,12 @@ def _retrain(cfg: RetrainConfig, tracking) -> dict:
             adapter_dir, train_metrics = fit(cfg, train_items, run_name, tracking)
         train_s = time.time() - t0
         # The gate's engine runs where --gate-resources point (a GPU node), not in the driver.
+        # This gate's level among the gates against this production (k read from the
+        # registry's events: a restarted scheduler carries on).
+        sequential = spend(registry.events(), production, cfg.confidence, cfg.alpha_spending)
         verdict = on_gate_node(cfg, adapter_dir, lambda local: gate(
-            cfg, local, held, production, registry, earlier_ids, since_note, regression))
+            cfg, local, held, production, registry, earlier_ids, since_note, regression,
+            sequential))
         meta = {"base_model": cfg.inference.model, "store": cfg.store, "snapshot_version": version,
                 "train_items": len(train_items), "heldout_items": len(held),
                 "replay": replay, "recipe": recipe, "run_name": run_name,
@@ -228,6 +236,7 @@ def _retrain(cfg: RetrainConfig, tracking) -> dict:
                 decision, now = "promoted", name
             except RegistryError as e:  # production moved while this retrain ran
                 verdict = dict(verdict, passed=False, reasons=[*verdict["reasons"], str(e)])
+                verdict["summary"] = gate_summary(verdict)
                 now = registry.production()
         if decision is None:
             decision = "refused" if not verdict["passed"] else "passed (not promoted)"
@@ -236,6 +245,7 @@ def _retrain(cfg: RetrainConfig, tracking) -> dict:
                                     reason="; ".join(verdict["reasons"]) or None,
                                     metrics=verdict, key=f"retrain:{name}:decision")
     return {"adapter": name, "decision": decision, "reasons": verdict["reasons"],
+            "summary": verdict["summary"],
             "event": event, "production": now,
             "snapshot_version": version, "gate": verdict,
             "new_domain": _scores(verdict["new"]), "old_domain": _scores(verdict["old"]),
