@@ -130,8 +130,14 @@ def test_lower_bounds_agree_with_scipy():
         assert C.lower_bound(k, n, 0.95) == pytest.approx(ci_exact.low, abs=1e-9)
         assert C.lower_bound(k, n, 0.95, "wilson") == pytest.approx(ci_wilson.low, abs=1e-9)
         assert C.upper_bound(k, n, 0.95) == pytest.approx(ci_exact.high, abs=1e-9)
-    assert C.min_holdout(0.95) == 59       # 0.95 ** 59 < 0.05 <= 0.95 ** 58
-    assert C.min_holdout(0.98) == 149
+    assert C.min_holdout(0.95, method="clopper-pearson") == 59   # 0.95**59 < 0.05 <= 0.95**58
+    assert C.min_holdout(0.98, method="clopper-pearson") == 149
+    # the clustered betting test (routing's default) needs more all-right rows: 88 at 0.95
+    assert C.min_holdout(0.95) == 88 and C.min_holdout(0.98) == 224
+    # its bound is a little below the exact one, and rejects what it should
+    for k, n in [(90, 100), (900, 1000)]:
+        lb = C.lower_bound(k, n, 0.95, "betting")
+        assert C.lower_bound(k, n) - 0.05 < lb < C.lower_bound(k, n)
 
 
 def test_threshold_keeps_its_promise_over_many_draws():
@@ -160,7 +166,8 @@ def test_threshold_refuses_with_too_few_or_too_poor_reviews():
             for o in _draw(2000, seed=6)]
     thr = C.choose_threshold(C.fit(poor), 0.95)
     assert thr.threshold is None and thr.needed == 0 and "no threshold reaches" in thr.reason
-    assert C.reviews_needed(0, 0.95) == max(math.ceil(C.MIN_FIT / 0.5), math.ceil(59 / 0.5))
+    # every review counts in the bound now (raw-score routing), not only the held-out half
+    assert C.reviews_needed(0, 0.95) == max(math.ceil(C.MIN_FIT / 0.5), C.min_holdout(0.95))
     assert C.reviews_needed(10_000, 0.95) == 0
 
 
@@ -251,8 +258,11 @@ def test_route_auto_accepts_audits_and_sends_the_rest(tmp_path):
     (info,) = r["keys"]
     thr = info["threshold"]
     assert thr is not None and info["precision_lower_bound"] >= 0.8
-    assert r["auto"] and all(it["calibrated"] >= thr - 1e-12 for it in r["auto"])
-    assert all(it.get("calibrated") is None or it["calibrated"] < thr for it in r["review"])
+    # routing is on the raw score (#29); the calibrated one is still carried for people
+    assert info["threshold_on"] == "raw" and info["promise"] == "population"
+    assert r["auto"] and all(it["score"] >= thr - 1e-12 for it in r["auto"])
+    assert all(it["score"] < thr for it in r["review"])
+    assert all(it["calibrated"] is not None for it in r["auto"] + r["review"])
     assert len(r["auto"]) + len(r["review"]) == 400
     assert len(r["audit"]) == math.ceil(0.05 * len(r["auto"]))
     assert {id(x) for x in r["audit"]} <= {id(x) for x in r["auto"]}
