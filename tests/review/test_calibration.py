@@ -476,6 +476,34 @@ def test_route_auto_accepts_audits_and_sends_the_rest(tmp_path):
     assert a["audited"] == len(r["audit"]) and a["precision"] == 0.0 and a["alarm"]
 
 
+def test_reviews_of_a_routed_job_enter_the_bound_only_as_a_uniform_sample(tmp_path):
+    """After a routed job, people review its low-score rows and the audited auto rows. Only
+    the audited rows and the reviewed rows below the audit hash count in the next threshold's
+    bound (issue #29 (d): all of them made the evidence mostly low-score rows)."""
+    from pipelines.routing import Routing, _usable, route
+
+    st, reg, _ = _review_world(tmp_path, 1200)
+    rng = random.Random(4)
+    items = [_pred(50_000 + i, rng.random() ** 0.3) for i in range(600)]
+    for it in items:
+        it["job_id"] = "j2"
+    r = route(items, Routing(auto_accept_precision=0.8, audit_share=0.05, registry=reg,
+                             store=st.uri), None, job_id="j2")
+    assert r["auto"] and r["audit"]
+    st.append([decision_record(x, "accept", predicted=x) for x in r["review"] + r["audit"]],
+              source="people")
+    (data,) = _usable(st, audit_share=0.05).values()
+    job2 = {o.item_id: o for o in data if o.item_id in {x["item_id"] for x in items}}
+    audited = {x["item_id"] for x in r["audit"]}
+    assert len(job2) == len(r["review"]) + len(r["audit"])
+    for iid, o in job2.items():
+        want = iid in audited or C.audit_unit("j2", iid) < 0.05
+        assert o.sampled == want
+    assert 0 < sum(o.sampled for o in job2.values()) < len(job2) / 5
+    assert all(o.sampled for o in data if o.item_id not in job2)   # unrouted reviews: all
+    assert all(o.unit and o.unit.startswith("/img/") for o in data)   # images as units
+
+
 def test_route_with_too_few_reviews_auto_accepts_nothing(tmp_path):
     from pipelines.routing import Routing, route
 
