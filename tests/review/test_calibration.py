@@ -209,7 +209,7 @@ def test_population_precision_and_the_reported_bound_hold_after_selection():
     threshold that was selected), in all but at most 21 draws each. Nominal failure rate 0.05:
     binom.cdf(21, 300, 0.1) = 0.046, so a true rate of 2x nominal fails this with probability
     0.95 (binom.sf(21, 300, 0.05) = 0.049 at exactly nominal; the seeds are fixed).
-    ~30 s on the 2-core VM, hence slow."""
+    9 s on the idle 2-core VM, ~70 s beside a full test run, hence slow."""
     target, conf, draws, limit = 0.8, 0.95, 300, 21
     fails = below_lower = chosen = 0
     for d in range(draws):
