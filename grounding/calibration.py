@@ -17,21 +17,59 @@ Scores are per answer (a row of a job). For the usual one-box answer that is the
 multi-box answer is right only when all its boxes are, which is what auto-accepting the row
 needs. Boxes are xyxy pixels of the original image.
 
-Fitting (`fit`): the reviews of a key are split by a hash of ``item_id`` (stable across refits
-and processes) into a fitting part and a held-out part (default half). Isotonic regression or
-Platt scaling (scikit-learn) is fitted on the first; expected calibration error before and
-after, the reliability table, and the threshold choice all use only the held-out part.
+Fitting (`fit`): a key's reviews are split by the image they belong to
+(`grounding.labels.image_unit`, the same hash as the retraining gate's split, stable across
+refits and processes): every expression of one image lands on the same side. Isotonic
+regression or Platt scaling (scikit-learn) is fitted on the first part; expected calibration
+error before and after and the reliability table use only the held-out part. The calibrated
+score is what people see (the Label Studio sort key, the report's reliability diagram, a job's
+``calibrated_score``); routing does not use it.
 
-Routing (`choose_threshold`): the auto-accept threshold on the calibrated score is the lowest
-point of a fixed grid whose held-out rows above it have a one-sided lower confidence bound on
-precision (Clopper-Pearson, or Wilson) of at least the target. The grid is walked from the top
-and the walk stops at the first point that fails (fixed-sequence testing, as in Learn-then-Test),
-so trying many thresholds does not spend the confidence level. The walk starts where at least
-`START` of the held-out rows (and never fewer than can pass at all) lie above the threshold: a
-first test on a handful of top rows would end the walk on their luck alone. Which thresholds are
-tested depends on the scores only, never on whether the rows were right. The guarantee holds for rows
-drawn like the reviewed ones; the audit share in `pipelines.review` measures whether they were.
-With too few held-out reviews no threshold can pass, and `reviews_needed` says how many more.
+Routing (`choose_threshold`) is on the RAW score, with every usable review in the bound
+stream (`Calibration.review_scores`): isotonic calibration is monotone, so a calibrated
+threshold is a raw threshold chosen on half the reviews, and it only cost power. The
+auto-accept threshold is the lowest point of a grid whose reviewed rows above it pass a
+one-sided test of "precision <= target" at level 1 - confidence. The grid is walked from the
+top and stops at the first point that fails (fixed-sequence testing, as in Learn-then-Test,
+Angelopoulos et al. 2021), so trying many thresholds does not spend the confidence level.
+
+The unit is the image, not the row: the expressions of one image are right or wrong together
+more often than independent rows would be. The test at a threshold ``t`` and target ``mu``
+takes, per image ``i`` (in a fixed hash order), ``n_i`` reviewed rows above ``t`` of which
+``h_i`` were right, and the bounded score ``X_i = mu + (h_i - mu * n_i) / M`` (``M`` the most
+rows of one image above ``t``), whose mean exceeds ``mu`` exactly when the row-weighted
+precision over images does. It rejects when the running maximum of a mixture of betting
+martingales (Waudby-Smith & Ramdas 2024, "Estimating means of bounded random variables by
+betting", JRSS-B; for single-row images each bet is the likelihood ratio of a Bernoulli
+alternative, so the mixture is Robbins' (1970) mixture sequential probability ratio test,
+uniform prior on the alternative) reaches ``1 / (1 - confidence)`` (Ville's inequality). It
+needs images drawn independently, not rows.
+
+Which promise (`Threshold`):
+
+* default, **population precision**: with probability >= confidence (over the reviews), the
+  precision of rows drawn like the reviewed ones above the threshold is >= target. Post
+  selection, this is the whole statement: the walk's threshold comes with ``lower = target``,
+  a valid lower bound after selection; the point estimate at the threshold is reported as an
+  estimate, not as a bound.
+* ``per_job=True``: the realised precision of *this job's* auto-accepted rows is >= target
+  with probability >= confidence (over the reviews and the job's outcomes), given how many they
+  are and how they spread over images. The level is split: the walk tests population
+  precision >= target + slack at half of it, and the slack is Hoeffding's deviation of the
+  job's own hits over its images (``sqrt(log(2/alpha) * sum n_i^2 / 2) / sum n_i``, ``n_i``
+  the job's rows of image ``i`` above the threshold) at the other half. Both assume the job's
+  rows are drawn like the reviewed ones (same model, prompt and kind of images).
+
+A start that does not feed back: the walk's grid is the quantiles of the job's own raw scores
+(or, without a job, of the reviewed scores) and it starts at the first grid point with
+`START` of those rows above it and enough reviewed rows to pass at all, so which thresholds
+are tested never depends on whether rows were right, nor on which rows an earlier routing
+sent to people. A job routed with auto-accept sends its low-score rows to people and audits
+only a share of the rest; its reviews enter the bound stream only where they are a uniform
+sample of the job (`Outcome.sampled`, set by `pipelines.routing`: audited rows, and the
+reviewed rows whose `audit_unit` falls below the same audit share), so the stream stays drawn
+like the jobs. With too few reviews no threshold can pass, and `reviews_needed` says how many
+more.
 """
 
 from __future__ import annotations
@@ -48,11 +86,12 @@ IOU_HIT = 0.5
 MIN_FIT = 30          # reviews in the fitting part (both outcomes present) before fitting at all
 HOLDOUT = 0.5         # share of a key's reviews held out for ECE and the threshold
 BINS = 10             # equal-width bins of the reliability table and ECE
-GRID = 200            # threshold grid 1.0, 0.995, ..., 0.005 on the calibrated score
-START = 0.1           # the walk's first test covers at least this share of the held-out rows
+GRID = 200            # threshold grid: quantiles 1/GRID, 2/GRID, ... of the job's raw scores
+START = 0.1           # the walk's first test covers at least this share of the job's rows
+MIX = 40              # alternatives in the betting mixture (uniform prior on (mu, 1))
 
 Method = Literal["isotonic", "platt"]
-Bound = Literal["clopper-pearson", "wilson"]
+Bound = Literal["betting", "clopper-pearson", "wilson"]
 
 
 class Key(BaseModel, frozen=True):
@@ -78,6 +117,14 @@ class Outcome(BaseModel, frozen=True):
     key: Key
     score: float
     hit: bool
+    unit: str | None = Field(None, description="The image it belongs to (`grounding.labels"
+                             ".image_key`); None = an image of its own.")
+    sampled: bool = Field(True, description="Counts in the threshold's bound stream: False for "
+                          "a row people reviewed because routing sent it to them, outside the "
+                          "uniform audit sample (module docstring).")
+
+    def image(self) -> str:
+        return self.unit or f"item:{self.item_id}"
 
 
 class Calibration(BaseModel):
@@ -100,6 +147,12 @@ class Calibration(BaseModel):
     holdout: float = Field(HOLDOUT, description="Share of the key's reviews held out.")
     holdout_scores: list[float] = Field(description="Raw scores of the held-out reviews.")
     holdout_hits: list[bool] = Field(description="Whether each held-out prediction was right.")
+    review_scores: list[float] = Field(default_factory=list, description="Raw scores of every "
+                                       "usable review in the bound stream (routing's evidence; "
+                                       "empty in calibrations fitted before it existed: then "
+                                       "the held-out part is used).")
+    review_hits: list[bool] = Field(default_factory=list, description="... right or not.")
+    review_units: list[str] = Field(default_factory=list, description="... their images.")
     store: str | None = Field(None, description="Reviewed-label store it came from.")
     store_version: int | None = Field(None, description="Store version it was fitted on.")
     fitted_at: str = Field(description="ISO 8601, UTC.")
@@ -202,15 +255,29 @@ def outcomes(records: Iterable[dict]) -> list[Outcome]:
     for r in records:
         hit, key = outcome(r), key_of(r)
         if hit is not None and key is not None:
+            from grounding.labels import image_key
+
             out.append(Outcome(item_id=r["item_id"], key=key, score=float(r["predicted_score"]),
-                               hit=hit))
+                               hit=hit, unit=image_key(r.get("image"))))
     return out
 
 
-def held_out(item_id: str, share: float = HOLDOUT) -> bool:
-    """Whether an item's reviews are held out: a hash of the id, the same in every process."""
-    h = int(hashlib.sha256(f"calibration\x00{item_id}".encode()).hexdigest()[:8], 16)
-    return h / 0xFFFFFFFF < share
+def held_out(o: Outcome | str, share: float = HOLDOUT) -> bool:
+    """Whether a review is held out: `grounding.labels.image_unit` of its image (of the item
+    when it has none, or when given an item_id), the same split as the retraining gate's."""
+    from grounding.labels import image_unit
+
+    if isinstance(o, str):
+        return image_unit({"item_id": o}) < share
+    return image_unit({"image": o.unit, "item_id": o.item_id}) < share
+
+
+def audit_unit(job_id: str | None, item_id: str) -> float:
+    """Where a job's row falls in [0, 1) for the audit sample (`pipelines.routing.route`
+    audits the auto rows lowest on it; the reviews of a routed job below the audit share on it
+    are the bound stream's uniform sample)."""
+    h = hashlib.sha256(f"audit\x00{job_id or ''}\x00{item_id}".encode()).hexdigest()
+    return int(h[:15], 16) / float(16 ** 15)
 
 
 # ---------------------------------------------------------------------------------- fitting
@@ -236,8 +303,9 @@ def fit(data: list[Outcome], method: Method = "isotonic", holdout: float = HOLDO
     key = data[0].key
     if any(o.key != key for o in data):
         raise ValueError("fit one key at a time (model + adapter + prompt version)")
-    fit_part = [o for o in data if not held_out(o.item_id, holdout)]
-    hold = [o for o in data if held_out(o.item_id, holdout)]
+    fit_part = [o for o in data if not held_out(o, holdout)]
+    hold = [o for o in data if held_out(o, holdout)]
+    stream = [o for o in data if o.sampled]
     hits = {o.hit for o in fit_part}
     if len(fit_part) < min_fit or len(hits) < 2:
         need = max(math.ceil(min_fit / (1 - holdout)) - len(data), 1)
@@ -262,7 +330,10 @@ def fit(data: list[Outcome], method: Method = "isotonic", holdout: float = HOLDO
     return Calibration(id=f"cal-{stamp:%Y%m%d-%H%M%S}-{digest}", key=key, method=method,
                        n_fit=len(fit_part), holdout=holdout,
                        holdout_scores=[o.score for o in hold],
-                       holdout_hits=[o.hit for o in hold], store=store,
+                       holdout_hits=[o.hit for o in hold],
+                       review_scores=[o.score for o in stream],
+                       review_hits=[o.hit for o in stream],
+                       review_units=[o.image() for o in stream], store=store,
                        store_version=store_version,
                        fitted_at=stamp.isoformat(timespec="seconds"), **params)
 
@@ -293,12 +364,73 @@ def reliability(p: list[float], y: list[bool], bins: int = BINS) -> list[dict]:
 # ---------------------------------------------------------------------------------- routing
 
 
+def _log_mixture(x, mu: float, side: Literal["above", "below"] = "above",
+                 mix: int = MIX):
+    """Running log capital of a mixture of betting martingales on ``x`` (values in [0, 1],
+    in a fixed order) against mean ``mu``: "above" gathers evidence that the mean exceeds
+    ``mu``, "below" that it falls short. Each bet ``1 + lam (x - mu)`` (or ``(mu - x)``) with
+    ``lam`` such that, for a Bernoulli ``x``, it is the likelihood ratio of an alternative
+    ``p1`` against ``mu``; ``p1`` takes ``mix`` evenly spaced values on (mu, 1) or (0, mu) and
+    the capital is their average. Under the null each is a nonnegative supermartingale, so
+    is the average, and P(its maximum ever reaches 1/alpha) <= alpha (Ville)."""
+    import numpy as np
+
+    x = np.asarray(x, float)
+    if not len(x):
+        return np.zeros(0)
+    k = (np.arange(mix) + 0.5) / mix
+    if side == "above":
+        p1 = mu + (1 - mu) * k
+        lam = (p1 - mu) / (mu * (1 - mu))
+        d = x - mu
+    else:
+        p1 = mu * k
+        lam = (mu - p1) / (mu * (1 - mu))
+        d = mu - x
+    logk = np.cumsum(np.log1p(lam[:, None] * d[None, :]), axis=1)
+    top = logk.max(axis=0)
+    return top + np.log(np.exp(logk - top).mean(axis=0))
+
+
+def precision_evidence(n_i, h_i, mu: float, side: Literal["above", "below"] = "above") -> float:
+    """Largest log capital of the clustered test (module docstring) on per-image counts
+    ``n_i`` (rows, all > 0) and ``h_i`` (of which right), in the order given: evidence that
+    the row-weighted precision exceeds (``above``) or falls short of (``below``) ``mu``."""
+    import numpy as np
+
+    n_i, h_i = np.asarray(n_i, float), np.asarray(h_i, float)
+    if not len(n_i) or not 0.0 < mu < 1.0:
+        return 0.0
+    x = mu + (h_i - mu * n_i) / n_i.max()
+    return float(max(0.0, _log_mixture(x, mu, side).max()))
+
+
 def lower_bound(k: int, n: int, confidence: float = 0.95,
                 method: Bound = "clopper-pearson") -> float:
-    """One-sided lower confidence bound on a proportion from ``k`` successes in ``n``."""
+    """One-sided lower confidence bound on a proportion from ``k`` successes in ``n``
+    (``betting``: the smallest ``mu`` the mixture test above does not reject from its final
+    capital, rows taken as images of their own; ``clopper-pearson``: exact; ``wilson``)."""
     if n <= 0:
         return 0.0
     alpha = 1.0 - confidence
+    if method == "betting":
+        import numpy as np
+
+        # the final capital of the mixture on k ones and n - k zeros (order-free)
+        def final(mu):
+            kk = (np.arange(MIX) + 0.5) / MIX
+            p1 = mu + (1 - mu) * kk
+            lr = k * np.log(p1 / mu) + (n - k) * np.log((1 - p1) / (1 - mu))
+            top = lr.max()
+            return top + np.log(np.exp(lr - top).mean())
+
+        lo, hi = 1e-9, k / n
+        if k == 0 or final(lo) < math.log(1 / alpha):
+            return 0.0
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if final(mid) >= math.log(1 / alpha) else (lo, mid)
+        return lo
     if method == "clopper-pearson":
         from scipy.stats import beta
 
@@ -317,9 +449,20 @@ def upper_bound(k: int, n: int, confidence: float = 0.95,
     return 1.0 - lower_bound(n - k, n, confidence, method) if n > 0 else 1.0
 
 
-def min_holdout(target: float, confidence: float = 0.95,
-                method: Bound = "clopper-pearson") -> int:
-    """Fewest held-out rows above a threshold that could ever show ``target`` (all hits)."""
+def min_holdout(target: float, confidence: float = 0.95, method: Bound = "betting") -> int:
+    """Fewest reviewed rows above a threshold that could ever show ``target`` (all right, one
+    image each)."""
+    if method == "betting":
+        import numpy as np
+
+        kk = (np.arange(MIX) + 0.5) / MIX
+        step = np.log((target + (1 - target) * kk) / target)
+        need = math.log(1 / (1 - confidence))
+        for n in range(1, 1_000_000):
+            v = n * step
+            if v.max() + math.log(np.exp(v - v.max()).mean()) >= need:
+                return n
+        raise ValueError(f"precision target {target} is out of reach")
     n = 1
     while lower_bound(n, n, confidence, method) < target:
         n += 1
@@ -328,72 +471,155 @@ def min_holdout(target: float, confidence: float = 0.95,
     return n
 
 
+def job_slack(n_i, confidence: float) -> float:
+    """Hoeffding's one-sided deviation of a job's realised precision from its rows' expected
+    precision, at ``confidence``, for ``n_i`` rows per image (each image's hits in [0, n_i])."""
+    import numpy as np
+
+    n_i = np.asarray(n_i, float)
+    if not n_i.sum():
+        return 0.0
+    return math.sqrt(math.log(1 / (1 - confidence)) * float((n_i ** 2).sum()) / 2) / n_i.sum()
+
+
 class Threshold(BaseModel):
     """The auto-accept decision for one calibration and target."""
 
     target: float = Field(description="Precision the auto-accepted rows must reach.")
-    confidence: float = Field(description="Confidence level of the lower bound.")
+    confidence: float = Field(description="Confidence level of the promise.")
     bound: Bound
-    threshold: float | None = Field(description="Auto-accept rows whose calibrated score is at "
+    on: Literal["raw", "calibrated"] = Field("raw", description="Which score the threshold is "
+                                             "on: the raw score (routing since #29).")
+    per_job: bool = Field(False, description="The promise is about this job's realised "
+                          "precision (else: population precision, module docstring).")
+    threshold: float | None = Field(description="Auto-accept rows whose raw score is at "
                                     "least this; None = auto-accept nothing.")
-    n: int = Field(0, description="Held-out rows at or above the threshold.")
+    n: int = Field(0, description="Reviewed rows (bound stream) at or above the threshold.")
     hits: int = Field(0, description="... of which were right.")
-    lower: float | None = Field(None, description="Lower confidence bound of their precision.")
+    images: int = Field(0, description="... on this many images.")
+    estimate: float | None = Field(None, description="hits / n: a point estimate, not a bound.")
+    lower: float | None = Field(None, description="A lower bound on the promised precision that "
+                                "is valid after the threshold was selected: the target itself "
+                                "(fixed-sequence testing); None when nothing passed.")
+    slack: float = Field(0.0, description="per_job: the finite-job margin added to the target "
+                         "in the test at the threshold.")
+    job_rows: int | None = Field(None, description="The job's rows at or above the threshold.")
     needed: int = Field(0, description="More reviews needed before anything can pass (0: none).")
     reason: str = Field("", description="Why nothing is auto-accepted, when it is not.")
 
 
+def _order(units: list[str]):
+    """Image index of each review, numbered in a fixed hash order of the images (independent of
+    whether rows were right)."""
+    import numpy as np
+
+    names = sorted(set(units), key=lambda u: hashlib.sha256(u.encode()).hexdigest())
+    pos = {u: i for i, u in enumerate(names)}
+    return np.array([pos[u] for u in units], int), len(names)
+
+
 def choose_threshold(cal: Calibration, target: float, confidence: float = 0.95,
-                     bound: Bound = "clopper-pearson", holdout: float | None = None,
-                     grid: int = GRID) -> Threshold:
-    """The lowest grid threshold whose held-out precision bound reaches ``target`` (module
-    docstring). With none, ``threshold`` is None and ``reason``/``needed`` say why (``holdout``:
-    the share of new reviews that will be held out; default: the calibration's)."""
-    holdout = cal.holdout if holdout is None else holdout
+                     bound: Bound = "betting", holdout: float | None = None,
+                     grid: int = GRID, *, job_scores=None, job_units=None,
+                     per_job: bool = False) -> Threshold:
+    """The lowest raw-score threshold of the walk (module docstring) whose reviewed rows above
+    it pass the test of precision > ``target`` (``per_job``: > target + the job's slack).
+
+    ``job_scores`` (and ``job_units``, their images): the raw scores of the job being routed;
+    they fix the grid and the start, and ``per_job`` needs them. ``bound``: ``betting`` (the
+    clustered test; default) or ``clopper-pearson``/``wilson`` (rows taken as independent).
+    ``holdout`` is accepted for old callers and unused: every review in the stream counts.
+    With none passing, ``threshold`` is None and ``reason``/``needed`` say why."""
+    import numpy as np
+
+    del holdout
     if not 0.0 < target < 1.0:
         raise ValueError(f"precision target must be in (0, 1), got {target}")
-    p, y = cal.holdout_calibrated(), cal.holdout_hits
-    m0 = min_holdout(target, confidence, bound)
-    start = max(m0, math.ceil(START * len(p)))
-    base = Threshold(target=target, confidence=confidence, bound=bound, threshold=None)
-    if len(p) < m0:
-        more = math.ceil((m0 - len(p)) / holdout)
+    if per_job and job_scores is None:
+        raise ValueError("per_job needs the job's scores (job_scores)")
+    if cal.review_scores:
+        s, y, u = cal.review_scores, cal.review_hits, cal.review_units
+    else:  # fitted before the stream was stored: the held-out part, rows as images
+        s, y = cal.holdout_scores, cal.holdout_hits
+        u = [f"row:{i}" for i in range(len(s))]
+    s, y = np.asarray(s, float), np.asarray(y, bool)
+    idx, n_units = _order(list(u)) if len(u) else (np.zeros(0, int), 0)
+    alpha = 1.0 - confidence
+    a_test = alpha / 2 if per_job else alpha
+    m0 = min_holdout(target, 1.0 - a_test, bound)
+    base = Threshold(target=target, confidence=confidence, bound=bound, threshold=None,
+                     per_job=per_job)
+    if len(s) < m0:
+        more = m0 - len(s)
         return base.model_copy(update={
-            "needed": more, "reason": f"{len(p)} held-out review(s); {m0} right answers above "
+            "needed": more, "reason": f"{len(s)} usable review(s); {m0} right answers above "
             f"a threshold are the least that can show precision >= {target} at "
             f"{confidence:.0%} confidence, so at least {more} more review(s) are needed"})
-    best = None
-    best_fail = None
-    for i in range(grid, 0, -1):
-        t = i / grid
-        above = [j for j, v in enumerate(p) if v >= t - 1e-12]
-        if len(above) < start:
-            continue  # too few rows for a first test: not a step of the sequence
-        k = sum(bool(y[j]) for j in above)
-        lb = lower_bound(k, len(above), confidence, bound)
-        if lb < target:
-            best_fail = (t, k, len(above), lb)
+    if job_scores is not None:
+        js = np.asarray([np.nan if v is None else v for v in job_scores], float)
+        ju = (list(job_units) if job_units is not None else [f"row:{i}" for i in range(len(js))])
+        keep = np.isfinite(js)
+        js, ju = js[keep], [v for v, k in zip(ju, keep, strict=True) if k]
+        jidx, _ = _order(ju) if ju else (np.zeros(0, int), 0)
+        ref = js
+    else:
+        ref = s
+    if not len(ref):
+        return base.model_copy(update={"reason": "the job has no scored rows"})
+    desc = np.sort(ref)[::-1]
+    cand = [float(desc[max(0, math.ceil(i / grid * len(desc)) - 1)]) for i in range(1, grid + 1)]
+    cand = list(dict.fromkeys(cand))  # unique, highest first
+    log_need = math.log(1 / a_test)
+    best = fail = None
+    started = False
+    for t in cand:
+        above = s >= t - 1e-12
+        if not started:
+            if (ref >= t - 1e-12).mean() < START or above.sum() < m0:
+                continue  # not a step of the sequence: too few rows for a first test
+            started = True
+        n, k = int(above.sum()), int(y[above].sum())
+        mu, slack, jn = target, 0.0, None
+        if job_scores is not None:
+            jab = js >= t - 1e-12
+            jn = int(jab.sum())
+            if per_job:
+                slack = job_slack(np.bincount(jidx[jab]), 1 - a_test) if jn else 0.0
+                mu = target + slack
+        n_i = np.bincount(idx[above], minlength=n_units)
+        h_i = np.bincount(idx[above], weights=y[above].astype(float), minlength=n_units)
+        nz = n_i > 0
+        if mu >= 1.0:
+            ok = False
+        elif bound == "betting":
+            ok = precision_evidence(n_i[nz], h_i[nz], mu) >= log_need
+        else:
+            ok = lower_bound(k, n, 1.0 - a_test, bound) >= mu
+        step = {"threshold": t, "n": n, "hits": k, "images": int(nz.sum()),
+                "estimate": k / n if n else None, "slack": slack, "job_rows": jn}
+        if not ok:
+            fail = step
             break  # fixed sequence: the first failure ends the walk
-        best = (t, k, len(above), lb)
+        best = step
     if best is None:
-        if best_fail is None:
-            more = math.ceil(m0 / holdout)
+        if fail is None:
+            more = m0
             return base.model_copy(update={
-                "needed": more, "reason": f"fewer than {m0} held-out reviews share any "
-                f"calibrated score; at least {more} more review(s) are needed"})
-        t, k, n, lb = best_fail
-        return base.model_copy(update={
-            "n": n, "hits": k, "lower": lb, "reason": f"no threshold reaches precision {target}: "
-            f"the most confident {n} held-out rows (calibrated >= {t:.3f}) had {k} right, lower "
-            f"bound {lb:.3f} at {confidence:.0%} confidence"})
-    t, k, n, lb = best
-    return base.model_copy(update={"threshold": t, "n": n, "hits": k, "lower": lb})
+                "needed": more, "reason": f"fewer than {m0} reviews lie above any threshold "
+                f"the walk could start at; at least {more} more review(s) are needed"})
+        extra = f" (+ {fail['slack']:.3f} for this job's {fail['job_rows']} rows)" if per_job else ""
+        return base.model_copy(update={k: v for k, v in fail.items() if k != "threshold"} | {
+            "reason": f"no threshold reaches precision {target}{extra}: the walk's first test, "
+            f"the {fail['n']} reviewed rows on {fail['images']} images with raw score >= "
+            f"{fail['threshold']:.3f}, had {fail['hits']} right: not enough evidence at "
+            f"{confidence:.0%} confidence"})
+    return base.model_copy(update=best | {"lower": target})
 
 
 def reviews_needed(have: int, target: float, confidence: float = 0.95,
-                   bound: Bound = "clopper-pearson", holdout: float = HOLDOUT,
+                   bound: Bound = "betting", holdout: float = HOLDOUT,
                    min_fit: int = MIN_FIT) -> int:
-    """More reviews (at least) before a key can be fitted and routed at ``target``."""
-    total = max(math.ceil(min_fit / (1 - holdout)),
-                math.ceil(min_holdout(target, confidence, bound) / holdout))
+    """More reviews (at least) before a key can be fitted and routed at ``target`` (the fit
+    needs ``min_fit`` outside the held-out images; the bound counts every review)."""
+    total = max(math.ceil(min_fit / (1 - holdout)), min_holdout(target, confidence, bound))
     return max(0, total - have)

@@ -10,8 +10,9 @@ What it shows:
 * with ``--registry``: per model + adapter + prompt version of the rows, its calibration
   (`grounding.calibration`): expected calibration error of the raw and the calibrated score and
   a reliability diagram, both on the calibration's HELD-OUT reviews (never those it was fitted
-  on); with ``--store`` too: the audit of auto-accepted rows (realised precision against the
-  target, with an alarm when it is below);
+  on); with ``--store`` too: the audit of auto-accepted rows per calibration (realised
+  precision against the target, with an alarm when the sequential test of
+  `pipelines.routing.audit` says it is below at the stated confidence);
 * thumbnails of the least confident labeled rows (``unparseable`` / ``empty`` first, then the
   lowest ``score``): the model's boxes in red with their scores, the reviewed label (if given) or
   else the row's true box in green.
@@ -416,6 +417,9 @@ def _audit_view(audits: list[dict] | None) -> list[dict] | None:
     return [{"target": _fmt(a["target"], 2), "audited": a["audited"], "right": a["right"],
              "precision": _fmt(a["precision"]),
              "interval": "-" if a["lower"] is None else f"{a['lower']:.3f}-{a['upper']:.3f}",
+             "calibration": a.get("calibration") or "-",
+             "evidence": _fmt(a.get("evidence"), 1),
+             "confidence": f"{a.get('confidence', 0.95):.0%}",
              "alarm": a["alarm"]} for a in audits]
 
 

@@ -130,26 +130,229 @@ def test_lower_bounds_agree_with_scipy():
         assert C.lower_bound(k, n, 0.95) == pytest.approx(ci_exact.low, abs=1e-9)
         assert C.lower_bound(k, n, 0.95, "wilson") == pytest.approx(ci_wilson.low, abs=1e-9)
         assert C.upper_bound(k, n, 0.95) == pytest.approx(ci_exact.high, abs=1e-9)
-    assert C.min_holdout(0.95) == 59       # 0.95 ** 59 < 0.05 <= 0.95 ** 58
-    assert C.min_holdout(0.98) == 149
+    assert C.min_holdout(0.95, method="clopper-pearson") == 59   # 0.95**59 < 0.05 <= 0.95**58
+    assert C.min_holdout(0.98, method="clopper-pearson") == 149
+    # the clustered betting test (routing's default) needs more all-right rows: 88 at 0.95
+    assert C.min_holdout(0.95) == 88 and C.min_holdout(0.98) == 224
+    # its bound is a little below the exact one, and rejects what it should
+    for k, n in [(90, 100), (900, 1000)]:
+        lb = C.lower_bound(k, n, 0.95, "betting")
+        assert C.lower_bound(k, n) - 0.05 < lb < C.lower_bound(k, n)
 
 
-def test_threshold_keeps_its_promise_over_many_draws():
-    """The set chosen for 0.8 has true precision >= 0.8 in (about) 95 % of draws or more."""
-    target, fails, chosen = 0.8, 0, 0
-    rng = np.random.default_rng(0)
-    big = rng.random(400_000) ** 0.3
-    for seed in range(60):
-        cal = C.fit(_draw(1000, seed=100 + seed))
-        thr = C.choose_threshold(cal, target)
-        if thr.threshold is None:
+# ------------------------------------------------- guarantees, in simulation (issue #29)
+#
+# The clustered world: images of M = 5 expressions; raw scores s = U**0.3 (U uniform), P(right
+# | s) = s**3, and the rows of one image right or wrong together through a Gaussian copula with
+# latent correlation RHO = 0.5. Its population precision above a raw threshold t is exact:
+# with u0 = t**(1/0.3), E[U**0.9 | U >= u0] = (1 - u0**1.9) / (1.9 (1 - u0)).
+#
+# Each test runs DRAWS = 150 independent worlds at confidence 0.9 (nominal failure rate 0.1)
+# and fails when more than LIMIT = 22 break the promise: scipy.stats.binom.cdf(22, 150, 0.2) =
+# 0.059, so a true failure rate of 2x nominal (0.2) fails the test with probability 0.94; a
+# method exactly at nominal fails it with probability binom.sf(22, 150, 0.1) = 0.026 (the
+# seeds are fixed: the outcome is the same on every run).
+
+M, RHO, CONF, DRAWS, LIMIT = 5, 0.5, 0.9, 150, 22
+
+
+def _world(n_images: int, rng, tag: str):
+    """Scores, hits and image ids of ``n_images`` images of the clustered world."""
+    from scipy.stats import norm
+
+    n = n_images * M
+    s = rng.random(n) ** 0.3
+    z = (math.sqrt(RHO) * np.repeat(rng.standard_normal(n_images), M)
+         + math.sqrt(1 - RHO) * rng.standard_normal(n))
+    hit = z < norm.ppf(np.clip(_truth(s), 1e-12, 1 - 1e-12))
+    units = [f"{tag}/img{i}" for i in np.repeat(np.arange(n_images), M)]
+    return s, hit, units
+
+
+def _outcomes(s, hit, units, tag: str, sampled=None) -> list[C.Outcome]:
+    return [C.Outcome(item_id=f"{tag}-{i}", key=KEY, score=float(v), hit=bool(h), unit=u,
+                      sampled=True if sampled is None else bool(sampled[i]))
+            for i, (v, h, u) in enumerate(zip(s, hit, units, strict=True))]
+
+
+def _population_precision(t: float) -> float:
+    u0 = min(1.0, max(0.0, t) ** (1 / 0.3))
+    return 1.0 if u0 >= 1.0 else (1 - u0 ** 1.9) / (1.9 * (1 - u0))
+
+
+def _choose(cal, target, conf=CONF, **kw):
+    """`choose_threshold` with the keywords this version of it knows (so the test also runs,
+    and fails, on the code before #29)."""
+    import inspect
+
+    known = inspect.signature(C.choose_threshold).parameters
+    return C.choose_threshold(cal, target, conf, **{k: v for k, v in kw.items() if k in known})
+
+
+def _raw_cut(cal, thr) -> float | None:
+    """The raw score above which ``thr`` auto-accepts (a calibrated threshold is a raw one:
+    calibration is monotone)."""
+    if thr.threshold is None:
+        return None
+    if getattr(thr, "on", "calibrated") == "raw":
+        return thr.threshold
+    grid = np.linspace(0, 1, 200_001)
+    ok = cal(grid) >= thr.threshold - 1e-12
+    return float(grid[np.argmax(ok)]) if ok.any() else None
+
+
+@pytest.mark.slow
+def test_population_precision_and_the_reported_bound_hold_after_selection():
+    """At confidence 0.95, over 300 worlds of 1,000 reviews (200 images of 5) and a 2,000-row
+    job: the rows above the chosen threshold have population precision >= 0.8 (the promise),
+    and >= the reported ``lower`` (shown as ``precision_lower_bound``, which must hold for the
+    threshold that was selected), in all but at most 21 draws each. Nominal failure rate 0.05:
+    binom.cdf(21, 300, 0.1) = 0.046, so a true rate of 2x nominal fails this with probability
+    0.95 (binom.sf(21, 300, 0.05) = 0.049 at exactly nominal; the seeds are fixed).
+    9 s on the idle 2-core VM, ~70 s beside a full test run, hence slow."""
+    target, conf, draws, limit = 0.8, 0.95, 300, 21
+    fails = below_lower = chosen = 0
+    for d in range(draws):
+        rng = np.random.default_rng(1000 + d)
+        s, hit, units = _world(200, rng, f"p{d}")
+        job, _, junits = _world(400, rng, f"pj{d}")
+        cal = C.fit(_outcomes(s, hit, units, f"p{d}"))
+        thr = _choose(cal, target, conf, job_scores=job, job_units=junits)
+        cut = _raw_cut(cal, thr)
+        if cut is None:
             continue
         chosen += 1
-        above = big[cal(big) >= thr.threshold - 1e-12]
-        fails += _truth(above).mean() < target   # the true precision of what it accepts
-        assert thr.lower >= target and thr.n >= C.min_holdout(target)
-    assert chosen >= 50          # it does accept something nearly every time ...
-    assert fails <= 6            # ... and breaks the promise at most ~5 % of the time (+ slack)
+        assert thr.lower is not None and thr.lower >= target
+        fails += _population_precision(cut) < target
+        below_lower += _population_precision(cut) < thr.lower
+    assert fails <= limit, f"{fails} of {draws} draws below the target"
+    assert below_lower <= limit, f"{below_lower} of {draws} draws below the reported bound"
+    assert chosen >= draws * 0.8      # ... and it does auto-accept something nearly every time
+
+
+@pytest.mark.slow
+def test_per_job_precision_is_kept_for_a_200_row_job():
+    """``per_job``: this job's own auto-accepted rows are >= the target right, in all but at
+    most LIMIT of DRAWS draws of 2,000 reviews + a 200-row job (40 images of 5; 2x nominal
+    fails with probability 0.94). The population promise does not give this (issue #29 (a):
+    8-18 % of 200-row jobs fell below at 95 %), nor did the code before #29. The finite-job
+    margin is Hoeffding's over images (valid whatever the within-image correlation), so in
+    this world it auto-accepts little: the price of promising a small clustered job."""
+    target, fails, chosen = 0.6, 0, 0
+    for d in range(DRAWS):
+        rng = np.random.default_rng(3000 + d)
+        s, hit, units = _world(400, rng, f"j{d}")
+        job, jhit, junits = _world(40, rng, f"jj{d}")
+        cal = C.fit(_outcomes(s, hit, units, f"j{d}"))
+        thr = _choose(cal, target, job_scores=job, job_units=junits, per_job=True)
+        cut = _raw_cut(cal, thr)
+        if cut is None or not (job >= cut - 1e-12).any():
+            continue
+        chosen += 1
+        fails += jhit[job >= cut - 1e-12].mean() < target
+    assert fails <= LIMIT, f"{fails} of {DRAWS} jobs below the target"
+    assert chosen >= 3
+
+
+@pytest.mark.slow
+def test_five_routed_jobs_in_a_row_keep_their_share():
+    """The walk's start does not feed back. Reviews: 1,000 rows (200 images); then five
+    1,500-row jobs (300 images) are routed at 0.8 one after the other. People review what is
+    not auto-accepted, and an audit share (5 %) of what is; the bound stream takes the audited
+    rows and the reviewed rows below the same audit hash (`C.audit_unit`), as
+    `pipelines.routing` does. A draw fails when the fifth job auto-accepts less than half the
+    first job's share (before #29 the walk started among the low-score reviews and stopped:
+    issue #29 (d), 6.5 % -> 47 % of draws accepting nothing) or when any job's threshold has
+    population precision < 0.8. At most 4 of 20 such draws may fail: binom.cdf(4, 20, 0.4) =
+    0.051, so a failure rate of 0.4 fails the test with probability 0.95 (this is a check on
+    collapse, not on the nominal 10 % level, which the other tests check)."""
+    target, share, fails, draws = 0.8, 0.05, 0, 20
+    for d in range(draws):
+        rng = np.random.default_rng(4000 + d)
+        s, hit, units = _world(200, rng, f"f{d}")
+        data = _outcomes(s, hit, units, f"f{d}")
+        shares, bad = [], False
+        for j in range(5):
+            job, jhit, junits = _world(300, rng, f"f{d}j{j}")
+            cal = C.fit(data)
+            thr = _choose(cal, target, job_scores=job, job_units=junits)
+            cut = _raw_cut(cal, thr)
+            auto = job >= cut - 1e-12 if cut is not None else np.zeros(len(job), bool)
+            shares.append(auto.mean())
+            bad |= cut is not None and _population_precision(cut) < target
+            tag = f"f{d}j{j}"
+            unit = np.array([C.audit_unit(tag, f"{tag}-{i}") if hasattr(C, "audit_unit")
+                             else random.Random(f"{tag}-{i}").random()
+                             for i in range(len(job))])
+            n_audit = math.ceil(share * auto.sum())
+            audited = np.zeros(len(job), bool)
+            if n_audit:
+                audited[np.flatnonzero(auto)[np.argsort(unit[auto])[:n_audit]]] = True
+            reviewed = ~auto | audited
+            routed = auto.any()
+            sampled = audited | (unit < share) if routed else np.ones(len(job), bool)
+            data += [o for o, r in zip(_outcomes(job, jhit, junits, tag, sampled), reviewed,
+                                       strict=True) if r]
+        fails += bad or shares[-1] < shares[0] / 2
+    assert fails <= 4, f"{fails} of {draws} draws collapsed or broke the promise"
+
+
+def _audited_store(tmp_path, groups: list[tuple[int, float]], target: float, seed: int):
+    """A store in which, per (rows, precision) of ``groups``, one calibration's auto-accepted
+    rows were audited by people: rows in images of two (latent correlation RHO), each right
+    with probability ``precision``."""
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(seed)
+    st = ReviewStore(str(tmp_path / "audits"))
+    autos, people = [], []
+    for g, (n, prec) in enumerate(groups):
+        z = (math.sqrt(RHO) * np.repeat(rng.standard_normal((n + 1) // 2), 2)[:n]
+             + math.sqrt(1 - RHO) * rng.standard_normal(n))
+        right = z < norm.ppf(prec)
+        for i in range(n):
+            p = item(f"/a/{g}/{i // 2}.png", f"thing {i}", [[0, 0, 10, 10]], width=40,
+                     height=40, score=0.99, model=KEY.model, prompt_version=KEY.prompt_version,
+                     job_id=f"job{g}", row_id=f"r{i}")
+            autos.append(decision_record(p, "auto", predicted=p, calibrated_score=0.99,
+                                         auto_precision=target, calibration=f"cal-{g:04d}"))
+            if right[i]:
+                people.append(decision_record(p, "accept", predicted=p))
+            else:
+                people.append(decision_record(dict(p, boxes=[[20, 20, 30, 30]]), "correct",
+                                              predicted=p))
+    st.append(autos, source="auto")
+    st.append(people, source="people")
+    return st
+
+
+def test_audit_alarm_false_alarm_rate_and_power_per_calibration(tmp_path):
+    """`pipelines.routing.audit`, per calibration id (never pooled), at confidence 0.9:
+
+    * DRAWS calibrations whose auto-accepted rows are right exactly at the target 0.9 (the
+      promise holds, at its edge), 40 audited rows each: at most LIMIT alarms (nominal 10 %;
+      binom.cdf(22, 150, 0.2) = 0.059, so a 20 % false-alarm rate fails with probability
+      0.94). The point-estimate alarm before #29 fired about half the time here, and pooled
+      every calibration of a target into one line.
+    * DRAWS calibrations whose rows are right 0.75 of the time, 150 audited rows each: at
+      most LIMIT miss the alarm (claimed power 0.9 at this size; a miss rate of 0.2 fails
+      with probability 0.94)."""
+    from pipelines.routing import audit
+
+    groups = [(40, 0.9)] * DRAWS + [(150, 0.75)] * DRAWS
+    st = _audited_store(tmp_path, groups, 0.9, seed=5)
+    out = audit(st, confidence=CONF)
+    assert len(out) == 2 * DRAWS, f"{len(out)} audit line(s) for {2 * DRAWS} calibrations"
+    by = {a["calibration"]: a for a in out}
+    null = [by[f"cal-{g:04d}"] for g in range(DRAWS)]
+    alt = [by[f"cal-{g:04d}"] for g in range(DRAWS, 2 * DRAWS)]
+    assert all(a["audited"] == 40 and a["images"] == 20 for a in null)
+    false_alarms = sum(a["alarm"] for a in null)
+    misses = sum(not a["alarm"] for a in alt)
+    print(f"false alarms {false_alarms}/{DRAWS}, missed alarms {misses}/{DRAWS}")
+    assert false_alarms <= LIMIT, f"{false_alarms} false alarms in {DRAWS}"
+    assert misses <= LIMIT, f"{misses} missed alarms in {DRAWS}"
+    assert all((a["evidence"] >= 1 / (1 - CONF)) == a["alarm"] for a in out)
 
 
 def test_threshold_refuses_with_too_few_or_too_poor_reviews():
@@ -160,7 +363,8 @@ def test_threshold_refuses_with_too_few_or_too_poor_reviews():
             for o in _draw(2000, seed=6)]
     thr = C.choose_threshold(C.fit(poor), 0.95)
     assert thr.threshold is None and thr.needed == 0 and "no threshold reaches" in thr.reason
-    assert C.reviews_needed(0, 0.95) == max(math.ceil(C.MIN_FIT / 0.5), math.ceil(59 / 0.5))
+    # every review counts in the bound now (raw-score routing), not only the held-out half
+    assert C.reviews_needed(0, 0.95) == max(math.ceil(C.MIN_FIT / 0.5), C.min_holdout(0.95))
     assert C.reviews_needed(10_000, 0.95) == 0
 
 
@@ -251,8 +455,11 @@ def test_route_auto_accepts_audits_and_sends_the_rest(tmp_path):
     (info,) = r["keys"]
     thr = info["threshold"]
     assert thr is not None and info["precision_lower_bound"] >= 0.8
-    assert r["auto"] and all(it["calibrated"] >= thr - 1e-12 for it in r["auto"])
-    assert all(it.get("calibrated") is None or it["calibrated"] < thr for it in r["review"])
+    # routing is on the raw score (#29); the calibrated one is still carried for people
+    assert info["threshold_on"] == "raw" and info["promise"] == "population"
+    assert r["auto"] and all(it["score"] >= thr - 1e-12 for it in r["auto"])
+    assert all(it["score"] < thr for it in r["review"])
+    assert all(it["calibrated"] is not None for it in r["auto"] + r["review"])
     assert len(r["auto"]) + len(r["review"]) == 400
     assert len(r["audit"]) == math.ceil(0.05 * len(r["auto"]))
     assert {id(x) for x in r["audit"]} <= {id(x) for x in r["auto"]}
@@ -267,6 +474,34 @@ def test_route_auto_accepts_audits_and_sends_the_rest(tmp_path):
     st.append(wrong, source="people")
     (a,) = audit(st)
     assert a["audited"] == len(r["audit"]) and a["precision"] == 0.0 and a["alarm"]
+
+
+def test_reviews_of_a_routed_job_enter_the_bound_only_as_a_uniform_sample(tmp_path):
+    """After a routed job, people review its low-score rows and the audited auto rows. Only
+    the audited rows and the reviewed rows below the audit hash count in the next threshold's
+    bound (issue #29 (d): all of them made the evidence mostly low-score rows)."""
+    from pipelines.routing import Routing, _usable, route
+
+    st, reg, _ = _review_world(tmp_path, 1200)
+    rng = random.Random(4)
+    items = [_pred(50_000 + i, rng.random() ** 0.3) for i in range(600)]
+    for it in items:
+        it["job_id"] = "j2"
+    r = route(items, Routing(auto_accept_precision=0.8, audit_share=0.05, registry=reg,
+                             store=st.uri), None, job_id="j2")
+    assert r["auto"] and r["audit"]
+    st.append([decision_record(x, "accept", predicted=x) for x in r["review"] + r["audit"]],
+              source="people")
+    (data,) = _usable(st, audit_share=0.05).values()
+    job2 = {o.item_id: o for o in data if o.item_id in {x["item_id"] for x in items}}
+    audited = {x["item_id"] for x in r["audit"]}
+    assert len(job2) == len(r["review"]) + len(r["audit"])
+    for iid, o in job2.items():
+        want = iid in audited or C.audit_unit("j2", iid) < 0.05
+        assert o.sampled == want
+    assert 0 < sum(o.sampled for o in job2.values()) < len(job2) / 5
+    assert all(o.sampled for o in data if o.item_id not in job2)   # unrouted reviews: all
+    assert all(o.unit and o.unit.startswith("/img/") for o in data)   # images as units
 
 
 def test_route_with_too_few_reviews_auto_accepts_nothing(tmp_path):

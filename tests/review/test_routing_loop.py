@@ -90,8 +90,13 @@ def test_calibrate_label_and_route_with_real_jobs(ray_local, tmp_path):
                "--auto-accept-precision", "0.7", "--registry", reg, "--store", store,
                "--audit-share", "0.1")
     (info,) = res["keys"]
-    assert info["threshold"] is not None and info["precision_lower_bound"] >= 0.7, info
-    assert res["auto_accepted"] > 0 and res["audited"] == -(-res["auto_accepted"] // 10)
+    # Whether the tiny model's 240 reviews vouch for 0.7 depends on its answers (this was
+    # flaky): either a raw-score threshold with the promise, or nothing and the reason why.
+    if info["threshold"] is None:
+        assert res["auto_accepted"] == 0 and res["audited"] == 0 and info["why"], info
+    else:
+        assert info["threshold_on"] == "raw" and info["precision_lower_bound"] == 0.7, info
+        assert res["auto_accepted"] > 0 and res["audited"] == -(-res["auto_accepted"] // 10)
     assert res["to_review"] + res["auto_accepted"] == 120
     tasks = json.loads((tmp_path / "tasks.json").read_text())
     assert len(tasks) == res["n"] == res["to_review"] + res["audited"]
@@ -103,15 +108,16 @@ def test_calibrate_label_and_route_with_real_jobs(ray_local, tmp_path):
         assert pred["model_version"] and d["calibrated_score"] is not None
         assert pred["score"] == d["calibrated_score"]           # Label Studio sorts by this
         assert all("score" in r for r in pred["result"])        # per-region raw scores
-        if d["route"] == "review":
-            assert d["calibrated_score"] < info["threshold"]
+        if d["route"] == "review" and info["threshold"] is not None:
+            assert d["score"] < info["threshold"]               # routing is on the raw score
     review_scores = [t["predictions"][0]["score"] for t in tasks if t["data"]["route"] == "review"]
     assert review_scores == sorted(review_scores)               # least confident first
     st = ReviewStore(store)
     autos = [r for r in st.history().to_pylist() if r["decision"] == "auto"]
-    assert len(autos) == res["auto_accepted"] and res["store_version"] == st.latest() == 2
-    assert all(r["calibrated_score"] >= info["threshold"] and r["auto_precision"] == 0.7
-               for r in autos)
+    assert len(autos) == res["auto_accepted"]
+    assert st.latest() == (2 if autos else 1) and res["store_version"] == (2 if autos else None)
+    assert all(r["predicted_score"] >= info["threshold"] and r["auto_precision"] == 0.7
+               and r["calibrated_score"] is not None for r in autos)
     assert not {r["item_id"] for r in autos} & {it["item_id"] for it in st.labels()}
     # the truth, which this test knows: how right were the auto-accepted rows?
     from grounding.boxes import Box
@@ -119,5 +125,5 @@ def test_calibrate_label_and_route_with_real_jobs(ray_local, tmp_path):
     gold = {r["row_id"]: r["gold"] for r in rows2}
     right = [Box.from_list(r["predicted_boxes"][0]).iou(Box.from_list(gold[r["row_id"]])) >= 0.5
              for r in autos]
-    print(f"auto-accepted {len(autos)}/120 at threshold {info['threshold']}: "
+    print(f"auto-accepted {len(autos)}/120 at raw threshold {info['threshold']}: "
           f"{sum(right)}/{len(right)} right")
