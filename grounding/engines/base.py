@@ -134,26 +134,20 @@ class EngineConfig(BaseModel):
         return self
 
     # ---- device-aware defaults: the one place they are derived -----------------------------
-    def image_tokens(self) -> int:
-        """Visual tokens of the largest image the processor lets through (``max_pixels``):
-        Qwen-VL processors resize to at most max_pixels in whole patch x merge cells, one
-        token per cell."""
-        from grounding.checkpoint import resize_spec
-
-        spec = resize_spec(self.model, self.min_pixels, self.max_pixels)
-        return spec.max_pixels // (spec.factor * spec.factor)
-
     def model_len(self) -> int:
         """``max_model_len`` as given, or derived from the checkpoint and the image budget.
         Raises ValueError when one image cannot fit (in the setting or in the checkpoint's
         positions), naming the flags that change it."""
-        from grounding.checkpoint import max_positions
+        from grounding.checkpoint import max_positions, resize_spec
 
-        image = self.image_tokens()
+        # Qwen-VL processors resize to at most max_pixels in whole patch x merge cells, one
+        # visual token per cell: the largest image the processor lets through.
+        spec = resize_spec(self.model, self.min_pixels, self.max_pixels)
+        image = spec.max_pixels // (spec.factor * spec.factor)
         need = image + _VISION_MARKERS + _MIN_PROMPT + self.max_new_tokens
         positions = max_positions(self.model)
         hint = ("lower --max-pixels (each visual token covers "
-                f"{self._cell()}x{self._cell()} px) or --max-new-tokens")
+                f"{spec.factor}x{spec.factor} px) or --max-new-tokens")
         if positions is not None and need > positions:
             raise ValueError(f"one image at max_pixels is {image} visual tokens: with a prompt "
                              f"and {self.max_new_tokens} answer tokens it needs {need}, more "
@@ -168,11 +162,6 @@ class EngineConfig(BaseModel):
         derived = image + _VISION_MARKERS + _TEXT_BUDGET + self.max_new_tokens
         derived = -(-derived // _LEN_STEP) * _LEN_STEP
         return derived if positions is None else min(derived, positions)
-
-    def _cell(self) -> int:
-        from grounding.checkpoint import resize_spec
-
-        return resize_spec(self.model, self.min_pixels, self.max_pixels).factor
 
     def resolved(self, device: Device | None = None) -> EngineConfig:
         """These settings with every derived default made concrete for ``device`` (detected
