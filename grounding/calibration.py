@@ -61,10 +61,11 @@ Which promise (`Threshold`):
 * ``per_job=True``: the realised precision of *this job's* auto-accepted rows is >= target
   with probability >= confidence (over the reviews and the job's outcomes), given how many they
   are and how they spread over images. The level is split: the walk tests population
-  precision >= target + slack at half of it, and the slack is Hoeffding's deviation of the
-  job's own hits over its images (``sqrt(log(2/alpha) * sum n_i^2 / 2) / sum n_i``, ``n_i``
-  the job's rows of image ``i`` above the threshold) at the other half. Both assume the job's
-  rows are drawn like the reviewed ones (same model, prompt and kind of images).
+  precision >= target + slack at half of it, and the slack is the job's own hits' deviation
+  over its images at the other half (`job_slack`: Hoeffding's, ``sqrt(log(2/alpha) * sum
+  n_i^2 / 2) / sum n_i``, ``n_i`` the job's rows of image ``i`` above the threshold, or
+  Bernstein's with the variance of a job at the target, whichever is smaller). Both assume
+  the job's rows are drawn like the reviewed ones (same model, prompt and kind of images).
 
 A start that does not feed back: the walk's grid is the quantiles of the job's own raw scores
 (or, without a job, of the reviewed scores) and it starts at the first grid point with
@@ -502,15 +503,33 @@ def min_holdout(target: float, confidence: float = 0.95, method: Bound = "bettin
     return n
 
 
-def job_slack(n_i, confidence: float) -> float:
-    """Hoeffding's one-sided deviation of a job's realised precision from its rows' expected
-    precision, at ``confidence``, for ``n_i`` rows per image (each image's hits in [0, n_i])."""
+def job_slack(n_i, confidence: float, target: float | None = None) -> float:
+    """The one-sided margin by which a job's realised precision can fall short of its rows'
+    expected precision, at ``confidence``, for ``n_i`` rows per image (each image's hits in
+    [0, n_i], images independent, rows within one image tied in any way).
+
+    Hoeffding's over images, ``sqrt(L sum n_i^2 / 2) / N`` (``L = log(1 / (1 - confidence))``,
+    ``N = sum n_i``), or, given the ``target`` the expected precision ``p`` is tested to
+    exceed, Bernstein's, whichever is smaller for these counts (both are fixed by the counts
+    alone, so taking the smaller is not a look at the outcomes). Bernstein's variance bound:
+    an image's hits vary at most ``n_i^2 q_i (1 - q_i)``, ``q_i`` its expected share right,
+    so the sum is <= ``M sum n_i q_i (1 - q_i) <= M N p (1 - p)`` (``M`` the largest
+    ``n_i``; Jensen), and ``p (1 - p) <= target (1 - target)`` when ``p >= target >= 0.5``
+    (1/4 below 0.5). The margin is ``(M L / 3 + sqrt((M L / 3)^2 + 2 V L)) / N``."""
     import numpy as np
 
     n_i = np.asarray(n_i, float)
-    if not n_i.sum():
+    big_n = float(n_i.sum())
+    if not big_n:
         return 0.0
-    return math.sqrt(math.log(1 / (1 - confidence)) * float((n_i ** 2).sum()) / 2) / n_i.sum()
+    log_a = math.log(1 / (1 - confidence))
+    hoeffding = math.sqrt(log_a * float((n_i ** 2).sum()) / 2) / big_n
+    if target is None:
+        return hoeffding
+    v = target * (1 - target) if target >= 0.5 else 0.25
+    m = float(n_i.max())
+    bernstein = (m * log_a / 3 + math.sqrt((m * log_a / 3) ** 2 + 2 * m * big_n * v * log_a))
+    return min(hoeffding, bernstein / big_n)
 
 
 class Threshold(BaseModel):
@@ -615,7 +634,7 @@ def choose_threshold(cal: Calibration, target: float, confidence: float = 0.95,
             jab = js >= t - 1e-12
             jn = int(jab.sum())
             if per_job:
-                slack = job_slack(np.bincount(jidx[jab]), 1 - a_test) if jn else 0.0
+                slack = job_slack(np.bincount(jidx[jab]), 1 - a_test, target) if jn else 0.0
                 mu = target + slack
         n_i = np.bincount(idx[above], minlength=n_units)
         h_i = np.bincount(idx[above], weights=y[above].astype(float), minlength=n_units)
