@@ -459,17 +459,20 @@ def precision_evidence(n_i, h_i, mu: float, side: Literal["above", "below"] = "a
 def lower_bound(k: int, n: int, confidence: float = 0.95,
                 method: Bound = "clopper-pearson") -> float:
     """One-sided lower confidence bound on a proportion from ``k`` successes in ``n``
-    (``betting``: the smallest ``mu`` the mixture test above does not reject from its final
-    capital, rows taken as images of their own; ``clopper-pearson``: exact; ``wilson``)."""
+    (``betting``: the smallest ``mu`` Robbins' uniform mixture does not reject from its final
+    capital, rows taken as images of their own: the audit's interval; ``clopper-pearson``: exact; ``wilson``)."""
     if n <= 0:
         return 0.0
     alpha = 1.0 - confidence
     if method == "betting":
         import numpy as np
 
-        # the final capital of the mixture on k ones and n - k zeros (order-free)
+        # the final capital of Robbins' uniform mixture on k ones and n - k zeros (order-free;
+        # uniform, not routing's count-tuned prior, whose weights move with mu: the capital
+        # must fall as mu rises for the bisection to find the bound)
         def final(mu):
-            kk, w = _prior(mu, 1.0, n, alpha)
+            kk = (np.arange(MIX) + 0.5) / MIX
+            w = np.full(MIX, 1 / MIX)
             p1 = mu + (1 - mu) * kk
             lr = k * np.log(p1 / mu) + (n - k) * np.log((1 - p1) / (1 - mu))
             return float(_log_mean(lr, w))
