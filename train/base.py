@@ -13,8 +13,15 @@ The recipe, and why:
   background colour, gradients, noise; 96-448 px, aspect up to 3:1; 1-4 objects), the rest
   from the classic layout, so ordinary images do not break the model. The best checkpoint is
   chosen on the mean validation Acc@0.5 of the ``base`` and ``robust`` sets.
-* Resuming: ``--model`` may be a trained checkpoint (e.g. ``models/tiny-qwen3-vl``); training
+* Continuing: ``--model`` may be a trained checkpoint (e.g. ``models/tiny-qwen3-vl``); training
   continues from its weights (fresh optimizer state, hence the warm-up).
+* Resuming after a crash or a kill: every ``--checkpoint-every`` steps (and at the end) the whole
+  training state (float32 weights, AdamW moments, the loop's position in the sample stream and
+  the schedule, the torch RNG) is written to ``OUT/resume/state.pt`` by an atomic rename, so a
+  killed process leaves the last complete state. ``--resume`` continues from it, refusing a
+  state written under another recipe. With ``--steps`` (the schedule counted in steps, not
+  minutes) a resumed run ends with exactly the weights of an uninterrupted one; with
+  ``--minutes`` it resumes with the time already spent counted against the budget.
 * Targets are the exact Qwen3-VL answer text (``[{"bbox_2d": [...], "label": ...}]``, 0-1000)
   with coordinates rounded to a grid of ``--coord-step`` (10 = 1% of a side, far inside the IoU
   0.5 tolerance) so each coordinate is one of 101 classes instead of 1001.
@@ -65,6 +72,15 @@ class BaseTrainConfig(BaseModel):
                            "measured on: neither training nor the checkpoint choice sees it.")
     save_dtype: str = Field("bfloat16", description="dtype of the saved weights (bfloat16 keeps "
                             "the tiny checkpoint under 10 MB; engines upcast on load).")
+    steps: int | None = Field(None, gt=0, description="Train exactly this many optimizer steps, "
+                              "the schedule (curriculum, cosine decay) counted in steps: "
+                              "reproducible, and a resumed run ends with the same weights as an "
+                              "uninterrupted one. None: the --minutes budget sets the schedule.")
+    checkpoint_every: int = Field(200, gt=0, description="Write the resumable training state "
+                                  "(weights, optimizer, loop position, RNG) to OUT/resume every "
+                                  "N steps, and at the end.")
+    resume: bool = Field(False, description="Continue from OUT/resume/state.pt (written by an "
+                         "earlier run of the same recipe) instead of starting afresh.")
 
     @model_validator(mode="after")
     def _three_sets(self):
@@ -112,31 +128,95 @@ def _evaluate(engine, model_dir: str, domain: str, n: int, seed: int) -> dict:
 
 @dataclass
 class _Loop:
-    """Where the training loop stands."""
+    """Where the training loop stands (all of it goes into the resumable state)."""
 
-    t0: float  # time.time() at the start of the budget
+    t0: float  # time.time() at the start of the budget, moved back by time spent before a resume
     step: int = 0  # optimizer steps taken
     best: float = -1.0  # best held-out Acc@0.5 so far (its checkpoint is in ``out``)
     idx: int = 0  # synthetic samples drawn so far (the next sample's index)
     ema: float | None = None  # smoothed training loss
 
+    def frac(self, cfg: BaseTrainConfig) -> float | None:
+        """How far through the schedule (0-1), or None when it is over."""
+        if cfg.steps is not None:
+            return self.step / cfg.steps if self.step < cfg.steps else None
+        elapsed = time.time() - self.t0
+        return elapsed / (cfg.minutes * 60) if elapsed < cfg.minutes * 60 else None
+
+
+class ResumeError(ValueError):
+    """No resumable state, or one written under another recipe."""
+
+
+# Settings that may differ between a run and its resumption: they do not change what is
+# trained (where it is written, how often it is checked and saved, the threads).
+_FREE = {"out", "resume", "threads", "eval_every", "eval_n", "final_eval_n", "checkpoint_every"}
+
+
+def load_resume(cfg: BaseTrainConfig) -> dict:
+    """The state in ``OUT/resume/state.pt``, checked against ``cfg``: the same recipe (every
+    setting outside `_FREE`), else `ResumeError` naming the settings that differ."""
+    import torch
+
+    path = Path(cfg.out) / "resume" / "state.pt"
+    if not path.exists():
+        raise ResumeError(f"no resumable state at {path}: run without --resume to start "
+                          "afresh (a run writes one every --checkpoint-every steps)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    was, now = state.get("cfg", {}), cfg.model_dump()
+    diff = sorted(k for k in now if k not in _FREE and was.get(k) != now[k])
+    if diff:
+        raise ResumeError(f"{path} was written by another recipe: "
+                          + ", ".join(f"{k} {was.get(k)!r} -> {now[k]!r}" for k in diff)
+                          + "; resume with the settings it was started with, or train into "
+                          "another --out")
+    return state
+
+
+def _save_resume(cfg: BaseTrainConfig, st: _Loop, model, opt, out: Path) -> None:
+    """The whole training state to ``OUT/resume/state.pt``, replaced atomically (a kill
+    mid-write leaves the previous state)."""
+    import dataclasses
+    import os
+
+    import torch
+
+    d = out / "resume"
+    d.mkdir(parents=True, exist_ok=True)
+    loop = dataclasses.asdict(st) | {"elapsed": time.time() - st.t0}
+    tmp = d / f"state.pt.{os.getpid()}.tmp"
+    torch.save({"cfg": cfg.model_dump(), "loop": loop, "model": model.state_dict(),
+                "opt": opt.state_dict(), "rng": torch.get_rng_state()}, tmp)
+    os.replace(tmp, d / "state.pt")
+
 
 def train(cfg: BaseTrainConfig) -> dict:
+    import torch
+
     from grounding.synth import SynthConfig
 
+    state = load_resume(cfg) if cfg.resume else None   # refuse before any loading
     family, processor, model, engine, opt = _setup(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "train_log.jsonl").open("w") as log:
+    st = _Loop(t0=time.time())
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        torch.set_rng_state(state["rng"])
+        loop = dict(state["loop"])
+        st = _Loop(t0=time.time() - loop.pop("elapsed"),
+                   **{k: v for k, v in loop.items() if k != "t0"})
+    with (out / "train_log.jsonl").open("a" if state is not None else "w") as log:
+        if state is not None:
+            _log(log, {"resumed_from_step": st.step, "samples": st.idx,
+                       "t": round(time.time() - st.t0, 1)})
         single = SynthConfig(min_objects=1, max_objects=1)
         multi = SynthConfig()
-        budget = cfg.minutes * 60
-        st = _Loop(t0=time.time())
         while True:
-            elapsed = time.time() - st.t0
-            if elapsed >= budget:
+            frac = st.frac(cfg)
+            if frac is None:
                 break
-            frac = elapsed / budget
             samples = _next_samples(cfg, st, single if frac < cfg.single_frac else multi)
             batch = build_batch(engine, family, samples, cfg.coord_step)
             loss, lr = _step(cfg, model, opt, batch, st.step, frac)
@@ -146,6 +226,9 @@ def train(cfg: BaseTrainConfig) -> dict:
                 _log(log, {"step": st.step, "t": round(time.time() - st.t0, 1),
                            "loss": round(st.ema, 4), "lr": lr, "samples": st.idx})
             _maybe_evaluate(cfg, st, engine, model, processor, out, log)
+            if st.step % cfg.checkpoint_every == 0:
+                _save_resume(cfg, st, model, opt, out)
+    _save_resume(cfg, st, model, opt, out)
     return _final_metrics(cfg, st, engine, model, processor, out)
 
 
