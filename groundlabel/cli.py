@@ -120,13 +120,16 @@ VERBS: dict[str, Verb] = {
                        f"{C}:TinyBuildConfig", f"{C}:tiny_build"),
     "tiny train": Verb("Train it from scratch on synthetic data (CPU).",
                        "train.base:BaseTrainConfig", f"{C}:tiny_train"),
+    "tiny probe": Verb("How well a checkpoint's vision features separate the synthetic colours "
+                       "(a linear probe, held-out accuracy).",
+                       "train.probe:ProbeConfig", "train.probe:colour_probe"),
 }
 # Help of the verbs that only group steps.
 GROUPS = {
     "review": "Human review in Label Studio: tasks out, decisions in.",
     "store": "The reviewed-label store (a Delta table): maintenance.",
     "adapters": "The adapter registry: list, show, promote, rollback, history, migrate.",
-    "tiny": "Build or train the tiny Qwen3-VL used by tests and demo.",
+    "tiny": "Build, train or probe the tiny Qwen3-VL used by tests and demo.",
 }
 EPILOG = """loop: label (bulk boxes) -> review (people fix them) -> retrain (adapter from reviews)
       -> serve (online endpoint picks up the promoted adapter)
