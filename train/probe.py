@@ -34,27 +34,15 @@ class ProbeConfig(BaseModel):
     threads: int = Field(1, description="torch threads.")
 
 
-def object_features(model, processor, sample) -> list[tuple[str, object, object]]:
-    """(colour, mean merged vision feature, mean RGB of the same tokens' input pixels) for each
-    object of ``sample`` that covers at least one token's centre. The pixels are the reference:
-    a probe on them shows how much colour the token choice itself leaves visible (triangles
-    and circles leave background in their corner tokens)."""
-    import torch
-
-    vis = model.model.visual
-    cell = vis.config.patch_size * vis.config.spatial_merge_size
-    inputs = processor.image_processor(images=[sample.image], return_tensors="pt")
-    grid = inputs["image_grid_thw"]
-    with torch.no_grad():
-        out = model.model.get_image_features(inputs["pixel_values"], grid)
-    feats = out.pooler_output[0]
-    _, gh, gw = (int(v) for v in grid[0])
-    # the processor lays patches out merger group by merger group (row-major over the merged
-    # grid, then the merge x merge patches of each group), channels first within a patch
-    merge = vis.config.spatial_merge_size
-    pix = inputs["pixel_values"].reshape(-1, merge * merge, 3, inputs["pixel_values"].shape[-1] // 3)
-    pix = pix.mean(dim=(1, 3)).numpy()
-    rows, cols = gh * vis.config.patch_size // cell, gw * vis.config.patch_size // cell
+def object_tokens(sample, grid_thw, patch: int, merge: int) -> list[tuple[str, list[int]]]:
+    """(colour, indices of the merged vision tokens whose square's centre lies inside the
+    object's box) for each object of ``sample`` that covers at least one token centre.
+    ``grid_thw``: the processor's patch grid of this image; a merged token covers
+    ``patch * merge`` px of the resized image, in row-major order over the merged grid.
+    Boxes are xyxy pixels of the original image, scaled here to the resized one."""
+    _, gh, gw = (int(v) for v in grid_thw)
+    cell = patch * merge
+    rows, cols = gh // merge, gw // merge
     w, h = sample.image.size
     sx, sy = (cols * cell) / w, (rows * cell) / h        # original px -> resized px
     res = []
@@ -63,8 +51,30 @@ def object_features(model, processor, sample) -> list[tuple[str, object, object]
         idx = [r * cols + c for r in range(rows) for c in range(cols)
                if x1 <= (c + 0.5) * cell <= x2 and y1 <= (r + 0.5) * cell <= y2]
         if idx:
-            res.append((o.color, feats[idx].mean(0).float().numpy(), pix[idx].mean(0)))
+            res.append((o.color, idx))
     return res
+
+
+def object_features(model, processor, sample) -> list[tuple[str, object, object]]:
+    """(colour, mean merged vision feature, mean RGB of the same tokens' input pixels) for each
+    object of ``sample`` (`object_tokens`). The pixels are the reference: a probe on them shows
+    how much colour the token choice itself leaves visible (triangles and circles leave
+    background in their corner tokens)."""
+    import torch
+
+    vis = model.model.visual
+    merge = vis.config.spatial_merge_size
+    inputs = processor.image_processor(images=[sample.image], return_tensors="pt")
+    grid = inputs["image_grid_thw"]
+    with torch.no_grad():
+        out = model.model.get_image_features(inputs["pixel_values"], grid)
+    feats = out.pooler_output[0]
+    # the processor lays patches out merger group by merger group (row-major over the merged
+    # grid, then the merge x merge patches of each group), channels first within a patch
+    pv = inputs["pixel_values"]
+    pix = pv.reshape(-1, merge * merge, 3, pv.shape[-1] // 3).mean(dim=(1, 3)).numpy()
+    return [(colour, feats[idx].mean(0).float().numpy(), pix[idx].mean(0))
+            for colour, idx in object_tokens(sample, grid[0], vis.config.patch_size, merge)]
 
 
 def colour_probe(cfg: ProbeConfig) -> dict:
