@@ -18,6 +18,7 @@ Examples::
     groundlabel store migrate reviewed-old/ reviewed/
     groundlabel retrain --store reviewed/ --registry adapters/
     groundlabel synth --out data/shifted --n 500 --domain shifted
+    groundlabel export-model --out runs/onnx && groundlabel ground --onnx runs/onnx x.png "the red circle"
     groundlabel tiny build --out /tmp/tiny && groundlabel tiny train --model /tmp/tiny --out /tmp/t
 """
 
@@ -94,6 +95,12 @@ VERBS: dict[str, Verb] = {
                      "train.schedule:ScheduleConfig", f"{C}:schedule"),
     "merge": Verb("Merge a LoRA adapter into a standalone checkpoint (vLLM/transformers).",
                   "train.merge:MergeConfig", "train.merge:merge"),
+    "export-model": Verb("Export a checkpoint (+ a registry adapter, merged) as an ONNX folder "
+                         "for the edge: graphs, tokenizer, processor settings, manifest.",
+                         "train.onnx_export:ExportConfig", "train.onnx_export:export_model"),
+    "ground": Verb("Boxes for one image and expression from an ONNX export folder "
+                   "(onnxruntime only: no torch, vLLM or Ray).",
+                   "grounding.edge.runner:GroundConfig", "grounding.edge.runner:ground"),
     "adapters list": Verb("Registered adapters (* = production).",
                           f"{C}:AdaptersConfig", f"{C}:adapters_list"),
     "adapters show": Verb("One adapter's metadata (default: production).",
@@ -185,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     verb = VERBS[args._verb]
     cfg = model_from_args(resolve(verb.config), args, args.config, verb.fixed)
     from grounding.atomic import UnsafeStorage
+    from grounding.edge import ExportError
     from grounding.labels import LabelFormatError
     from grounding.lease import LeaseLost
     from grounding.registry import RegistryError
@@ -196,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _show(resolve(verb.run)(cfg))
     except (LabelFormatError, StoreError, FileNotFoundError, LabelStudioError, RegistryError,
-            OutputError, UnsafeStorage, LeaseLost, TrackingError) as e:
+            OutputError, UnsafeStorage, LeaseLost, TrackingError, ExportError) as e:
         # Bad input, not a bug: one clear message (every problem listed), no traceback.
         print(f"groundlabel {args._verb}: error: {e}", file=sys.stderr)
         return 2

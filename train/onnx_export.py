@@ -42,6 +42,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from grounding.edge import ExportError
 from grounding.paths import DEFAULT_MODEL
 from grounding.settings import Settings
 from grounding.storage import StorageOptions
@@ -71,16 +72,16 @@ class ExportConfig(Settings):
 
 
 def check_exportable(model: str | Path) -> str:
-    """The family of a checkpoint the exporter handles; ValueError naming the architecture and
+    """The family of a checkpoint the exporter handles; `ExportError` naming the architecture and
     what is supported otherwise (read from config.json alone, before anything loads)."""
     p = Path(model)
     cfg_file = p / "config.json"
     if not cfg_file.is_file():
-        raise ValueError(f"{p} is not a checkpoint folder (no config.json)")
+        raise ExportError(f"{p} is not a checkpoint folder (no config.json)")
     archs = json.loads(cfg_file.read_text()).get("architectures") or []
     arch = archs[0] if archs else None
     if arch not in SUPPORTED:
-        raise ValueError(f"cannot export {p} to ONNX: architecture {arch!r} is not supported "
+        raise ExportError(f"cannot export {p} to ONNX: architecture {arch!r} is not supported "
                          f"(supported: {', '.join(sorted(SUPPORTED))})")
     return SUPPORTED[arch]
 
@@ -209,7 +210,7 @@ def _graphs(model):
             flat = [t for kv in cache.kv for t in kv]
             return (logits, *flat)
 
-    return Vision(), Embed(), Decoder()
+    return Vision().eval(), Embed().eval(), Decoder().eval()
 
 
 def _export(module, args, path: Path, input_names, output_names, dynamic_shapes) -> None:
@@ -229,11 +230,14 @@ def export_model(cfg: ExportConfig) -> dict:
     family_name = check_exportable(cfg.model)
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()):
-        raise ValueError(f"--out {out} exists and is not empty")
+        raise ExportError(f"--out {out} exists and is not empty")
     adapter, adapter_info = _resolve_adapter(cfg)
     if adapter is not None:
-        check_adapter_dir(adapter)
-        check_adapter_fits(adapter, cfg.model)  # an adapter of another base: refused here
+        try:
+            check_adapter_dir(adapter)
+            check_adapter_fits(adapter, cfg.model)  # an adapter of another base
+        except ValueError as e:
+            raise ExportError(f"cannot merge the adapter into {cfg.model}: {e}") from e
 
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor

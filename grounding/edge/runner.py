@@ -31,20 +31,23 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
+from grounding.edge import ExportError
 from grounding.settings import Settings
 
 GRAPHS = ("vision.onnx", "embed.onnx", "decoder.onnx")
 
 
-class ExportVersionError(ValueError):
+class ExportVersionError(ExportError):
     """An export folder written by another groundlabel version (or layout)."""
 
 
 class GroundConfig(Settings):
     """Settings of ``groundlabel ground``: one image, one referring expression."""
 
-    image: str = Field(description="Image file to ground the expression in.")
-    text: str = Field(description="Referring expression, e.g. 'the red circle'.")
+    image: str = Field(description="Image file to ground the expression in.",
+                       json_schema_extra={"positional": True})
+    text: str = Field(description="Referring expression, e.g. 'the red circle'.",
+                      json_schema_extra={"positional": True})
     onnx: str = Field(description="ONNX model folder written by `groundlabel export-model`.")
     constrained: bool = Field(True, description="Decode under the family's answer grammar "
                               "(a logits mask), as the other engines do by default.")
