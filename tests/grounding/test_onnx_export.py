@@ -17,12 +17,8 @@ from grounding.paths import REPO_ROOT
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_model, tmp_path_factory):
-    from train.onnx_export import ExportConfig, export_model
-
-    out = tmp_path_factory.mktemp("onnx") / "tiny"
-    export_model(ExportConfig(out=str(out), model=str(tiny_model)))
-    return out
+def exported(tiny_onnx):
+    return tiny_onnx
 
 
 def _agree(folder, model, samples, adapter=None) -> list[tuple[str, str]]:
