@@ -4,16 +4,22 @@ ONNX folder that `grounding.edge` runs with onnxruntime alone (no torch, vLLM or
 Three graphs, exported with ``torch.onnx.export(dynamo=True)`` (docs/edge.md says why not
 optimum):
 
-* ``vision.onnx``: ``pixel_values`` (patches x C*T*P*P, the processor's layout), the position
-  embedding's interpolation taps ``interp_indices`` / ``interp_weights`` and the rotary
-  positions ``rot_pos_ids`` (patches x 2: row, column), all computed from the grid by the
-  runner in numpy -> ``image_embeds`` (visual tokens x hidden) and, for Qwen3-VL, ``deepstack``
-  (deepstack layers x visual tokens x hidden). One image per call: attention spans all its
-  patches (Qwen3-VL attends over the whole image; one segment).
+* ``vision.onnx``: ``pixel_values`` (patches x C*T*P*P, the processor's layout) and the rotary
+  positions ``rot_pos_ids`` (patches x 2: row, column), plus per family what depends on the
+  grid, all computed by the runner in numpy (`grounding.edge.preprocess`):
+
+  - Qwen3-VL: the learned position embedding's interpolation taps ``interp_indices`` /
+    ``interp_weights`` -> ``image_embeds`` (visual tokens x hidden) and ``deepstack``
+    (deepstack layers x visual tokens x hidden). Attention spans all of the image's patches
+    (one image per call is one segment).
+  - Qwen2.5-VL: ``window_index`` (the merged tokens in window order), ``window_segments`` (each
+    patch's window, in that order) and ``reverse_index`` -> ``image_embeds``. Windowed blocks
+    attend within a window (a mask built in the graph from ``window_segments``: what
+    ``cu_window_seqlens`` splits), the ``fullatt_block_indexes`` blocks over the whole image.
 * ``embed.onnx``: ``input_ids`` (1 x S) -> ``inputs_embeds`` (1 x S x hidden).
 * ``decoder.onnx``: ``inputs_embeds`` (1 x S x hidden), ``position_ids`` (3 x 1 x S, M-RoPE
-  t/h/w positions), ``deepstack`` (D x 1 x S x hidden, the vision features added after the
-  first D layers; zeros at text positions and in decoding steps), ``past_key_i`` /
+  t/h/w positions), for Qwen3-VL ``deepstack`` (D x 1 x S x hidden, the vision features added
+  after the first D layers; zeros at text positions and in decoding steps), ``past_key_i`` /
   ``past_value_i`` (1 x kv heads x P x head dim, P may be 0) -> ``logits`` (1 x vocab, the last
   position only) and ``present_key_i`` / ``present_value_i`` (P + S long): the KV cache, so
   each new token costs one position.
@@ -47,7 +53,8 @@ from grounding.paths import DEFAULT_MODEL
 from grounding.settings import Settings
 from grounding.storage import StorageOptions
 
-SUPPORTED = {"Qwen3VLForConditionalGeneration": "qwen3_vl"}
+SUPPORTED = {"Qwen3VLForConditionalGeneration": "qwen3_vl",
+             "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl"}
 """HF architectures the exporter handles -> family (others are refused before any work)."""
 
 OPSET = 18
@@ -59,8 +66,9 @@ class ExportConfig(Settings):
 
     out: str = Field(description="Folder to write the ONNX model folder into (created; must "
                      "be empty or absent).")
-    model: str = Field(str(DEFAULT_MODEL), description="Base checkpoint folder (a Qwen3-VL "
-                       "`save_pretrained` folder); default: the bundled tiny Qwen3-VL.")
+    model: str = Field(str(DEFAULT_MODEL), description="Base checkpoint folder (a Qwen3-VL or "
+                       "Qwen2.5-VL `save_pretrained` folder); default: the bundled tiny "
+                       "Qwen3-VL.")
     adapter: str | None = Field(None, description="LoRA adapter folder to merge before "
                                 "export (or use --registry / --name).")
     registry: str | None = Field(None, description="Adapter registry to take --name from; "
@@ -113,40 +121,51 @@ def _resolve_adapter(cfg: ExportConfig) -> tuple[str | None, dict]:
 
 
 @contextlib.contextmanager
-def _one_segment_vision_attention():
-    """Qwen3-VL's vision attention splits its patches by ``cu_seqlens`` with ``.tolist()``
-    (data dependent, which torch.export cannot trace). One image is one segment, so during
-    export it attends over all patches at once: the same arithmetic for one image."""
+def _masked_vision_attention():
+    """Qwen3-VL's and Qwen2.5-VL's vision attention split their patches by ``cu_seqlens`` with
+    ``.tolist()`` (data dependent, which torch.export cannot trace). During export the attention
+    runs over all patches at once with an optional additive ``attn_mask`` (0 within a segment,
+    -inf across): the same arithmetic as one attention per segment. One image is one segment
+    (no mask); Qwen2.5-VL's windows are segments of its windowed blocks (a mask)."""
     import torch
-    from transformers.models.qwen3_vl import modeling_qwen3_vl as m
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as m25
+    from transformers.models.qwen3_vl import modeling_qwen3_vl as m3
 
-    def forward(self, hidden_states, cu_seqlens=None, position_embeddings=None, **kwargs):
-        n = hidden_states.shape[0]
-        q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1).permute(
-            1, 0, 2, 3).unbind(0)
-        cos, sin = position_embeddings
-        q, k = m.apply_rotary_pos_emb_vision(q, k, cos, sin)
-        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scaling)
-        return self.proj(out.transpose(1, 2).reshape(n, -1))
+    def make(rotary):
+        def forward(self, hidden_states, cu_seqlens=None, position_embeddings=None,
+                    attn_mask=None, **kwargs):
+            n = hidden_states.shape[0]
+            q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1).permute(
+                1, 0, 2, 3).unbind(0)
+            cos, sin = position_embeddings
+            q, k = rotary(q, k, cos, sin)
+            q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, scale=self.scaling)
+            return self.proj(out.transpose(1, 2).reshape(n, -1))
+        return forward
 
-    old = m.Qwen3VLVisionAttention.forward
-    m.Qwen3VLVisionAttention.forward = forward
+    classes = {m3.Qwen3VLVisionAttention: m3.apply_rotary_pos_emb_vision,
+               m25.Qwen2_5_VLVisionAttention: m25.apply_rotary_pos_emb_vision}
+    old = {cls: cls.forward for cls in classes}
+    for cls, rotary in classes.items():
+        cls.forward = make(rotary)
     try:
         yield
     finally:
-        m.Qwen3VLVisionAttention.forward = old
+        for cls, fwd in old.items():
+            cls.forward = fwd
 
 
-def _graphs(model):
-    """The three modules to export, wrapping the loaded Qwen3-VL's own submodules."""
+def _graphs(model, family: str):
+    """The three modules to export, wrapping the loaded model's own submodules."""
     import torch
 
     visual = model.model.visual
     text = model.model.language_model
     head = model.lm_head
 
-    class Vision(torch.nn.Module):
+    class Qwen3Vision(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.visual = visual
@@ -162,6 +181,33 @@ def _graphs(model):
                 if i in v.deepstack_visual_indexes:
                     deep.append(v.deepstack_merger_list[v.deepstack_visual_indexes.index(i)](h))
             return v.merger(h), torch.stack(deep)
+
+    class Qwen25Vision(torch.nn.Module):
+        """``Qwen2_5_VisionTransformerPretrainedModel.forward`` for one image with its window
+        layout given: patches permuted into window order, windowed blocks masked to their
+        window, full-attention blocks unmasked, merged tokens put back in raster order."""
+
+        def __init__(self):
+            super().__init__()
+            self.visual = visual
+
+        def forward(self, pixel_values, rot_pos_ids, window_index, window_segments,
+                    reverse_index):
+            v = self.visual
+            unit = v.spatial_merge_unit
+
+            def permute(x):
+                return x.reshape(-1, unit, x.shape[-1])[window_index].reshape(-1, x.shape[-1])
+
+            h = permute(v.patch_embed(pixel_values))
+            cos, sin = v.rotary_pos_emb(h, rot_pos_ids)
+            pos = (permute(cos), permute(sin))
+            same = window_segments[:, None] == window_segments[None, :]
+            mask = torch.where(same, 0.0, float("-inf")).to(h.dtype)[None, None]
+            for i, blk in enumerate(v.blocks):
+                h = blk(h, cu_seqlens=None, position_embeddings=pos,
+                        attn_mask=None if i in v.fullatt_block_indexes else mask)
+            return v.merger(h)[reverse_index]
 
     class Embed(torch.nn.Module):
         def __init__(self):
@@ -189,6 +235,9 @@ def _graphs(model):
             self.head = head
 
         def forward(self, inputs_embeds, position_ids, deepstack, *past):
+            return self.step(inputs_embeds, position_ids, deepstack, past)
+
+        def step(self, inputs_embeds, position_ids, deepstack, past):
             n = len(self.text.layers)
             cache = _Cache([(past[2 * i], past[2 * i + 1]) for i in range(n)])
             s = inputs_embeds.shape[1]
@@ -203,14 +252,22 @@ def _graphs(model):
             for i, layer in enumerate(self.text.layers):
                 h = layer(h, attention_mask=mask, position_embeddings=pos,
                           past_key_values=cache)
-                if i < deepstack.shape[0]:
+                if deepstack is not None and i < deepstack.shape[0]:
                     h = h + deepstack[i]  # zeros away from the image: the same as HF's scatter
             h = self.text.norm(h)
             logits = self.head(h[:, -1])
             flat = [t for kv in cache.kv for t in kv]
             return (logits, *flat)
 
-    return Vision().eval(), Embed().eval(), Decoder().eval()
+    class PlainDecoder(Decoder):
+        """Qwen2.5-VL: no deepstack input."""
+
+        def forward(self, inputs_embeds, position_ids, *past):
+            return self.step(inputs_embeds, position_ids, None, past)
+
+    if family == "qwen3_vl":
+        return Qwen3Vision().eval(), Embed().eval(), Decoder().eval()
+    return Qwen25Vision().eval(), Embed().eval(), PlainDecoder().eval()
 
 
 def _export(module, args, path: Path, input_names, output_names, dynamic_shapes) -> None:
@@ -276,48 +333,76 @@ def _write(model, processor, cfg: ExportConfig, family_name: str, out: Path,
     mcfg = model.config
     tcfg, vcfg = mcfg.text_config, mcfg.vision_config
     ip = processor.image_processor
+    qwen3 = family_name == "qwen3_vl"
     settings = {
         "patch_size": int(vcfg.patch_size), "temporal_patch_size": int(vcfg.temporal_patch_size),
         "merge_size": int(vcfg.spatial_merge_size), "in_channels": int(vcfg.in_channels),
-        "num_grid_per_side": int(vcfg.num_position_embeddings ** 0.5),
+        "num_grid_per_side": int(vcfg.num_position_embeddings ** 0.5) if qwen3 else None,
+        "window_size": None if qwen3 else int(vcfg.window_size),
         "min_pixels": int(ip.size["shortest_edge"]), "max_pixels": int(ip.size["longest_edge"]),
         "image_mean": [float(x) for x in ip.image_mean],
         "image_std": [float(x) for x in ip.image_std],
         "rescale_factor": float(ip.rescale_factor), "resample": int(ip.resample),
     }
     pspec = pre.ProcessorSettings(**settings)
-    grid = (1, 8, 12)  # an example image grid for tracing (h, w even: whole merge cells)
+    # An example image grid for tracing: h, w even (whole merge cells); for Qwen2.5-VL more
+    # than one window on each side, so windowed and full blocks differ while tracing.
+    grid = (1, 8, 12) if qwen3 else (1, 12, 20)
     example = pre.vision_inputs(np.zeros((grid[1] * pspec.patch_size,
                                           grid[2] * pspec.patch_size, 3), np.uint8), pspec)
-    vision, embed, decoder = _graphs(model)
+    vision, embed, decoder = _graphs(model, family_name)
     t = torch.from_numpy
-    patches = torch.export.Dim("patches", min=4, max=65536)
-    with torch.no_grad(), _one_segment_vision_attention():
-        _export(vision, (t(example.pixel_values), t(example.interp_indices),
-                         t(example.interp_weights), t(example.rot_pos_ids)),
-                out / "vision.onnx",
-                ["pixel_values", "interp_indices", "interp_weights", "rot_pos_ids"],
-                ["image_embeds", "deepstack"],
-                ({0: patches}, {0: patches}, {0: patches}, {0: patches}))
+    with torch.no_grad(), _masked_vision_attention():
+        if qwen3:
+            patches = torch.export.Dim("patches", min=4, max=65536)
+            _export(vision, (t(example.pixel_values), t(example.interp_indices),
+                             t(example.interp_weights), t(example.rot_pos_ids)),
+                    out / "vision.onnx",
+                    ["pixel_values", "interp_indices", "interp_weights", "rot_pos_ids"],
+                    ["image_embeds", "deepstack"],
+                    ({0: patches}, {0: patches}, {0: patches}, {0: patches}))
+        else:
+            # patches = merge_size**2 x merged tokens (whole merge cells)
+            cells = torch.export.Dim("cells", min=1, max=16384)
+            patches = pspec.merge_size ** 2 * cells
+            _export(vision, (t(example.pixel_values), t(example.rot_pos_ids),
+                             t(example.window_index), t(example.window_segments),
+                             t(example.reverse_index)),
+                    out / "vision.onnx",
+                    ["pixel_values", "rot_pos_ids", "window_index", "window_segments",
+                     "reverse_index"], ["image_embeds"],
+                    ({0: patches}, {0: patches}, {0: cells}, {0: patches}, {0: cells}))
         seq = torch.export.Dim("seq", min=1, max=65536)
         _export(embed, (torch.tensor([[1, 2, 3]]),), out / "embed.onnx", ["input_ids"],
                 ["inputs_embeds"], ({1: seq},))
         n_layers = int(tcfg.num_hidden_layers)
-        kv_heads, head_dim = int(tcfg.num_key_value_heads), int(tcfg.head_dim)
+        kv_heads, head_dim = int(tcfg.num_key_value_heads), _head_dim(tcfg)
         hidden = int(tcfg.hidden_size)
-        n_deep = len(vcfg.deepstack_visual_indexes)
         s, p = 5, 3
         past_len = torch.export.Dim("past", min=0, max=65536)
         past = []
         for _ in range(n_layers):
             past += [torch.randn(1, kv_heads, p, head_dim), torch.randn(1, kv_heads, p, head_dim)]
         names = [f"past_{kv}_{i}" for i in range(n_layers) for kv in ("key", "value")]
-        _export(decoder, (torch.randn(1, s, hidden), torch.zeros(3, 1, s, dtype=torch.long),
-                          torch.zeros(n_deep, 1, s, hidden), *past),
-                out / "decoder.onnx", ["inputs_embeds", "position_ids", "deepstack", *names],
-                ["logits", *[n.replace("past", "present") for n in names]],
-                ({1: seq}, {2: seq}, {2: seq}, tuple({2: past_len} for _ in past)))
+        past_shapes = tuple({2: past_len} for _ in past)
+        if qwen3:
+            n_deep = len(vcfg.deepstack_visual_indexes)
+            args = (torch.randn(1, s, hidden), torch.zeros(3, 1, s, dtype=torch.long),
+                    torch.zeros(n_deep, 1, s, hidden), *past)
+            inputs, shapes = ["inputs_embeds", "position_ids", "deepstack"], (
+                {1: seq}, {2: seq}, {2: seq}, past_shapes)
+        else:
+            args = (torch.randn(1, s, hidden), torch.zeros(3, 1, s, dtype=torch.long), *past)
+            inputs, shapes = ["inputs_embeds", "position_ids"], ({1: seq}, {2: seq}, past_shapes)
+        _export(decoder, args, out / "decoder.onnx", [*inputs, *names],
+                ["logits", *[n.replace("past", "present") for n in names]], shapes)
     _write_text_side(model, processor, cfg, family, out, pspec, adapter_info)
+
+
+def _head_dim(tcfg) -> int:
+    """Qwen3-VL's text config names its head size; Qwen2.5-VL's derives it."""
+    return int(getattr(tcfg, "head_dim", None)
+               or tcfg.hidden_size // tcfg.num_attention_heads)
 
 
 SENTINEL = "\x00INSTRUCTION\x00"
@@ -377,9 +462,10 @@ def _write_text_side(model, processor, cfg: ExportConfig, family, out: Path, psp
         "tokens": {"image": int(mcfg.image_token_id), "eos": eos,
                    "pad": int(tok.pad_token_id) if tok.pad_token_id is not None else None},
         "text": {"layers": int(tcfg.num_hidden_layers), "kv_heads": int(tcfg.num_key_value_heads),
-                 "head_dim": int(tcfg.head_dim), "hidden": int(tcfg.hidden_size),
+                 "head_dim": _head_dim(tcfg), "hidden": int(tcfg.hidden_size),
                  "vocab_size": vocab, "max_positions": max_positions(cfg.model)},
-        "vision": {"deepstack": len(mcfg.vision_config.deepstack_visual_indexes)},
+        "vision": {"deepstack": len(getattr(mcfg.vision_config, "deepstack_visual_indexes",
+                                            None) or [])},
         "processor": pspec.model_dump(),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))

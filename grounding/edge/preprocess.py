@@ -1,4 +1,4 @@
-"""Qwen3-VL's image and position inputs, in numpy: what the ONNX graphs take.
+"""Qwen3-VL's and Qwen2.5-VL's image and position inputs, in numpy: what the ONNX graphs take.
 
 Each function mirrors one piece of transformers 5.19 (named in its docstring) with the same
 float32 arithmetic, so the ONNX runner feeds the graphs what the transformers engine feeds the
@@ -28,7 +28,10 @@ class ProcessorSettings(BaseModel):
     temporal_patch_size: int = Field(description="Frames per patch (an image is repeated).")
     merge_size: int = Field(description="Patches per visual token side (spatial merge).")
     in_channels: int = Field(3, description="Colour channels.")
-    num_grid_per_side: int = Field(description="Side of the learned position-embedding grid.")
+    num_grid_per_side: int | None = Field(None, description="Side of the learned "
+                                          "position-embedding grid (Qwen3-VL; None: none).")
+    window_size: int | None = Field(None, description="Window side in pixels of the windowed "
+                                    "vision blocks (Qwen2.5-VL; None: no windows).")
     min_pixels: int = Field(description="Fewest pixels of a resized image.")
     max_pixels: int = Field(description="Most pixels of a resized image.")
     image_mean: list[float] = Field(description="Per-channel mean, 0-1 scale.")
@@ -44,13 +47,17 @@ class ProcessorSettings(BaseModel):
 
 @dataclass
 class VisionInputs:
-    """The vision graph's inputs for one image, and its grid (t, h, w) in patches."""
+    """The vision graph's inputs for one image, and its grid (t, h, w) in patches. The graph of
+    each family takes the fields it needs (the runner feeds them by input name)."""
 
     pixel_values: np.ndarray   # (t*h*w, C*T*P*P) float32
-    interp_indices: np.ndarray  # (t*h*w, 4) int64
-    interp_weights: np.ndarray  # (t*h*w, 4) float32
     rot_pos_ids: np.ndarray    # (t*h*w, 2) int64: patch row, column
     grid: tuple[int, int, int]
+    interp_indices: np.ndarray | None = None  # (t*h*w, 4) int64 (Qwen3-VL)
+    interp_weights: np.ndarray | None = None  # (t*h*w, 4) float32 (Qwen3-VL)
+    window_index: np.ndarray | None = None    # (merged tokens,) int64 (Qwen2.5-VL)
+    window_segments: np.ndarray | None = None  # (t*h*w,) int64, window order (Qwen2.5-VL)
+    reverse_index: np.ndarray | None = None   # (merged tokens,) int64 (Qwen2.5-VL)
 
 
 def resize(image, spec: ProcessorSettings):
@@ -119,11 +126,39 @@ def rotary_positions(grid: tuple[int, int, int], merge: int) -> np.ndarray:
     return np.tile(np.stack([rows, cols], axis=-1), (t, 1)).astype(np.int64)
 
 
+def windows(grid: tuple[int, int, int], merge: int, window_size: int,
+            patch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Qwen2.5-VL's window layout for one image: ``window_index`` (the merged tokens in window
+    order), ``window_segments`` (each patch's window id, patches in that order: the windowed
+    blocks attend within one id, which is what ``cu_window_seqlens`` splits) and
+    ``reverse_index`` (argsort of ``window_index``: back to raster order).
+    ``transformers.vision_utils.get_vision_window_index`` for one image."""
+    t, gh, gw = grid
+    lh, lw = gh // merge, gw // merge
+    win = window_size // merge // patch_size
+    pad_h, pad_w = win - lh % win, win - lw % win   # a whole empty row when divisible, as HF
+    nh, nw = (lh + pad_h) // win, (lw + pad_w) // win
+    padded = np.full((t, lh + pad_h, lw + pad_w), -100, np.int64)
+    padded[:, :lh, :lw] = np.arange(t * lh * lw).reshape(t, lh, lw)
+    per_window = padded.reshape(t, nh, win, nw, win).transpose(0, 1, 3, 2, 4).reshape(
+        t * nh * nw, win * win)
+    valid = per_window != -100
+    index = per_window[valid]
+    segments = np.nonzero(valid)[0]        # window id of each merged token, window order
+    return (index.astype(np.int64), np.repeat(segments, merge * merge).astype(np.int64),
+            np.argsort(index, kind="stable").astype(np.int64))
+
+
 def vision_inputs(arr: np.ndarray, spec: ProcessorSettings) -> VisionInputs:
     """All vision-graph inputs for one resized (height, width, 3) uint8 image."""
     pv, grid = pixel_values(arr, spec)
-    idx, wts = interpolation(grid, spec)
-    return VisionInputs(pv, idx, wts, rotary_positions(grid, spec.merge_size), grid)
+    vi = VisionInputs(pv, rotary_positions(grid, spec.merge_size), grid)
+    if spec.num_grid_per_side:
+        vi.interp_indices, vi.interp_weights = interpolation(grid, spec)
+    if spec.window_size:
+        vi.window_index, vi.window_segments, vi.reverse_index = windows(
+            grid, spec.merge_size, spec.window_size, spec.patch_size)
+    return vi
 
 
 def mrope_positions(input_ids: np.ndarray, image_token_id: int, grid: tuple[int, int, int],

@@ -130,9 +130,10 @@ class OnnxGrounder:
 
         m = self.manifest
         vi = pre.vision_inputs(pre.resize(image.convert("RGB"), self.spec), self.spec)
-        embeds, deep = self.sessions["vision"].run(None, {
-            "pixel_values": vi.pixel_values, "interp_indices": vi.interp_indices,
-            "interp_weights": vi.interp_weights, "rot_pos_ids": vi.rot_pos_ids})
+        vision = self.sessions["vision"]
+        outs = vision.run(None, {i.name: getattr(vi, i.name) for i in vision.get_inputs()})
+        embeds = outs[0]
+        deep = outs[1] if len(outs) > 1 else None  # Qwen3-VL's deepstack features
         n_img = embeds.shape[0]
         image_token = m["chat"]["image_token"]
         prompt = self.prompt(text).replace(image_token, image_token * n_img)
@@ -144,8 +145,11 @@ class OnnxGrounder:
             raise ValueError(f"the prompt has {int(is_img.sum())} image tokens, the image "
                              f"{n_img} embeddings")
         x[0, is_img] = embeds
-        deepstack = np.zeros((deep.shape[0], 1, ids.shape[1], x.shape[2]), np.float32)
-        deepstack[:, 0, is_img] = deep
+        feed = {}
+        if deep is not None:
+            feed["deepstack"] = np.zeros((deep.shape[0], 1, ids.shape[1], x.shape[2]),
+                                         np.float32)
+            feed["deepstack"][:, 0, is_img] = deep
         pos, delta = pre.mrope_positions(ids, m["tokens"]["image"], vi.grid, self.spec.merge_size)
         t = m["text"]
         past = {f"past_{kv}_{i}": np.zeros((1, t["kv_heads"], 0, t["head_dim"]), np.float32)
@@ -153,10 +157,9 @@ class OnnxGrounder:
         state = self.grammar.start if self.grammar is not None else None
         out_ids, lps = [], []
         length = ids.shape[1]
-        no_deep = np.zeros((deep.shape[0], 1, 1, x.shape[2]), np.float32)
         for _ in range(self.max_new_tokens):
             res = self.sessions["decoder"].run(None, {"inputs_embeds": x, "position_ids": pos,
-                                                      "deepstack": deepstack, **past})
+                                                      **feed, **past})
             logits = res[0][0].astype(np.float32)
             past = {k: v for k, v in zip(past, res[1:], strict=True)}
             if state is not None:
@@ -174,7 +177,8 @@ class OnnxGrounder:
                 state = self.grammar.advance(state, tid)
             x = self.sessions["embed"].run(None, {"input_ids": np.asarray([[tid]], np.int64)})[0]
             pos = np.full((3, 1, 1), length + delta, np.int64)
-            deepstack = no_deep
+            if deep is not None:  # no image features at generated positions
+                feed["deepstack"] = np.zeros((deep.shape[0], 1, 1, x.shape[2]), np.float32)
             length += 1
         tok = self.tokenizer
         return Generation(text=tok.decode(out_ids, skip_special_tokens=False), token_ids=out_ids,
