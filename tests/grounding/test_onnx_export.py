@@ -48,6 +48,7 @@ def test_export_folder_and_manifest(exported, tiny_model):
     for name in ("vision.onnx", "embed.onnx", "decoder.onnx", "tokenizer.json",
                  "grammar_vocab.json", "processor_config.json"):
         assert name in m["files"] and (exported / name).is_file()
+    assert exported.stat().st_mode & 0o055 == 0o055  # others may read it (not mkdtemp's 0700)
 
 
 @pytest.mark.slow
@@ -162,3 +163,24 @@ def test_adapter_of_another_base_is_refused_before_any_work(tiny_model, tmp_path
         export_model(ExportConfig(out=str(tmp_path / "out"), model=str(tiny_model),
                                   adapter=str(adapter)))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_int8_export_is_smaller_and_answers(exported, tiny_model, tmp_path):
+    """`--quantize int8`: onnxruntime's dynamic quantization of the three graphs; the folder
+    says so, its decoder is under 40 % of the float32 one, and the runner still answers in the
+    family's grammar (how often it differs from float32 is measured in bench/RESULTS.md)."""
+    from grounding.edge.runner import OnnxGrounder
+    from grounding.synth import iter_samples
+    from train.onnx_export import ExportConfig, export_model
+
+    out = tmp_path / "int8"
+    m = export_model(ExportConfig(out=str(out), model=str(tiny_model), quantize="int8"))
+    assert m["quantization"] == "int8 dynamic (onnxruntime)"
+    f32 = json.loads((exported / "manifest.json").read_text())
+    assert f32["quantization"] is None
+    assert m["files"]["decoder.onnx"]["bytes"] < 0.4 * f32["files"]["decoder.onnx"]["bytes"]
+    g = OnnxGrounder(out)
+    for s in iter_samples(4, "base", 1000):
+        r = g.ground(s.image, s.text)
+        assert r.raw_text.startswith("[") and r.status in ("ok", "clipped", "empty")
