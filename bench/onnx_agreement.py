@@ -1,15 +1,18 @@
-"""Tokens of the ONNX runner against the transformers engine, image by image.
+"""Tokens of the ONNX runner against the transformers engine (or vLLM: --engine vllm), image by
+image.
 
 Both greedy, one image per call, under the family's grammar (or not: --no-constrained), on
 synthetic test-seed images (seed 1000) of each domain, and with --demo on the demo's images
 (`groundlabel demo`: 8 base images, seed 0). Prints per set: images, answers equal, Acc@0.5 of
-each, where the answers first differ (character), and the first differing rows; writes JSON with --out.
+each, where the answers first differ (character), and the first differing rows; writes JSON
+with --out.
 
-With --adapter DIR the transformers engine serves base + that LoRA unmerged (as vLLM and the
-endpoint do) while the ONNX folder holds the merged model (`export-model --registry ...`).
+With --adapter DIR the engine serves base + that LoRA unmerged (as the endpoint does) while
+the ONNX folder holds the merged model (`export-model --registry ...`).
 
     .venv/bin/python bench/onnx_agreement.py --onnx runs/onnx --n 200 --domains base robust --demo
     .venv/bin/python bench/onnx_agreement.py --onnx runs/onnx-prod --adapter runs/lora --n 200
+    .venv/bin/python bench/onnx_agreement.py --onnx runs/onnx --engine vllm --n 200 --demo
 """
 
 from __future__ import annotations
@@ -30,26 +33,27 @@ def main(argv=None) -> dict:
     ap.add_argument("--adapter", default=None, help="LoRA the transformers engine applies "
                     "unmerged (the ONNX folder must hold the same adapter merged)")
     ap.add_argument("--demo", action="store_true", help="also the demo's 8 images (seed 0)")
+    ap.add_argument("--engine", default="transformers", choices=["transformers", "vllm"],
+                    help="the engine to compare with (the keys say hf for either)")
     ap.add_argument("--no-constrained", action="store_true")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
 
     from grounding.boxes import Box
     from grounding.edge.runner import OnnxGrounder
-    from grounding.engines import EngineConfig
+    from grounding.engines import EngineConfig, load_engine
     from grounding.engines.grounder import Grounder, GroundingRequest
-    from grounding.engines.hf_engine import HFEngine
     from grounding.synth import iter_samples
 
     runner = OnnxGrounder(a.onnx, constrained=not a.no_constrained)
     model = a.model or runner.manifest["source"]["model"]
-    hf = Grounder(HFEngine(EngineConfig(model=model, engine="transformers",
-                                        constrained=not a.no_constrained)))
+    hf = Grounder(load_engine(EngineConfig(model=model, engine=a.engine,
+                                           constrained=not a.no_constrained)))
     name = None
     if a.adapter:
         name = "a"
         hf.engine.add_adapter(name, a.adapter)
-    report: dict = {"onnx": a.onnx, "model": model, "adapter": a.adapter,
+    report: dict = {"onnx": a.onnx, "model": model, "engine": a.engine, "adapter": a.adapter,
                     "source": runner.manifest["source"], "constrained": not a.no_constrained,
                     "sets": {}}
     sets = [(d, d, a.seed, a.n) for d in a.domains]
