@@ -18,6 +18,7 @@ Examples::
     groundlabel store migrate reviewed-old/ reviewed/
     groundlabel retrain --store reviewed/ --registry adapters/
     groundlabel synth --out data/shifted --n 500 --domain shifted
+    groundlabel export-model --out runs/onnx && groundlabel ground --onnx runs/onnx x.png "the red circle"
     groundlabel tiny build --out /tmp/tiny && groundlabel tiny train --model /tmp/tiny --out /tmp/t
 """
 
@@ -94,6 +95,12 @@ VERBS: dict[str, Verb] = {
                      "train.schedule:ScheduleConfig", f"{C}:schedule"),
     "merge": Verb("Merge a LoRA adapter into a standalone checkpoint (vLLM/transformers).",
                   "train.merge:MergeConfig", "train.merge:merge"),
+    "export-model": Verb("Export a checkpoint (+ a registry adapter, merged) as an ONNX folder "
+                         "for the edge: graphs, tokenizer, processor settings, manifest.",
+                         "train.onnx_export:ExportConfig", "train.onnx_export:export_model"),
+    "ground": Verb("Boxes for one image and expression from an ONNX export folder "
+                   "(onnxruntime only: no torch, vLLM or Ray).",
+                   "grounding.edge.runner:GroundConfig", "grounding.edge.runner:ground"),
     "adapters list": Verb("Registered adapters (* = production).",
                           f"{C}:AdaptersConfig", f"{C}:adapters_list"),
     "adapters show": Verb("One adapter's metadata (default: production).",
@@ -181,25 +188,37 @@ def _show(result) -> int:
     return 0
 
 
+# Bad input, not a bug: the error classes that get one clear message and exit status 2.
+USER_ERRORS = ("grounding.labels:LabelFormatError", "grounding.store:StoreError",
+               "pipelines.review:LabelStudioError", "grounding.registry:RegistryError",
+               "pipelines.output:OutputError", "grounding.atomic:UnsafeStorage",
+               "grounding.lease:LeaseLost", "train.tracking:TrackingError",
+               "grounding.edge:ExportError")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """`USER_ERRORS` whose modules are loaded: an error can only come from a loaded module, and
+    importing the others would pull pyarrow, Ray ... into verbs that need none of them
+    (`groundlabel ground --onnx` on a `.[edge]` install has no pyarrow)."""
+    errors: list[type[BaseException]] = [FileNotFoundError]
+    for ref in USER_ERRORS:
+        module, _, name = ref.partition(":")
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
+
+
 def main(argv: list[str] | None = None) -> int:
     from groundlabel.flags import model_from_args
 
     args = build_parser().parse_args(argv)
     verb = VERBS[args._verb]
     cfg = model_from_args(resolve(verb.config), args, args.config, verb.fixed)
-    from grounding.atomic import UnsafeStorage
-    from grounding.labels import LabelFormatError
-    from grounding.lease import LeaseLost
-    from grounding.registry import RegistryError
-    from grounding.store import StoreError
-    from pipelines.output import OutputError
-    from pipelines.review import LabelStudioError
-    from train.tracking import TrackingError
-
     try:
         return _show(resolve(verb.run)(cfg))
-    except (LabelFormatError, StoreError, FileNotFoundError, LabelStudioError, RegistryError,
-            OutputError, UnsafeStorage, LeaseLost, TrackingError) as e:
+    except Exception as e:
+        if not isinstance(e, _user_errors()):
+            raise
         # Bad input, not a bug: one clear message (every problem listed), no traceback.
         print(f"groundlabel {args._verb}: error: {e}", file=sys.stderr)
         return 2

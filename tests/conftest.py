@@ -55,6 +55,17 @@ def random_adapter(tiny_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_onnx(tiny_model, tmp_path_factory) -> Path:
+    """The bundled tiny model exported to an ONNX folder (`groundlabel export-model`, ~30 s),
+    once per session: the export tests and the `.[edge]` install test share it."""
+    from train.onnx_export import ExportConfig, export_model
+
+    out = tmp_path_factory.mktemp("onnx") / "tiny"
+    export_model(ExportConfig(out=str(out), model=str(tiny_model)))
+    return out
+
+
+@pytest.fixture(scope="session")
 def synth_samples():
     from grounding.synth import iter_samples
 
