@@ -35,6 +35,7 @@ STORAGE_VERBS = {
     "retrain": ["--store", "store/", "--registry", "reg/"],
     "schedule": ["--store", "store/", "--registry", "reg/"],
     "merge": ["--out", "merged/", "--registry", "reg/"],
+    "export-model": ["--out", "onnx/", "--registry", "reg/"],
     "adapters list": ["--registry", "reg/"],
     "adapters show": ["--registry", "reg/"],
     "adapters promote": ["--registry", "reg/", "gl-x"],
