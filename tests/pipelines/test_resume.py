@@ -387,7 +387,9 @@ def test_two_jobs_on_one_output_label_each_row_once(tmp_path):
         if a.poll() is None:
             a.kill()
     results = [(a.returncode, said_a), (b.returncode, b.stdout + b.stderr)]
-    assert any(code == 0 for code, _ in results), results
+    # Either may finish, or both may be stopped: racing on interleaved pieces, each can find some
+    # of its rows taken by the other (seen under load: both exited 2). What must hold is that a
+    # stopped job says why, and that the rerun below finishes with every row once.
     for code, said in results:
         assert code == 0 or "already committed" in said, said[-3000:]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
