@@ -387,9 +387,9 @@ def _prior(mu: float, ratio: float, n: int, level: float, mix: int = MIX,
     any outcome is seen and the mixture stays a nonnegative supermartingale under the null
     given them (so does ``M``; that the promise also holds over the draw of the scores, i.e.
     for the population, is what the simulation tests in tests/review/test_calibration.py
-    check, clustered world included). Measured against the uniform prior it replaced (bench/RESULTS.md, #29, 50
-    seeds): the base domain's share at 0.8 0.375 -> 0.475, the clustered world's 0.23 -> 0.29,
-    with no more population failures."""
+    check, clustered world included). Measured against the uniform prior it replaced
+    (bench/RESULTS.md, #29, 50 seeds): the base domain's share at 0.8 0.375 -> 0.475, the
+    clustered world's 0.23 -> 0.29, with no more population failures."""
     import numpy as np
 
     k = (np.arange(mix) + 0.5) / mix
