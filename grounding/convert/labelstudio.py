@@ -15,7 +15,14 @@ The prediction's ``score`` (the one Label Studio sorts tasks by) is the calibrat
 when there is one (`pipelines.routing`), else the raw answer score; each region carries its
 box's raw score. ``route: audit`` marks an auto-accepted row sent to people as a check.
 ``x, y, width, height`` are percent of the original image (top-left corner and size), which
-is Label Studio's convention; our boxes are xyxy pixels of the same image.
+is Label Studio's convention; our boxes are xyxy pixels of the same image: ``x = x1 / W * 100``,
+``y = y1 / H * 100``, ``width = (x2 - x1) / W * 100``, ``height = (y2 - y1) / H * 100``.
+
+Edges, as the shipped guideline states them (grounding/guidelines/default.md): pixels are
+continuous, ``x2``/``y2`` are the far edges (one past the last pixel inside), so a box touching
+the right border has ``x + width = 100``. Read back, ``x2 = (x + width) * W / 100``, rounded
+to a millionth of a pixel (`grounding.labels.snap`): a box dragged to the border is exactly at
+``W``, and our boxes round-trip exactly.
 `LABEL_CONFIG` is the project's labeling config: the box tool, the expression as a header, and
 a ``decision`` choice to reject an unusable item.
 
@@ -37,7 +44,7 @@ import json
 import uuid
 
 from grounding.convert import ReadResult
-from grounding.labels import LINEAGE, check_box, clamp, item, outside
+from grounding.labels import LINEAGE, check_box, clamp, item, outside, snap
 
 LABEL = "target"
 FROM_NAME, TO_NAME, CHOICE_NAME = "label", "image", "decision"
@@ -58,13 +65,17 @@ ACCEPT_TOL = 0.5  # pixels: an annotation this close to the prediction is an acc
 
 
 def to_percent(b: list[float], w: int, h: int) -> dict:
+    """Label Studio's ``value`` of an xyxy pixel box on a ``w`` x ``h`` image (percent)."""
     return {"x": b[0] / w * 100, "y": b[1] / h * 100, "width": (b[2] - b[0]) / w * 100,
             "height": (b[3] - b[1]) / h * 100, "rotation": 0}
 
 
 def from_percent(v: dict, w: int, h: int) -> list[float]:
-    x1, y1 = v["x"] * w / 100, v["y"] * h / 100
-    return [x1, y1, x1 + v["width"] * w / 100, y1 + v["height"] * h / 100]
+    """The xyxy pixel box of Label Studio's ``value`` (percent of a ``w`` x ``h`` image): the
+    far edges from ``x + width`` and ``y + height``, to a millionth of a pixel."""
+    x, y = float(v["x"]), float(v["y"])
+    return [snap(x * w / 100), snap(y * h / 100), snap((x + float(v["width"])) * w / 100),
+            snap((y + float(v["height"])) * h / 100)]
 
 
 def task_score(it: dict) -> float | None:
