@@ -31,8 +31,13 @@ decisions, source, note, committed_at) is in its commit info (`ReviewStore.versi
 
 Reading: ``snapshot(version)`` gives the latest decision per ``item_id`` (later commits win;
 within a commit, later rows win: ``row_in_commit`` keeps the order, which Delta readers do not;
-a person's decision always wins over ``auto``); ``history(version)`` gives every record, the
-audit trail.
+a person's decision always wins over ``auto``); ``annotations(version)`` gives every person's
+current decision per item (several people may review one item: each keeps theirs, with
+``reviewer``, ``reviewed_at`` and the ``guideline`` it was made under); ``history(version)``
+gives every record, the audit trail.
+
+Columns added later (`ADDED`, e.g. ``guideline``) are null in the rows of stores written
+before them; such a store reads as is, and its next append adds the column (schema merge).
 
 Stores of the old layout (``data/<uuid>.parquet`` + a commit log ``_log/NNNNNNNN.json``) are
 read only by `migrate` (``groundlabel store migrate OLD NEW``), which keeps every version
@@ -77,7 +82,15 @@ SCHEMA = pa.schema([
     pa.field("reviewed_at", pa.string(), metadata={"doc": "ISO 8601, UTC"}),
     pa.field("source", pa.string(), metadata={"doc": "label-studio, import:coco, ..."}),
     *[pa.field(k, pa.string()) for k in LINEAGE],
+    pa.field("guideline", pa.string(), metadata={
+        "doc": "NAME@VERSION of the labeling guideline the decision was made under "
+               "(grounding.guideline); null when not known (imports of plain label files, "
+               "decisions before guidelines were recorded)"}),
 ])
+# Columns added after stores became Delta tables. A store made before one of them still
+# opens and reads (the column is null in its rows); its next append adds the column to the
+# table (a schema merge in that same commit), so no migration step is needed.
+ADDED = ("guideline",)
 # The table's columns: the records plus their order within an append, which Delta readers do
 # not keep (later rows of an append win in a snapshot).
 ORDER = "row_in_commit"
@@ -106,12 +119,13 @@ def _now() -> str:
 
 def decision_record(item: dict, decision: str, *, predicted: dict | None = None,
                     reviewer: str | None = None, reviewed_at: str | None = None,
-                    source: str = "api", **route) -> dict:
+                    source: str = "api", guideline: str | None = None, **route) -> dict:
     """A store record for a decision on a labeled item (`grounding.labels`).
 
     ``predicted`` is the labeled item of the prediction that was reviewed (lineage and predicted
-    boxes come from it when given). ``route``: ``calibrated_score``, ``auto_precision`` and
-    ``calibration`` of an auto-accepted or routed prediction.
+    boxes come from it when given). ``guideline``: ``NAME@VERSION`` of the labeling guideline
+    the decision was made under (`grounding.guideline`). ``route``: ``calibrated_score``,
+    ``auto_precision`` and ``calibration`` of an auto-accepted or routed prediction.
     """
     if decision not in DECISIONS:
         raise StoreError(f"decision must be one of {DECISIONS}, got {decision!r}")
@@ -121,7 +135,7 @@ def decision_record(item: dict, decision: str, *, predicted: dict | None = None,
            "text": item["text"], "boxes": [list(map(float, b)) for b in item.get("boxes") or []],
            "predicted_boxes": pred.get("boxes"), "predicted_score": pred.get("score"),
            "reviewer": reviewer, "reviewed_at": reviewed_at or _now(), "source": source,
-           **{k: route.get(k) for k in ("calibrated_score", "auto_precision", "calibration")}}
+           "guideline": guideline, **{k: route.get(k) for k in ("calibrated_score", "auto_precision", "calibration")}}
     rec.update({k: item.get(k) or pred.get(k) for k in LINEAGE})
     return rec
 
@@ -172,7 +186,7 @@ def _check_is_store(dtable, uri: str) -> None:
     """Refuse a Delta table whose columns are not a store's (another table on the path)."""
     want = _delta_types(TABLE_SCHEMA)
     got = {f.name: str(f.type) for f in dtable.schema().fields}
-    missing = [n for n in want if n not in got]
+    missing = [n for n in want if n not in got and n not in ADDED]
     extra = [n for n in got if n not in want]
     typed = [f"{n} ({got[n]}, not {want[n]})" for n in want if n in got and got[n] != want[n]]
     if missing or extra or typed:
@@ -254,7 +268,10 @@ class ReviewStore:
                 props = CommitProperties(custom_metadata=props.custom_metadata,
                                          app_transactions=props.app_transactions,
                                          max_commit_retries=0)
-            _write(dtable, table, mode="append", commit_properties=props)
+            # A store made before a column of `ADDED` gets it with this commit.
+            have = {f.name for f in dtable.schema().fields}
+            merge = {"schema_mode": "merge"} if set(TABLE_SCHEMA.names) - have else {}
+            _write(dtable, table, mode="append", commit_properties=props, **merge)
 
         try:
             done = tables.commit(self.uri, self.opts, do, record=record,
@@ -332,9 +349,30 @@ class ReviewStore:
         t = t.sort_by([("version", "ascending"), (ORDER, "ascending")]).drop_columns([ORDER])
         return t if len(t) else empty
 
+    def annotations(self, version: int | None = None) -> pa.Table:
+        """Every person's current decision per item as of ``version`` (default: newest): for
+        each (``item_id``, ``reviewer``), that person's latest decision (later commits, later
+        rows win: a person who decides again changes their mind). ``auto`` decisions are
+        nobody's and left out; decisions without a ``reviewer`` count as one unknown person.
+        What agreement between people is measured on (`grounding.agreement`); ordered as the
+        history, with its ``version`` column."""
+        hist = self.history(version)
+        latest: dict[tuple, int] = {}
+        for i, (item, d, who) in enumerate(zip(hist.column("item_id").to_pylist(),
+                                               hist.column("decision").to_pylist(),
+                                               hist.column("reviewer").to_pylist(), strict=True)):
+            if d != "auto":
+                latest[item, who] = i
+        return hist.take(pa.array(sorted(latest.values()), pa.int64()))
+
     def snapshot(self, version: int | None = None, decisions: tuple[str, ...] = DECISIONS) -> pa.Table:
-        """The latest decision per item as of ``version`` (default: newest), then filtered to
-        ``decisions`` (``("accept", "correct")`` gives training labels)."""
+        """One decision per item as of ``version`` (default: newest), then filtered to
+        ``decisions`` (``("accept", "correct")`` gives training labels).
+
+        The rule: the item's latest decision by a person (later commits win, later rows of a
+        commit win), whoever made it; ``auto`` only where no person has decided. With several
+        people on an item, the others' decisions are not lost: `annotations` gives each
+        person's current one, `history` every record."""
         hist = self.history(version)
         latest: dict[str, int] = {}
         human: set[str] = set()
