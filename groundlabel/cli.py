@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     verb = VERBS[args._verb]
     cfg = model_from_args(resolve(verb.config), args, args.config, verb.fixed)
     from grounding.atomic import UnsafeStorage
+    from grounding.guideline import GuidelineError
     from grounding.labels import LabelFormatError
     from grounding.lease import LeaseLost
     from grounding.registry import RegistryError
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _show(resolve(verb.run)(cfg))
     except (LabelFormatError, StoreError, FileNotFoundError, LabelStudioError, RegistryError,
-            OutputError, UnsafeStorage, LeaseLost, TrackingError) as e:
+            OutputError, UnsafeStorage, LeaseLost, TrackingError, GuidelineError) as e:
         # Bad input, not a bug: one clear message (every problem listed), no traceback.
         print(f"groundlabel {args._verb}: error: {e}", file=sys.stderr)
         return 2

@@ -102,11 +102,18 @@ class ImportConfig(Settings):
         return {x.strip() for x in self.labels.split(",") if x.strip()} if self.labels else None
 
 
+GUIDELINE_HELP = ("Labeling guideline: a Markdown file whose front matter gives its name and "
+                  "version (default: the guideline groundlabel ships, "
+                  "grounding/guidelines/default.md). Shown to reviewers as the project's "
+                  "instructions; every task and decision records its NAME@VERSION.")
+
+
 class ReviewExportConfig(Settings):
     """``groundlabel review export``: a job's predictions as Label Studio tasks."""
 
     output: JobOutputURI = Field(json_schema_extra={"positional": True})
     tasks: str = Field(description="Tasks JSON file to write.")
+    guideline: str | None = Field(None, description=GUIDELINE_HELP)
     model_version: str | None = Field(None, description="model_version of the predictions "
                                       "(default: model/adapter/prompt version of each row).")
     images: TaskImages = Field(default_factory=TaskImages, description="Task images.")
@@ -136,7 +143,9 @@ class ReviewPushConfig(Settings):
     label_studio: LabelStudio
     title: str | None = Field(None, description="Project title (default: groundlabel JOB_ID).")
     project: int | None = Field(None, description="Add the tasks to this existing project "
-                                "instead.")
+                                "instead (its instructions must be the same guideline, or "
+                                "empty).")
+    guideline: str | None = Field(None, description=GUIDELINE_HELP)
     images: TaskImages = Field(default_factory=TaskImages, description="Task images.")
     routing: Routing = Field(default_factory=Routing, description="Auto-accept routing.")
     storage: StorageOptions = Field(default_factory=StorageOptions, description="Object storage.")
@@ -239,11 +248,14 @@ def _save_rejects(rejects: list[dict], uri: str, opts: StorageOptions | None) ->
             f.write(json.dumps(r, default=str) + "\n")
 
 
-def import_labels(cfg: ImportConfig) -> dict:
+def import_labels(cfg: ImportConfig, reviewers: dict | None = None) -> dict:
     """Labels of a file into the store as one new version.
 
     Label Studio exports carry their own decisions (accept / correct / reject, reviewer and
-    time); other formats are recorded as ``decision`` (default ``correct``: people's boxes).
+    time, the guideline the task was pushed with): every person's newest annotation of a task
+    is one record (several people may label one task); ``reviewers`` maps Label Studio user
+    ids to e-mail addresses. Other formats are recorded as ``decision`` (default ``correct``:
+    people's boxes).
     With ``skip_invalid`` the valid rows are imported and the invalid ones are written, with
     their problems, to ``rejects_uri`` (default: next to the input), so nothing is lost.
     """
@@ -253,7 +265,9 @@ def import_labels(cfg: ImportConfig) -> dict:
     input_uri, fmt, store, opts = cfg.input, cfg.from_fmt, cfg.store, cfg.storage
     decision, reviewer, skip_invalid = cfg.decision, cfg.reviewer, cfg.skip_invalid
     labels = cfg.label_set()
-    kw = {"labels": labels} if fmt == "labelstudio" and labels else {}
+    kw = {"every_annotation": True, "reviewers": reviewers} if fmt == "labelstudio" else {}
+    if fmt == "labelstudio" and labels:
+        kw["labels"] = labels
     res = read_labels(input_uri, fmt, opts, skip_invalid=skip_invalid, **kw)
     records, unreviewed = [], 0
     for it in res.items:
@@ -264,6 +278,7 @@ def import_labels(cfg: ImportConfig) -> dict:
         records.append(decision_record(it, d, predicted=it.get("_predicted"),
                                        reviewer=it.get("_reviewer") or reviewer,
                                        reviewed_at=it.get("_reviewed_at"),
+                                       guideline=it.get("_guideline"),
                                        source=f"import:{fmt}"))
     out = {"input": input_uri, "format": fmt, "store": store, "version": None,
            "records": len(records), "unreviewed": unreviewed, "rejected_rows": len(res.rejects),
@@ -286,12 +301,14 @@ def export_tasks(cfg: ReviewExportConfig) -> dict:
     load (e.g. ``/data/images`` -> ``/data/local-files/?d=images``); ``embed_images`` puts a
     metadata-free PNG into each task instead.
     """
+    from grounding import guideline as guidelines
     from grounding.convert import embed_all, fill_sizes
     from grounding.convert.labelstudio import LABEL_CONFIG, write
 
     output, tasks_uri, opts = cfg.output, cfg.tasks, cfg.storage
     image_root, image_url_prefix = cfg.images.image_root, cfg.images.image_url_prefix
     embed_images = cfg.images.embed_images
+    rules = guidelines.load(cfg.guideline)
     items = job_items(output, opts)
     problems = fill_sizes(items, opts)
     if problems:
@@ -317,11 +334,16 @@ def export_tasks(cfg: ReviewExportConfig) -> dict:
     fs, path = filesystem(tasks_uri, opts)
     parent = path.rsplit("/", 1)[0]
     fs.makedirs(parent, exist_ok=True)
-    write(items, fs, path, model_version=cfg.model_version, image_url=url)
+    write(items, fs, path, model_version=cfg.model_version, image_url=url, guideline=rules.id)
     with fs.open(join(parent, "label_config.xml"), "wt") as f:
         f.write(LABEL_CONFIG)
+    # For a project made by hand: paste into Settings > Instructions.
+    with fs.open(join(parent, "instructions.html"), "wt", encoding="utf-8") as f:
+        f.write(rules.html())
     out = {"job": output, "tasks": tasks_uri, "n": len(items),
-           "label_config": join(tasks_uri.rsplit("/", 1)[0], "label_config.xml")}
+           "label_config": join(tasks_uri.rsplit("/", 1)[0], "label_config.xml"),
+           "instructions": join(tasks_uri.rsplit("/", 1)[0], "instructions.html"),
+           "guideline": rules.id}
     if cfg.routing.auto_accept_precision is not None:
         out |= {"auto_accepted": len(routed["auto"]), "audited": len(routed["audit"]),
                 "to_review": len(routed["review"]), "store_version": routed["version"],
@@ -350,19 +372,48 @@ def _ls_call(s, method: str, url: str, ok=(200, 201), **kw):
     return r.json()
 
 
+def _instructions(s, url: str, project: int, rules) -> None:
+    """Make an existing project show ``rules``: set its instructions where it has none; refuse
+    a project showing another guideline or instructions of its own (its earlier decisions were
+    made under those: the tasks must not say otherwise)."""
+    from grounding import guideline as guidelines
+
+    have = _ls_call(s, "GET", f"{url}/api/projects/{project}")
+    shown = guidelines.from_instructions(have.get("expert_instruction"))
+    if shown == rules.id:
+        if not have.get("show_instruction"):
+            _ls_call(s, "PATCH", f"{url}/api/projects/{project}", json={"show_instruction": True})
+        return
+    if shown is not None or (have.get("expert_instruction") or "").strip():
+        what = f"guideline {shown}" if shown else "instructions of its own"
+        raise LabelStudioError(
+            f"Label Studio project {project} shows {what}, not guideline {rules.id}: push to a "
+            "new project (leave out --project), or push with the guideline it shows, so that "
+            "every decision is made under the guideline it records")
+    _ls_call(s, "PATCH", f"{url}/api/projects/{project}",
+             json={"expert_instruction": rules.html(), "show_instruction": True})
+
+
 def push_to_label_studio(cfg: ReviewPushConfig) -> dict:
     """Create a Label Studio project (or use ``project``) and import a job's predictions as
     tasks, least-confident first (Label Studio's REST API: ``/api/projects``,
-    ``/api/projects/{id}/import``)."""
+    ``/api/projects/{id}/import``).
+
+    The labeling guideline (``guideline``, default the shipped one) becomes the project's
+    instructions (``expert_instruction``, shown before labeling: ``show_instruction``; the
+    labeling screen shows them too) and each task's ``data.guideline`` (``NAME@VERSION``),
+    which every decision pulled back records."""
     import tempfile
 
+    from grounding import guideline as guidelines
     from grounding.convert.labelstudio import LABEL_CONFIG
 
     url, token, project = cfg.label_studio.url.rstrip("/"), cfg.label_studio.token(), cfg.project
+    rules = guidelines.load(cfg.guideline)
     with tempfile.TemporaryDirectory() as d:
         routed = export_tasks(ReviewExportConfig(output=cfg.output, tasks=f"{d}/tasks.json",
                                                  images=cfg.images, routing=cfg.routing,
-                                                 storage=cfg.storage))
+                                                 storage=cfg.storage, guideline=cfg.guideline))
         with open(f"{d}/tasks.json") as f:
             tasks = json.load(f)
     with _ls_session(url, token) as s:
@@ -370,20 +421,40 @@ def push_to_label_studio(cfg: ReviewPushConfig) -> dict:
             job = JobOutput(cfg.output, cfg.storage).job_record()
             title = cfg.title or f"groundlabel {job.get('job_id') or cfg.output}"
             project = _ls_call(s, "POST", f"{url}/api/projects",
-                               json={"title": title[:50], "label_config": LABEL_CONFIG})["id"]
+                               json={"title": title[:50], "label_config": LABEL_CONFIG,
+                                     "expert_instruction": rules.html(),
+                                     "show_instruction": True})["id"]
+        else:
+            _instructions(s, url, project, rules)
         res = _ls_call(s, "POST", f"{url}/api/projects/{project}/import", json=tasks)
-    return {"project": project, "tasks": res.get("task_count", len(tasks)), "url": url} | {
+    return {"project": project, "tasks": res.get("task_count", len(tasks)), "url": url,
+            "guideline": rules.id} | {
         k: v for k, v in routed.items() if k in ("auto_accepted", "audited", "keys")}
+
+
+def _reviewers(s, url: str) -> dict:
+    """``{user id: e-mail}`` of the organization's users (Label Studio's export names an
+    annotation's author by id only); empty where the token may not list users (the ids are
+    recorded then)."""
+    r = s.get(f"{url}/api/users", timeout=120)
+    if r.status_code != 200:
+        return {}
+    body = r.json()
+    users = body.get("results", []) if isinstance(body, dict) else body
+    return {u["id"]: u["email"] for u in users
+            if isinstance(u, dict) and u.get("id") is not None and u.get("email")}
 
 
 def pull_from_label_studio(cfg: ReviewPullConfig) -> dict:
     """Download a project's JSON export (annotated tasks) and import its review decisions into
-    the store. The raw export is kept at ``export_uri`` (default: next to the store, under
+    the store: every person's newest annotation of a task, with their e-mail address (from
+    ``/api/users``), its time and the guideline the task was pushed with. The raw export is kept at ``export_uri`` (default: next to the store, under
     ``exports/``) so every version can be traced back to what Label Studio said."""
     url, project, store, opts = cfg.label_studio.url.rstrip("/"), cfg.project, cfg.store, cfg.storage
     with _ls_session(url, cfg.label_studio.token()) as s:
         tasks = _ls_call(s, "GET", f"{url}/api/projects/{project}/export",
                          params={"exportType": "JSON"})
+        reviewers = _reviewers(s, url)
     import datetime as dt
 
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
@@ -394,6 +465,6 @@ def pull_from_label_studio(cfg: ReviewPullConfig) -> dict:
         json.dump(tasks, f)
     res = import_labels(ImportConfig(input=export_uri, from_fmt="labelstudio", store=store,
                                      labels=cfg.labels, skip_invalid=cfg.skip_invalid,
-                                     storage=opts))
+                                     storage=opts), reviewers=reviewers)
     res["project"] = project
     return res

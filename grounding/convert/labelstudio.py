@@ -27,11 +27,18 @@ to a millionth of a pixel (`grounding.labels.snap`): a box dragged to the border
 a ``decision`` choice to reject an unusable item.
 
 In (``read``): Label Studio's JSON export (a list of tasks with ``annotations``). Per task the
-newest non-cancelled annotation is the review decision:
+newest non-cancelled annotation is the review decision; with ``every_annotation`` (what
+``review pull`` and ``import --from labelstudio`` use) each person's newest one is, one item
+per person, oldest first (several people may label one task: overlap). A decision is
 
 * a ``reject`` choice -> ``reject``;
 * boxes equal to the predicted boxes (within 0.5 px) -> ``accept``;
 * otherwise -> ``correct``, with the annotation's boxes (none = "no such object").
+
+Who decided is the annotation's ``completed_by`` (Label Studio's export gives the user id;
+``reviewers`` maps ids to e-mail addresses, which ``review pull`` reads from ``/api/users``).
+The guideline a task was pushed with is in its data (``guideline``, ``NAME@VERSION``,
+`grounding.guideline`) and comes back as ``_guideline``.
 
 Tasks without annotations come back as their predictions, with no decision. Unknown labels,
 boxes more than 0.5 px outside the image, tasks without an image or image size are problems
@@ -95,10 +102,12 @@ def _same_ref(ref: str) -> str:
 
 
 def to_tasks(items: list[dict], model_version: str | None = None, label: str = LABEL,
-             image_url=None) -> list[dict]:
+             image_url=None, guideline: str | None = None) -> list[dict]:
     """Label Studio tasks with predictions, least-confident first (items need width/height).
 
     ``image_url(ref)`` maps our image reference to a URL Label Studio can load (default: as is).
+    ``guideline``: ``NAME@VERSION`` of the labeling guideline the tasks are labeled under
+    (`grounding.guideline`), kept in each task's data.
     """
     tasks = []
     for it in sorted(items, key=_order):
@@ -119,6 +128,8 @@ def to_tasks(items: list[dict], model_version: str | None = None, label: str = L
         # Data columns too: Label Studio's data manager sorts and filters by any of them.
         data.update({"score": it.get("score"), "calibrated_score": it.get("calibrated"),
                      "route": it.get("route", "review")})
+        if guideline:
+            data["guideline"] = guideline
         pred = {"model_version": model_version or _version(it), "result": result}
         if task_score(it) is not None:
             pred["score"] = task_score(it)
@@ -132,7 +143,7 @@ def _version(it: dict) -> str:
 
 
 def write(items: list[dict], fs, path: str, model_version: str | None = None,
-          image_url=None) -> None:
+          image_url=None, guideline: str | None = None) -> None:
     from grounding.convert import fill_sizes
     from grounding.labels import LabelFormatError
 
@@ -140,26 +151,47 @@ def write(items: list[dict], fs, path: str, model_version: str | None = None,
     if problems:
         raise LabelFormatError(path, ["Label Studio needs image sizes: " + p for p in problems])
     with fs.open(path, "wt", encoding="utf-8") as f:
-        json.dump(to_tasks(items, model_version, image_url=image_url), f, indent=1)
+        json.dump(to_tasks(items, model_version, image_url=image_url, guideline=guideline), f,
+                  indent=1)
+
+
+def _when(a: dict) -> tuple:
+    return str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0
+
+
+def _live(annotations: list) -> list[dict]:
+    """The task's annotations that are decisions (not cancelled = skipped), oldest first."""
+    live = [a for a in annotations or [] if isinstance(a, dict) and not a.get("was_cancelled")]
+    return sorted(live, key=_when)
 
 
 def _newest(annotations: list) -> dict | None:
-    live = [a for a in annotations or [] if isinstance(a, dict) and not a.get("was_cancelled")]
-    if not live:
-        return None
-    return max(live, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""),
-                                    a.get("id") or 0))
+    live = _live(annotations)
+    return live[-1] if live else None
 
 
-def _reviewer(a: dict) -> str | None:
+def _who(a: dict):
+    who = a.get("completed_by")
+    return who.get("id", who.get("email")) if isinstance(who, dict) else who
+
+
+def _reviewer(a: dict, reviewers: dict | None = None) -> str | None:
+    """Who made annotation ``a``: an e-mail address where known, else Label Studio's user id."""
     who = a.get("completed_by")
     if isinstance(who, dict):
-        return who.get("email") or str(who.get("id"))
-    return None if who is None else str(who)
+        return who.get("email") or (None if who.get("id") is None else str(who.get("id")))
+    if who is None:
+        return None
+    return (reviewers or {}).get(who) or (reviewers or {}).get(str(who)) or str(who)
 
 
-def parse_task(task, labels: set[str]) -> tuple[dict | None, list[str]]:
-    """One exported task -> a labeled item with ``_decision`` (or problems)."""
+_NEWEST = object()
+
+
+def parse_task(task, labels: set[str], annotation=_NEWEST,
+               reviewers: dict | None = None) -> tuple[dict | None, list[str]]:
+    """One exported task -> a labeled item with ``_decision`` (or problems), from its newest
+    live annotation (or from ``annotation``; None: from its prediction)."""
     if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
         return None, ["not a Label Studio task (no 'data')"]
     data = task["data"]
@@ -169,7 +201,7 @@ def parse_task(task, labels: set[str]) -> tuple[dict | None, list[str]]:
         problems.append("task has no image")
     if not isinstance(data.get("text"), str) or not data["text"].strip():
         problems.append("task has no text")
-    ann = _newest(task.get("annotations"))
+    ann = _newest(task.get("annotations")) if annotation is _NEWEST else annotation
     if ann is not None:
         source, results = "annotation", ann.get("result") or []
     else:
@@ -224,11 +256,13 @@ def parse_task(task, labels: set[str]) -> tuple[dict | None, list[str]]:
             return None, [f"predicted_boxes is malformed ({e}); it is what the decision (accept "
                           "or correct) is read against, so the task cannot be imported"]
     it["_predicted"] = {"boxes": predicted, "score": _pred_score(task)}
+    guideline = data.get("guideline")
+    it["_guideline"] = guideline if isinstance(guideline, str) and guideline else None
     if source == "prediction":
         it["_decision"] = None
         it["score"] = _pred_score(task)
     else:
-        it["_reviewer"] = _reviewer(ann)
+        it["_reviewer"] = _reviewer(ann, reviewers)
         it["_reviewed_at"] = ann.get("updated_at") or ann.get("created_at")
         it["_decision"] = "reject" if reject else (
             "accept" if predicted is not None and _same(boxes, predicted) else "correct")
@@ -254,7 +288,33 @@ def _same(a: list, b: list) -> bool:
                for p, q in zip(key(a), key(b), strict=True))
 
 
-def read(fs, path: str, labels: set[str] | None = None) -> ReadResult:
+def parse_annotations(task, labels: set[str], reviewers: dict | None = None
+                      ) -> tuple[list[dict], list[str]]:
+    """One exported task -> one labeled item per person who annotated it (their newest live
+    annotation; people oldest first), or the task's prediction when nobody did; or problems
+    (all of the task's, the task then refused whole)."""
+    if not isinstance(task, dict):
+        return [], ["not a Label Studio task (no 'data')"]
+    per_person: dict = {}
+    for a in _live(task.get("annotations")):
+        per_person.pop(_who(a), None)  # re-inserted: people ordered by their newest annotation
+        per_person[_who(a)] = a
+    out, problems = [], []
+    for ann in per_person.values() or [None]:
+        it, probs = parse_task(task, labels, ann, reviewers)
+        if probs:
+            several = len(per_person) > 1  # then say whose annotation it is
+            who = f"annotation {ann.get('id')} by {_reviewer(ann, reviewers)}: " if several else ""
+            problems.extend(who + p for p in probs)
+        else:
+            out.append(it)
+    return ([], problems) if problems else (out, [])
+
+
+def read(fs, path: str, labels: set[str] | None = None, every_annotation: bool = False,
+         reviewers: dict | None = None) -> ReadResult:
+    """Items of a Label Studio JSON export: one per task (its newest annotation), or with
+    ``every_annotation`` one per person who annotated it. ``reviewers``: ``{user id: e-mail}``."""
     labels = labels or {LABEL}
     with fs.open(path, "rt", encoding="utf-8") as f:
         try:
@@ -268,10 +328,14 @@ def read(fs, path: str, labels: set[str] | None = None) -> ReadResult:
                                 "row": None}])
     items, rejects = [], []
     for i, task in enumerate(doc):
-        it, problems = parse_task(task, labels)
+        if every_annotation:
+            found, problems = parse_annotations(task, labels, reviewers)
+        else:
+            it, problems = parse_task(task, labels, reviewers=reviewers)
+            found = [it]
         where = f"task {task.get('id', i) if isinstance(task, dict) else i}"
         if problems:
             rejects.append({"where": where, "problems": problems, "row": task})
         else:
-            items.append(it)
+            items.extend(found)
     return ReadResult(items, rejects)
