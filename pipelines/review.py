@@ -173,6 +173,28 @@ class ReviewLogConfig(Settings):
     storage: StorageOptions = Field(default_factory=StorageOptions, description="Object storage.")
 
 
+class ReviewAgreementConfig(Settings):
+    """``groundlabel review agreement``: how well the store's reviewers agree."""
+
+    store: StoreURI = Field(json_schema_extra={"positional": True})
+    version: StoreVersion = None
+    iou: float = Field(0.5, gt=0.0, le=1.0, description="Two people's boxes match when their "
+                       "IoU is at least this.")
+    storage: StorageOptions = Field(default_factory=StorageOptions, description="Object storage.")
+
+
+def review_agreement(cfg: ReviewAgreementConfig) -> dict:
+    """Agreement between the people who reviewed the store's items (`grounding.agreement`):
+    box agreement and decision agreement (Cohen's kappa), overall, per guideline version, per
+    person and per pair."""
+    from grounding.agreement import agreement
+    from grounding.store import ReviewStore, is_store
+
+    if not is_store(cfg.store, cfg.storage):
+        raise FileNotFoundError(f"{cfg.store}: no reviewed-label store there")
+    return agreement(ReviewStore(cfg.store, cfg.storage), cfg.version, cfg.iou)
+
+
 def review_log(cfg: ReviewLogConfig) -> list[dict]:
     """What each commit of the store added, oldest first."""
     from grounding.store import ReviewStore
