@@ -14,6 +14,7 @@ Examples::
     groundlabel report runs/label-1      # -> runs/label-1/_report/report.html
     groundlabel review export runs/label-1 --tasks review/tasks.json
     groundlabel review import review/export.json --store reviewed/
+    groundlabel review push runs/label-1 --url http://ls:8080 --overlap 0.1 --annotators 2
     groundlabel review agreement reviewed/
     groundlabel export reviewed/ --to coco --out labels.json
     groundlabel store migrate reviewed-old/ reviewed/

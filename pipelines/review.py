@@ -146,9 +146,28 @@ class ReviewPushConfig(Settings):
                                 "instead (its instructions must be the same guideline, or "
                                 "empty).")
     guideline: str | None = Field(None, description=GUIDELINE_HELP)
+    overlap: float = Field(0.0, ge=0.0, le=1.0, description="Share of the tasks that "
+                           "--annotators people label independently (a seeded choice of items; "
+                           "Label Studio's own per-task overlap). 0: one person per task.")
+    annotators: int = Field(2, ge=2, le=20, description="How many people label each overlapped "
+                            "task.")
+    seed: int = Field(0, description="Seed of the overlap choice: the same items are chosen for "
+                      "the same seed, whatever their order.")
     images: TaskImages = Field(default_factory=TaskImages, description="Task images.")
     routing: Routing = Field(default_factory=Routing, description="Auto-accept routing.")
     storage: StorageOptions = Field(default_factory=StorageOptions, description="Object storage.")
+
+
+def overlap_items(item_ids: list[str], share: float, seed: int = 0) -> set[str]:
+    """The items ``share`` of ``item_ids`` (rounded) that several people label: those with the
+    smallest ``sha256(seed:item_id)``. Seeded, independent of the order, and nested (an item
+    chosen at a smaller share is chosen at a larger one)."""
+    import hashlib
+
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"the overlap share must be in [0, 1], got {share}")
+    ids = sorted(set(item_ids), key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest())
+    return set(ids[:round(share * len(ids))])
 
 
 class ReviewPullConfig(Settings):
@@ -448,10 +467,41 @@ def push_to_label_studio(cfg: ReviewPushConfig) -> dict:
                                      "show_instruction": True})["id"]
         else:
             _instructions(s, url, project, rules)
-        res = _ls_call(s, "POST", f"{url}/api/projects/{project}/import", json=tasks)
-    return {"project": project, "tasks": res.get("task_count", len(tasks)), "url": url,
-            "guideline": rules.id} | {
-        k: v for k, v in routed.items() if k in ("auto_accepted", "audited", "keys")}
+        chosen = overlap_items([t["data"]["item_id"] for t in tasks], cfg.overlap, cfg.seed)
+        for t in tasks:
+            t["data"]["overlap"] = cfg.annotators if t["data"]["item_id"] in chosen else 1
+        res = _ls_call(s, "POST", f"{url}/api/projects/{project}/import", json=tasks,
+                       params={"return_task_ids": "true"})
+        if chosen:
+            _overlap(s, url, project, tasks, res.get("task_ids"), cfg.annotators)
+    out = {"project": project, "tasks": res.get("task_count", len(tasks)), "url": url,
+           "guideline": rules.id}
+    if cfg.overlap:
+        out |= {"overlapped": len(chosen), "annotators": cfg.annotators, "seed": cfg.seed}
+    return out | {k: v for k, v in routed.items() if k in ("auto_accepted", "audited", "keys")}
+
+
+def _overlap(s, url: str, project: int, tasks: list[dict], ids: list | None, k: int) -> None:
+    """Give each imported task its overlap (``data.overlap``: k people or 1), the way Label
+    Studio 1.23.2 keeps it: per task (``overlap``, which its label stream and ``is_labeled``
+    follow). An import gives every new task the project's ``maximum_annotations``; changing
+    that setting afterwards rewrites the tasks with overlap > 1 (or, with none, all of them),
+    so it is raised to k only after the tasks are set, and must be 1 or k beforehand."""
+    if not ids or len(ids) != len(tasks):
+        raise LabelStudioError(f"Label Studio project {project}: the import did not return the "
+                               f"new tasks' ids ({len(ids or [])} for {len(tasks)} tasks), so "
+                               "their overlap cannot be set")
+    have = _ls_call(s, "GET", f"{url}/api/projects/{project}").get("maximum_annotations") or 1
+    if have not in (1, k):
+        raise LabelStudioError(
+            f"Label Studio project {project} has {have} annotations per task, not {k} or 1: "
+            f"push --annotators {have}, or to a new project")
+    for task_id, t in zip(ids, tasks, strict=True):
+        if t["data"]["overlap"] != have:
+            _ls_call(s, "PATCH", f"{url}/api/tasks/{task_id}",
+                     json={"overlap": t["data"]["overlap"]})
+    if have != k:
+        _ls_call(s, "PATCH", f"{url}/api/projects/{project}", json={"maximum_annotations": k})
 
 
 def _reviewers(s, url: str) -> dict:

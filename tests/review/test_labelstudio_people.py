@@ -106,3 +106,28 @@ def test_review_export_ships_the_guideline_with_the_tasks(tmp_path, capsys):
     assert main(["review", "export", str(job["out"]), "--tasks", str(tmp_path / "t2.json"),
                  "--guideline", str(bad)]) == 2
     assert "front matter" in capsys.readouterr().err and not (tmp_path / "t2.json").exists()
+
+
+def test_the_overlap_share_is_seeded_exact_and_stable_per_item():
+    from pipelines.review import overlap_items
+
+    ids = [f"item-{k}" for k in range(200)]
+    chosen = overlap_items(ids, 0.1, seed=7)
+    assert len(chosen) == 20 and chosen <= set(ids)
+    assert overlap_items(list(reversed(ids)), 0.1, seed=7) == chosen  # order does not matter
+    assert overlap_items(ids, 0.1, seed=8) != chosen                    # the seed does
+    # an item chosen at a smaller share stays chosen at a larger one
+    assert overlap_items(ids, 0.05, seed=7) <= chosen <= overlap_items(ids, 0.5, seed=7)
+    assert overlap_items(ids, 0.0, seed=7) == set() and overlap_items(ids, 1.0, seed=7) == set(ids)
+
+
+def test_overlap_flags_are_checked_and_name_the_flag():
+    import pytest
+
+    from groundlabel.cli import main
+
+    with pytest.raises(SystemExit, match=r"--overlap: Input should be less than or equal to 1"):
+        main(["review", "push", "out/", "--url", "http://x", "--overlap", "1.5"])
+    with pytest.raises(SystemExit, match=r"--annotators: Input should be greater than or equal"):
+        main(["review", "push", "out/", "--url", "http://x", "--overlap", "0.1",
+              "--annotators", "1"])

@@ -31,6 +31,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
 DAN = "dan@example.com"
 
 
+@pytest.fixture(scope="module")
+def label_studio(tmp_path_factory):
+    """One server for the module (its first start runs the migrations: ~40-75 s), with a
+    second person, Dan, signed up: ``(url, admin token, Dan's token)``."""
+    with start_label_studio(tmp_path_factory.mktemp("ls")) as (url, token):
+        yield url, token, invite_user(url, token, DAN, "dan-pass-12345")
+
+
 def _session(token: str):
     import requests
 
@@ -44,49 +52,50 @@ def _annotate(s, url: str, task: dict, result: list) -> None:
     assert r.status_code == 201, r.text[:300]
 
 
-def test_two_reviewers_on_the_same_tasks_under_the_guideline(tmp_path, capsys, monkeypatch):
+def test_two_reviewers_on_the_same_tasks_under_the_guideline(label_studio, tmp_path, capsys,
+                                                             monkeypatch):
     job = fake_job(tmp_path)
     rules = guideline.load()
     store = str(tmp_path / "store")
-    with start_label_studio(tmp_path / "ls") as (url, token):
-        monkeypatch.setenv("LABEL_STUDIO_API_KEY", token)
-        assert main(["review", "push", str(job["out"]), "--url", url]) == 0
-        pushed = json.loads(capsys.readouterr().out)
-        project = pushed["project"]
-        assert pushed["guideline"] == rules.id == "groundlabel-default@1"
-        admin, dan = _session(token), _session(invite_user(url, token, DAN, "dan-pass-12345"))
-        # what Label Studio shows: the guideline as the project's instructions, before labeling
-        got = admin.get(f"{url}/api/projects/{project}", timeout=60).json()
-        assert got["show_instruction"] is True
-        assert guideline.from_instructions(got["expert_instruction"]) == rules.id
-        assert "[600, 450, 640, 480]" in got["expert_instruction"]
-        assert dan.get(f"{url}/api/current-user/whoami", timeout=60).json()["email"] == DAN
-        tasks = sorted(admin.get(f"{url}/api/tasks", params={"project": project, "fields": "all",
-                                                              "page_size": 100},
-                                 timeout=60).json()["tasks"], key=lambda t: t["id"])
-        assert {t["data"]["guideline"] for t in tasks} == {rules.id}
-        # both label the first two tasks: the admin accepts both predictions, Dan accepts the
-        # first and moves the second's box 10 % to the right
-        for k, task in enumerate(tasks[:2]):
-            pred = task["predictions"][0]["result"]
-            _annotate(admin, url, task, pred)
-            moved = [dict(r, value=dict(r["value"], x=min(r["value"]["x"] + 10,
-                                                          100 - r["value"]["width"])))
-                     for r in pred] if k == 1 else pred
-            _annotate(dan, url, task, moved)
-        assert main(["review", "pull", "--url", url, "--project", str(project),
-                     "--store", store]) == 0
-        pulled = json.loads(capsys.readouterr().out)
-        # pushing again into the project under another guideline version is refused
-        other = tmp_path / "g2.md"
-        other.write_text(Path(rules.source).read_text().replace('version: "1"', 'version: "2"'))
-        assert main(["review", "push", str(job["out"]), "--url", url, "--project",
-                     str(project), "--guideline", str(other)]) == 2
-        err = capsys.readouterr().err
-        assert f"shows guideline {rules.id}, not guideline groundlabel-default@2" in err
-        # ... and with the same guideline it is accepted
-        assert main(["review", "push", str(job["out"]), "--url", url, "--project",
-                     str(project)]) == 0
+    url, token, dan_token = label_studio
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", token)
+    assert main(["review", "push", str(job["out"]), "--url", url]) == 0
+    pushed = json.loads(capsys.readouterr().out)
+    project = pushed["project"]
+    assert pushed["guideline"] == rules.id == "groundlabel-default@1"
+    admin, dan = _session(token), _session(dan_token)
+    # what Label Studio shows: the guideline as the project's instructions, before labeling
+    got = admin.get(f"{url}/api/projects/{project}", timeout=60).json()
+    assert got["show_instruction"] is True
+    assert guideline.from_instructions(got["expert_instruction"]) == rules.id
+    assert "[600, 450, 640, 480]" in got["expert_instruction"]
+    assert dan.get(f"{url}/api/current-user/whoami", timeout=60).json()["email"] == DAN
+    tasks = sorted(admin.get(f"{url}/api/tasks", params={"project": project, "fields": "all",
+                                                          "page_size": 100},
+                             timeout=60).json()["tasks"], key=lambda t: t["id"])
+    assert {t["data"]["guideline"] for t in tasks} == {rules.id}
+    # both label the first two tasks: the admin accepts both predictions, Dan accepts the
+    # first and moves the second's box 10 % to the right
+    for k, task in enumerate(tasks[:2]):
+        pred = task["predictions"][0]["result"]
+        _annotate(admin, url, task, pred)
+        moved = [dict(r, value=dict(r["value"], x=min(r["value"]["x"] + 10,
+                                                      100 - r["value"]["width"])))
+                 for r in pred] if k == 1 else pred
+        _annotate(dan, url, task, moved)
+    assert main(["review", "pull", "--url", url, "--project", str(project),
+                 "--store", store]) == 0
+    pulled = json.loads(capsys.readouterr().out)
+    # pushing again into the project under another guideline version is refused
+    other = tmp_path / "g2.md"
+    other.write_text(Path(rules.source).read_text().replace('version: "1"', 'version: "2"'))
+    assert main(["review", "push", str(job["out"]), "--url", url, "--project",
+                 str(project), "--guideline", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert f"shows guideline {rules.id}, not guideline groundlabel-default@2" in err
+    # ... and with the same guideline it is accepted
+    assert main(["review", "push", str(job["out"]), "--url", url, "--project",
+                 str(project)]) == 0
     assert pulled["records"] == 4 and pulled["decisions"] == {"accept": 3, "correct": 1}
     st = ReviewStore(store)
     ann = st.annotations().to_pylist()
@@ -98,3 +107,54 @@ def test_two_reviewers_on_the_same_tasks_under_the_guideline(tmp_path, capsys, m
     assert by[second, DAN]["boxes"][0][0] > by[second, USERNAME]["boxes"][0][0]
     assert {r["guideline"] for r in ann} == {rules.id}
     assert all(r["reviewed_at"] for r in ann)
+
+
+def _work_through(s, url: str, project: int) -> list[int]:
+    """Label Studio's own label stream (``/next``) as one person: take each task it gives,
+    accept its prediction, until it has none left; returns the task ids."""
+    done = []
+    while True:
+        r = s.get(f"{url}/api/projects/{project}/next", timeout=60)
+        if r.status_code == 404:
+            return done
+        assert r.status_code == 200, r.text[:300]
+        task = r.json()
+        _annotate(s, url, task, task["predictions"][0]["result"] if task["predictions"] else [])
+        done.append(task["id"])
+        assert len(done) <= 50
+
+
+def test_overlap_a_seeded_share_is_labeled_by_two_people(label_studio, tmp_path, capsys,
+                                                         monkeypatch):
+    from pipelines.review import overlap_items
+
+    job = fake_job(tmp_path)
+    store = str(tmp_path / "store")
+    url, token, dan_token = label_studio
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", token)
+    assert main(["review", "push", str(job["out"]), "--url", url, "--overlap", "0.34",
+                 "--annotators", "2", "--seed", "3"]) == 0
+    pushed = json.loads(capsys.readouterr().out)
+    project = pushed["project"]
+    assert pushed["tasks"] == 9 and pushed["overlapped"] == 3
+    admin, dan = _session(token), _session(dan_token)
+    got = admin.get(f"{url}/api/projects/{project}", timeout=60).json()
+    assert got["maximum_annotations"] == 2
+    tasks = admin.get(f"{url}/api/tasks", params={"project": project, "fields": "all",
+                                                  "page_size": 100}, timeout=60).json()["tasks"]
+    chosen = overlap_items([t["data"]["item_id"] for t in tasks], 0.34, seed=3)
+    assert {t["data"]["item_id"]: t["overlap"] for t in tasks} == {
+        t["data"]["item_id"]: 2 if t["data"]["item_id"] in chosen else 1 for t in tasks}
+    # Label Studio's label stream gives the first person every task and the second only
+    # the overlapped ones, which still lack an annotation
+    first = _work_through(admin, url, project)
+    second = _work_through(dan, url, project)
+    by_id = {t["id"]: t["data"]["item_id"] for t in tasks}
+    assert len(first) == 9 and {by_id[i] for i in second} == chosen
+    assert main(["review", "pull", "--url", url, "--project", str(project),
+                 "--store", store]) == 0
+    assert json.loads(capsys.readouterr().out)["records"] == 12
+    assert main(["review", "agreement", store]) == 0
+    agreed = json.loads(capsys.readouterr().out)
+    assert agreed["overlapped_items"] == 3 and agreed["people"] == sorted([USERNAME, DAN])
+    assert agreed["overall"]["decisions"]["agreement"] == 1.0  # both accepted every prediction
