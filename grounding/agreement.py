@@ -59,6 +59,18 @@ def match_boxes(a: list, b: list, iou: float = IOU) -> list[float]:
     return [float(m[r, c]) for r, c in zip(rows, cols, strict=True) if m[r, c] >= iou]
 
 
+def disagree(a: dict, b: dict, iou: float = IOU) -> bool:
+    """Whether two people's decisions on an item disagree: one rejects and the other does not;
+    or neither rejects and their boxes do not all match one to one at IoU >= ``iou`` (a box
+    without a partner, including "no such object" against a box). Accept against correct with
+    matching boxes agrees: both say the same boxes are right (what training uses)."""
+    ra, rb = a["decision"] == "reject", b["decision"] == "reject"
+    if ra or rb:
+        return ra != rb
+    ba, bb = a["boxes"] or [], b["boxes"] or []
+    return len(ba) != len(bb) or len(match_boxes(ba, bb, iou)) != len(ba)
+
+
 def _kappa(x: list[str], y: list[str]) -> float | None:
     import warnings
 
@@ -149,6 +161,8 @@ def agreement(store, version: int | None = None, iou: float = IOU) -> dict:
         "store": store.uri, "version": v, "iou": iou,
         "people": sorted({str(r["reviewer"]) for r in rows}),
         "overlapped_items": overlapped,
+        # how the snapshot resolves items: agreed, adjudicated, unresolved (left out)
+        "resolution": store.resolution(version),
         "overall": overall.stats(symmetric=True),
         "by_guideline": {g: s.stats(symmetric=True) for g, s in sorted(by_g.items())},
         "by_person": {p: s.stats(symmetric=False) for p, s in sorted(by_person.items())},

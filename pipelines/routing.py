@@ -145,7 +145,9 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     if not out:
         raise StoreError(f"{cfg.store} version {v} has no reviewed predictions with a score "
                          "and lineage (model, prompt version) to calibrate on")
-    return {"store": cfg.store, "version": v, "keys": out}
+    # items people disagree on, without an adjudication: no review of theirs is used
+    return {"store": cfg.store, "version": v, "keys": out,
+            "unresolved_items": store.resolution(v)["unresolved"]}
 
 
 def calibrate_items(items: list[dict], registry: str | None, opts) -> dict:

@@ -251,6 +251,8 @@ def _retrain(cfg: RetrainConfig, tracking) -> dict:
             "new_domain": _scores(verdict["new"]), "old_domain": _scores(verdict["old"]),
             "regression": _scores(verdict["regression"]),
             "train_items": len(train_items), "heldout_items": len(held), "replay": replay,
+            # items people disagree on, without an adjudication: in neither side
+            "unresolved_items": store.resolution(version)["unresolved"],
             "train_metrics": train_metrics, "seconds": round(time.time() - t0, 1)}
 
 

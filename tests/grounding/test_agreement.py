@@ -70,6 +70,10 @@ def test_agreement_overall_per_guideline_person_and_pair(store):
     assert alice["pairs"] == 6 and alice["decisions"]["agreement"] == pytest.approx(4 / 6)
     assert a["by_person"]["carol"]["decisions"]["agreement"] == 0.0
     assert a["overall"]["pairs"] == 7
+    # i1 (carol accepts, alice and bob correct: all boxes match), i2, i4 agree; i3 (boxes
+    # apart) and i6 (accept against reject) wait for an adjudication
+    assert a["resolution"] == {"version": 2, "items": 6, "overlapped": 5, "agreed": 3,
+                               "adjudicated": 0, "unresolved": 2}
 
 
 def test_kappa_is_none_where_it_is_undefined(tmp_path):
