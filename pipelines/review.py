@@ -137,9 +137,16 @@ class LabelStudio(BaseModel):
 
 
 class ReviewPushConfig(Settings):
-    """``groundlabel review push``: a Label Studio project from a job's predictions."""
+    """``groundlabel review push``: a Label Studio project from a job's predictions, or from a
+    store's adjudication queue."""
 
-    output: JobOutputURI = Field(json_schema_extra={"positional": True})
+    output: str | None = Field(None, description="Job output folder (local or s3://), as "
+                               "written by `groundlabel label` (leave out with --adjudicate).",
+                               json_schema_extra={"positional": True})
+    adjudicate: str | None = Field(None, description="A reviewed-label store: push its "
+                                   "adjudication queue (items whose reviewers disagree, not yet "
+                                   "adjudicated) instead of a job's predictions; each person's "
+                                   "decision is shown as a prediction named after them.")
     label_studio: LabelStudio
     title: str | None = Field(None, description="Project title (default: groundlabel JOB_ID).")
     project: int | None = Field(None, description="Add the tasks to this existing project "
@@ -156,6 +163,17 @@ class ReviewPushConfig(Settings):
     images: TaskImages = Field(default_factory=TaskImages, description="Task images.")
     routing: Routing = Field(default_factory=Routing, description="Auto-accept routing.")
     storage: StorageOptions = Field(default_factory=StorageOptions, description="Object storage.")
+
+    _source = model_validator(mode="after")(lambda self: _one_source(self))
+
+
+def _one_source(cfg: ReviewPushConfig) -> ReviewPushConfig:
+    if (cfg.output is None) == (cfg.adjudicate is None):
+        raise ValueError("give either OUTPUT (a job's predictions) or --adjudicate STORE")
+    if cfg.adjudicate is not None and cfg.overlap:
+        raise ValueError("--overlap is for reviews: an adjudication task is decided by one "
+                         "person")
+    return cfg
 
 
 def overlap_items(item_ids: list[str], share: float, seed: int = 0) -> set[str]:
@@ -319,7 +337,7 @@ def import_labels(cfg: ImportConfig, reviewers: dict | None = None) -> dict:
         records.append(decision_record(it, d, predicted=it.get("_predicted"),
                                        reviewer=it.get("_reviewer") or reviewer,
                                        reviewed_at=it.get("_reviewed_at"),
-                                       guideline=it.get("_guideline"),
+                                       guideline=it.get("_guideline"), role=it.get("_role"),
                                        source=f"import:{fmt}"))
     out = {"input": input_uri, "format": fmt, "store": store, "version": None,
            "records": len(records), "unreviewed": unreviewed, "rejected_rows": len(res.rejects),
@@ -334,6 +352,24 @@ def import_labels(cfg: ImportConfig, reviewers: dict | None = None) -> dict:
     return out
 
 
+def _image_urls(images: TaskImages, items: list[dict], where: str, opts):
+    """``url(ref)``: how Label Studio reaches each item's image (a rewritten path prefix, or
+    the embedded metadata-free PNG)."""
+    from grounding.convert import embed_all
+
+    pngs = embed_all(items, where, opts, images.blur_faces) if images.embed_images else {}
+    root, prefix = images.image_root, images.image_url_prefix
+
+    def url(ref: str) -> str:
+        if images.embed_images:
+            return pngs[ref]
+        if root and prefix and ref.startswith(root):
+            return prefix + ref[len(root):].lstrip("/")
+        return ref
+
+    return url
+
+
 def export_tasks(cfg: ReviewExportConfig) -> dict:
     """A job's predictions as Label Studio tasks (least-confident first) at ``tasks_uri``,
     with the project's labeling config written next to it (``label_config.xml``).
@@ -343,12 +379,10 @@ def export_tasks(cfg: ReviewExportConfig) -> dict:
     metadata-free PNG into each task instead.
     """
     from grounding import guideline as guidelines
-    from grounding.convert import embed_all, fill_sizes
+    from grounding.convert import fill_sizes
     from grounding.convert.labelstudio import LABEL_CONFIG, write
 
     output, tasks_uri, opts = cfg.output, cfg.tasks, cfg.storage
-    image_root, image_url_prefix = cfg.images.image_root, cfg.images.image_url_prefix
-    embed_images = cfg.images.embed_images
     rules = guidelines.load(cfg.guideline)
     items = job_items(output, opts)
     problems = fill_sizes(items, opts)
@@ -363,15 +397,7 @@ def export_tasks(cfg: ReviewExportConfig) -> dict:
         it["route"] = "audit"
     items = routed["review"] + routed["audit"]
 
-    pngs = embed_all(items, output, opts, cfg.images.blur_faces) if embed_images else {}
-
-    def url(ref: str) -> str:
-        if embed_images:
-            return pngs[ref]
-        if image_root and image_url_prefix and ref.startswith(image_root):
-            return image_url_prefix + ref[len(image_root):].lstrip("/")
-        return ref
-
+    url = _image_urls(cfg.images, items, output, opts)
     fs, path = filesystem(tasks_uri, opts)
     parent = path.rsplit("/", 1)[0]
     fs.makedirs(parent, exist_ok=True)
@@ -451,6 +477,8 @@ def push_to_label_studio(cfg: ReviewPushConfig) -> dict:
 
     url, token, project = cfg.label_studio.url.rstrip("/"), cfg.label_studio.token(), cfg.project
     rules = guidelines.load(cfg.guideline)
+    if cfg.adjudicate is not None:
+        return _push_adjudication(cfg, rules, url, token)
     with tempfile.TemporaryDirectory() as d:
         routed = export_tasks(ReviewExportConfig(output=cfg.output, tasks=f"{d}/tasks.json",
                                                  images=cfg.images, routing=cfg.routing,
@@ -479,6 +507,48 @@ def push_to_label_studio(cfg: ReviewPushConfig) -> dict:
     if cfg.overlap:
         out |= {"overlapped": len(chosen), "annotators": cfg.annotators, "seed": cfg.seed}
     return out | {k: v for k, v in routed.items() if k in ("auto_accepted", "audited", "keys")}
+
+
+def _push_adjudication(cfg: ReviewPushConfig, rules, url: str, token: str) -> dict:
+    """The store's adjudication queue as tasks (`grounding.convert.labelstudio.
+    adjudication_tasks`) in a new project (or ``project``); nothing is created when the queue
+    is empty."""
+    from grounding.convert import fill_sizes
+    from grounding.convert.labelstudio import LABEL_CONFIG, adjudication_tasks
+    from grounding.store import ReviewStore, is_store
+
+    if not is_store(cfg.adjudicate, cfg.storage):
+        raise FileNotFoundError(f"{cfg.adjudicate}: no reviewed-label store there")
+    store = ReviewStore(cfg.adjudicate, cfg.storage)
+    version = store.latest()
+    queue = store.unresolved(version).to_pylist()
+    out = {"store": cfg.adjudicate, "store_version": version, "guideline": rules.id,
+           "items": len({r["item_id"] for r in queue}), "url": url}
+    if not queue:
+        return out | {"project": None, "tasks": 0}
+    images = [{"item_id": r["item_id"], "image": r["image"], "width": r["width"],
+               "height": r["height"]} for r in queue]
+    problems = fill_sizes(images, cfg.storage)
+    if problems:
+        from grounding.labels import LabelFormatError
+
+        raise LabelFormatError(cfg.adjudicate, problems)
+    for r, im in zip(queue, images, strict=True):
+        r["width"], r["height"] = im["width"], im["height"]
+    tasks = adjudication_tasks(queue, _image_urls(cfg.images, images, cfg.adjudicate,
+                                                  cfg.storage), rules.id)
+    project = cfg.project
+    with _ls_session(url, token) as s:
+        if project is None:
+            title = cfg.title or f"groundlabel adjudication v{version}"
+            project = _ls_call(s, "POST", f"{url}/api/projects",
+                               json={"title": title[:50], "label_config": LABEL_CONFIG,
+                                     "expert_instruction": rules.html(),
+                                     "show_instruction": True})["id"]
+        else:
+            _instructions(s, url, project, rules)
+        res = _ls_call(s, "POST", f"{url}/api/projects/{project}/import", json=tasks)
+    return out | {"project": project, "tasks": res.get("task_count", len(tasks))}
 
 
 def _overlap(s, url: str, project: int, tasks: list[dict], ids: list | None, k: int) -> None:

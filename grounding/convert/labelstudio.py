@@ -40,6 +40,9 @@ Who decided is the annotation's ``completed_by`` (Label Studio's export gives th
 The guideline a task was pushed with is in its data (``guideline``, ``NAME@VERSION``,
 `grounding.guideline`) and comes back as ``_guideline``.
 
+Tasks of the adjudication queue (`adjudication_tasks`, ``data.role: adjudication``) come
+back with ``_role`` ``adjudication``: their decision settles the item in the store.
+
 Tasks without annotations come back as their predictions, with no decision. Unknown labels,
 boxes more than 0.5 px outside the image, tasks without an image or image size are problems
 (reported together; nothing is imported unless invalid tasks are skipped on purpose).
@@ -134,6 +137,58 @@ def to_tasks(items: list[dict], model_version: str | None = None, label: str = L
         if task_score(it) is not None:
             pred["score"] = task_score(it)
         tasks.append({"data": data, "predictions": [pred]})
+    return tasks
+
+
+def _regions(boxes: list, w: int, h: int, label: str = LABEL) -> list[dict]:
+    return [{"id": uuid.uuid4().hex[:10], "from_name": FROM_NAME, "to_name": TO_NAME,
+             "type": "rectanglelabels", "original_width": w, "original_height": h,
+             "image_rotation": 0, "value": dict(to_percent(b, w, h), rectanglelabels=[label])}
+            for b in boxes]
+
+
+def adjudication_tasks(records: list[dict], image_url=None, guideline: str | None = None
+                       ) -> list[dict]:
+    """Label Studio tasks for the adjudication queue (`grounding.store.ReviewStore.unresolved`
+    records: every disagreeing person's current decision per item), one task per item.
+
+    Each person's decision is a prediction named ``"<reviewer>: <decision>"`` (their boxes, or
+    the ``reject`` choice), the model's boxes one named ``model``; the adjudicator starts from
+    any of them. ``data.role`` is ``adjudication``: the decision pulled back settles the item
+    (store role ``adjudication``); ``data.predicted_boxes`` stay the model's, which accept /
+    correct are read against."""
+    per_item: dict[str, list[dict]] = {}
+    for r in records:
+        per_item.setdefault(r["item_id"], []).append(r)
+    tasks = []
+    for item_id, recs in per_item.items():
+        first = recs[0]
+        w, h = first["width"], first["height"]
+        if not (w and h):
+            raise ValueError(f"item {item_id}: no image size in the store; Label Studio boxes "
+                             "need it")
+        preds = []
+        for r in sorted(recs, key=lambda r: str(r["reviewer"])):
+            result = _regions(r["boxes"] or [], w, h)
+            if r["decision"] == "reject":
+                result = [{"id": uuid.uuid4().hex[:10], "from_name": CHOICE_NAME,
+                           "to_name": TO_NAME, "type": "choices",
+                           "value": {"choices": ["reject"]}}]
+            preds.append({"model_version": f"{r['reviewer']}: {r['decision']}",
+                          "result": result})
+        predicted = next((r["predicted_boxes"] for r in recs
+                          if r.get("predicted_boxes") is not None), None)
+        if predicted is not None:
+            preds.append({"model_version": "model", "result": _regions(predicted, w, h)})
+        data = {"image": (image_url or _same_ref)(first["image"]), "image_ref": first["image"],
+                "text": first["text"], "item_id": item_id, "width": w, "height": h,
+                "predicted_boxes": predicted, "score": first.get("predicted_score"),
+                "role": "adjudication",
+                "reviewers": sorted(str(r["reviewer"]) for r in recs)}
+        data.update({k: first[k] for k in LINEAGE if first.get(k) is not None})
+        if guideline:
+            data["guideline"] = guideline
+        tasks.append({"data": data, "predictions": preds})
     return tasks
 
 
@@ -258,6 +313,7 @@ def parse_task(task, labels: set[str], annotation=_NEWEST,
     it["_predicted"] = {"boxes": predicted, "score": _pred_score(task)}
     guideline = data.get("guideline")
     it["_guideline"] = guideline if isinstance(guideline, str) and guideline else None
+    it["_role"] = "adjudication" if data.get("role") == "adjudication" else None
     if source == "prediction":
         it["_decision"] = None
         it["score"] = _pred_score(task)

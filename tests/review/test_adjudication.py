@@ -46,3 +46,50 @@ def test_training_labels_leave_unresolved_items_out(tmp_path):
     assert len(items) == 11 and "thing 1" not in {it["text"] for it in items}
     assert {it["item_id"] for it in train_side} | {it["item_id"] for it in held} == {
         it["item_id"] for it in items}
+
+
+def test_adjudication_tasks_show_every_persons_boxes_and_come_back_as_adjudications(tmp_path):
+    """The queue as Label Studio tasks: one prediction per person (named after them, their
+    decision) and the model's; an annotation of such a task comes back with role
+    adjudication, and the item is labeled again."""
+    import json
+
+    from grounding.convert.labelstudio import adjudication_tasks, from_percent
+    from pipelines.review import ImportConfig, import_labels
+
+    st = _store(tmp_path)
+    (task,) = adjudication_tasks(st.unresolved().to_pylist(), guideline="team@1")
+    assert task["data"]["role"] == "adjudication" and task["data"]["text"] == "thing 1"
+    assert task["data"]["guideline"] == "team@1"
+    assert task["data"]["reviewers"] == ["alice", "bob"]
+    shown = {p["model_version"]: [from_percent(r["value"], 100, 80) for r in p["result"]]
+             for p in task["predictions"]}
+    assert shown == {"alice: accept": [[0, 0, 10, 10]], "bob: correct": [[50, 50, 60, 60]],
+                     "model": [[0, 0, 10, 10]]}
+    # carol adjudicates: bob was right
+    ann = dict(task["predictions"][1]["result"][0])
+    task |= {"id": 1, "annotations": [{"id": 1, "completed_by": 5, "result": [ann],
+                                       "was_cancelled": False,
+                                       "updated_at": "2026-12-02T10:00:00Z"}]}
+    p = tmp_path / "adjudicated.json"
+    p.write_text(json.dumps([task]))
+    res = import_labels(ImportConfig(input=str(p), from_fmt="labelstudio", store=st.uri),
+                        reviewers={5: "carol"})
+    assert res["records"] == 1
+    snap = {r["text"]: r for r in st.snapshot().to_pylist()}
+    assert snap["thing 1"]["role"] == "adjudication" and snap["thing 1"]["reviewer"] == "carol"
+    assert snap["thing 1"]["boxes"] == [[50.0, 50.0, 60.0, 60.0]]
+    assert snap["thing 1"]["decision"] == "correct"  # against the model's prediction
+    assert st.resolution()["unresolved"] == 0 and len(st.unresolved()) == 0
+
+
+def test_a_reject_is_shown_as_the_reject_choice(tmp_path):
+    from grounding.convert.labelstudio import adjudication_tasks
+
+    st = ReviewStore(str(tmp_path / "s"))
+    st.append([_rec(3, [0, 0, 10, 10], "accept", "alice"), _rec(3, [], "reject", "bob")],
+              source="test")
+    (task,) = adjudication_tasks(st.unresolved().to_pylist())
+    bob = next(p for p in task["predictions"] if p["model_version"] == "bob: reject")
+    assert [r["type"] for r in bob["result"]] == ["choices"]
+    assert bob["result"][0]["value"] == {"choices": ["reject"]}

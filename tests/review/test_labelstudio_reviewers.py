@@ -99,7 +99,8 @@ def test_two_reviewers_on_the_same_tasks_under_the_guideline(label_studio, tmp_p
     assert pulled["records"] == 4 and pulled["decisions"] == {"accept": 3, "correct": 1}
     st = ReviewStore(store)
     ann = st.annotations().to_pylist()
-    assert len(ann) == 4 and len(st.snapshot()) == 2
+    # the first task agreed; on the second, Dan's box is 10 % away: left out until adjudicated
+    assert len(ann) == 4 and len(st.snapshot()) == 1 and st.resolution()["unresolved"] == 1
     by = {(r["text"], r["reviewer"]): r for r in ann}
     first, second = (t["data"]["text"] for t in tasks[:2])
     assert set(by) == {(first, USERNAME), (first, DAN), (second, USERNAME), (second, DAN)}
@@ -158,3 +159,54 @@ def test_overlap_a_seeded_share_is_labeled_by_two_people(label_studio, tmp_path,
     agreed = json.loads(capsys.readouterr().out)
     assert agreed["overlapped_items"] == 3 and agreed["people"] == sorted([USERNAME, DAN])
     assert agreed["overall"]["decisions"]["agreement"] == 1.0  # both accepted every prediction
+
+
+def test_a_disagreement_is_adjudicated_and_then_trained_on(label_studio, tmp_path, capsys,
+                                                           monkeypatch):
+    job = fake_job(tmp_path)
+    store = str(tmp_path / "store")
+    url, token, dan_token = label_studio
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", token)
+    assert main(["review", "push", str(job["out"]), "--url", url]) == 0
+    project = json.loads(capsys.readouterr().out)["project"]
+    admin, dan = _session(token), _session(dan_token)
+    tasks = sorted(admin.get(f"{url}/api/tasks", params={"project": project, "fields": "all",
+                                                          "page_size": 100},
+                             timeout=60).json()["tasks"], key=lambda t: t["id"])
+    agreed, disputed = tasks[0], tasks[1]
+    for task in (agreed, disputed):
+        _annotate(admin, url, task, task["predictions"][0]["result"])
+    _annotate(dan, url, agreed, agreed["predictions"][0]["result"])
+    _annotate(dan, url, disputed, [{"from_name": "decision", "to_name": "image",
+                                    "type": "choices", "value": {"choices": ["reject"]}}])
+    assert main(["review", "pull", "--url", url, "--project", str(project),
+                 "--store", store]) == 0
+    capsys.readouterr()
+    st = ReviewStore(store)
+    assert st.resolution()["unresolved"] == 1
+    assert disputed["data"]["item_id"] not in {it["item_id"] for it in st.labels()}
+    # the queue goes to Label Studio, every person's decision shown as a prediction
+    assert main(["review", "push", "--adjudicate", store, "--url", url]) == 0
+    queued = json.loads(capsys.readouterr().out)
+    assert queued["tasks"] == 1 and queued["items"] == 1
+    (task,) = admin.get(f"{url}/api/tasks", params={"project": queued["project"],
+                                                     "fields": "all"}, timeout=60).json()["tasks"]
+    shown = {p["model_version"]: p for p in task["predictions"]}
+    assert set(shown) == {f"{USERNAME}: accept", f"{DAN}: reject", "model"}
+    assert task["data"]["role"] == "adjudication"
+    # the adjudicator sides with the model's boxes
+    _annotate(admin, url, task, shown["model"]["result"])
+    assert main(["review", "pull", "--url", url, "--project", str(queued["project"]),
+                 "--store", store]) == 0
+    capsys.readouterr()
+    st = ReviewStore(store)
+    assert st.resolution() | {"version": None} == {
+        "version": None, "items": 2, "overlapped": 2, "agreed": 1, "adjudicated": 1,
+        "unresolved": 0}
+    labels = {it["item_id"]: it for it in st.labels()}
+    assert labels[disputed["data"]["item_id"]]["boxes"] == disputed["data"]["predicted_boxes"]
+    (row,) = [r for r in st.snapshot().to_pylist() if r["item_id"] == disputed["data"]["item_id"]]
+    assert row["role"] == "adjudication" and row["decision"] == "accept"
+    # an empty queue creates nothing
+    assert main(["review", "push", "--adjudicate", store, "--url", url]) == 0
+    assert json.loads(capsys.readouterr().out)["tasks"] == 0
