@@ -356,6 +356,14 @@ class ReviewStore:
         t = t.sort_by([("version", "ascending"), (ORDER, "ascending")]).drop_columns([ORDER])
         return t if len(t) else empty
 
+    def _hist(self, version: int | None, exclude) -> pa.Table:
+        """The history, without the decisions of the reviewers in ``exclude``."""
+        hist = self.history(version)
+        if exclude:
+            keep = [w not in exclude for w in hist.column("reviewer").to_pylist()]
+            hist = hist.filter(pa.array(keep, pa.bool_()))
+        return hist
+
     def annotations(self, version: int | None = None) -> pa.Table:
         """Every person's current decision per item as of ``version`` (default: newest): for
         each (``item_id``, ``reviewer``), that person's latest review (later commits, later
@@ -367,7 +375,8 @@ class ReviewStore:
         return hist.take(pa.array(sorted(
             i for per in _resolve(hist)[1].values() for i in per.values()), pa.int64()))
 
-    def snapshot(self, version: int | None = None, decisions: tuple[str, ...] = DECISIONS) -> pa.Table:
+    def snapshot(self, version: int | None = None, decisions: tuple[str, ...] = DECISIONS,
+                 exclude: frozenset | set = frozenset()) -> pa.Table:
         """One decision per item as of ``version`` (default: newest), then filtered to
         ``decisions`` (``("accept", "correct")`` gives training labels).
 
@@ -383,8 +392,9 @@ class ReviewStore:
         4. ``auto`` only where no person has decided.
 
         Nothing is lost: `annotations` gives each person's current decision, `history` every
-        record."""
-        hist = self.history(version)
+        record. ``exclude``: reviewers whose decisions are left out first (as if they had never
+        decided: `grounding.gold.excluded_reviewers`)."""
+        hist = self._hist(version, exclude)
         keep, _, _ = _resolve(hist)
         t = hist.take(pa.array(sorted(keep.values()), pa.int64()))
         if set(decisions) != set(DECISIONS):
@@ -400,11 +410,13 @@ class ReviewStore:
         return hist.take(pa.array(sorted(i for item in open_items
                                          for i in per_person[item].values()), pa.int64()))
 
-    def resolution(self, version: int | None = None) -> dict:
+    def resolution(self, version: int | None = None,
+                   exclude: frozenset | set = frozenset()) -> dict:
         """How the snapshot's rule resolved the items as of ``version``: ``items`` (decided by
         anyone), ``overlapped`` (reviewed by two or more people), ``agreed`` (overlapped, no
-        adjudication, no disagreement), ``adjudicated``, ``unresolved`` (left out)."""
-        hist = self.history(version)
+        adjudication, no disagreement), ``adjudicated``, ``unresolved`` (left out); without
+        the reviewers in ``exclude``."""
+        hist = self._hist(version, exclude)
         keep, per_person, open_items = _resolve(hist)
         roles = hist.column("role").to_pylist()
         adjudicated = sum(roles[i] == "adjudication" for i in keep.values())
@@ -415,10 +427,13 @@ class ReviewStore:
                                and roles[keep[item]] != "adjudication"}),
                 "adjudicated": adjudicated, "unresolved": len(open_items)}
 
-    def labels(self, version: int | None = None, include_auto: bool = False) -> list[dict]:
+    def labels(self, version: int | None = None, include_auto: bool = False,
+               exclude: frozenset | set = frozenset()) -> list[dict]:
         """Training labels as labeled items (`grounding.labels`): accepted and corrected items
-        of a snapshot (and auto-accepted ones with ``include_auto``)."""
-        rows = self.snapshot(version, TRAIN + (("auto",) if include_auto else ())).to_pylist()
+        of a snapshot (and auto-accepted ones with ``include_auto``), without the decisions of
+        the reviewers in ``exclude``."""
+        rows = self.snapshot(version, TRAIN + (("auto",) if include_auto else ()),
+                             exclude).to_pylist()
         return [{k: r.get(k) for k in ("item_id", "image", "width", "height", "text", "boxes",
                                         *LINEAGE)} | {"scores": None, "score": None}
                 for r in rows]

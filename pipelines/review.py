@@ -217,6 +217,10 @@ class ReviewAgreementConfig(Settings):
     version: StoreVersion = None
     iou: float = Field(0.5, gt=0.0, le=1.0, description="Two people's boxes match when their "
                        "IoU is at least this.")
+    gold: str | None = Field(None, description="Gold file (items with known boxes) to score "
+                             "each reviewer on: Acc@0.5 and decision accuracy.")
+    gold_format: LabelFormat = Field("seed", description="Format of --gold.",
+                                     json_schema_extra={"metavar": "FORMAT"})
     storage: StorageOptions = Field(default_factory=StorageOptions, description="Object storage.")
 
 
@@ -229,7 +233,14 @@ def review_agreement(cfg: ReviewAgreementConfig) -> dict:
 
     if not is_store(cfg.store, cfg.storage):
         raise FileNotFoundError(f"{cfg.store}: no reviewed-label store there")
-    return agreement(ReviewStore(cfg.store, cfg.storage), cfg.version, cfg.iou)
+    store = ReviewStore(cfg.store, cfg.storage)
+    out = agreement(store, cfg.version, cfg.iou)
+    if cfg.gold:
+        from grounding.gold import load_gold, score
+
+        out["gold"] = score(store, load_gold(cfg.gold, cfg.gold_format, cfg.storage),
+                            cfg.version, cfg.iou)
+    return out
 
 
 def review_log(cfg: ReviewLogConfig) -> list[dict]:

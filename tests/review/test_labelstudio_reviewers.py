@@ -108,6 +108,16 @@ def test_two_reviewers_on_the_same_tasks_under_the_guideline(label_studio, tmp_p
     assert by[second, DAN]["boxes"][0][0] > by[second, USERNAME]["boxes"][0][0]
     assert {r["guideline"] for r in ann} == {rules.id}
     assert all(r["reviewed_at"] for r in ann)
+    # the second task was a gold item (nothing told the reviewers): its known box is the
+    # model's, so the admin (accepted) is right and Dan (moved it 10 %) is not
+    gold = tmp_path / "gold.jsonl"
+    data = tasks[1]["data"]
+    gold.write_text(json.dumps({"image": data["image_ref"], "text": data["text"],
+                                "bboxes": data["predicted_boxes"]}) + "\n")
+    assert main(["review", "agreement", store, "--gold", str(gold)]) == 0
+    scored = json.loads(capsys.readouterr().out)["gold"]
+    assert scored[USERNAME] == {"gold_items": 1, "acc50": 1.0, "decision_accuracy": 1.0}
+    assert scored[DAN] == {"gold_items": 1, "acc50": 0.0, "decision_accuracy": 0.0}
 
 
 def _work_through(s, url: str, project: int) -> list[int]:
