@@ -114,6 +114,7 @@ def test_two_reviewers_on_the_same_tasks_under_the_guideline(label_studio, tmp_p
     data = tasks[1]["data"]
     gold.write_text(json.dumps({"image": data["image_ref"], "text": data["text"],
                                 "bboxes": data["predicted_boxes"]}) + "\n")
+    capsys.readouterr()
     assert main(["review", "agreement", store, "--gold", str(gold)]) == 0
     scored = json.loads(capsys.readouterr().out)["gold"]
     assert scored[USERNAME] == {"gold_items": 1, "acc50": 1.0, "decision_accuracy": 1.0}
