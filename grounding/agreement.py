@@ -71,6 +71,41 @@ def disagree(a: dict, b: dict, iou: float = IOU) -> bool:
     return len(ba) != len(bb) or len(match_boxes(ba, bb, iou)) != len(ba)
 
 
+def distance(a: dict, b: dict, iou: float = IOU) -> float:
+    """How far apart two people's decisions on an item are, 0 (the same) to 2: 2 when one
+    rejects and the other does not; else 1 - (sum of matched IoUs) / (boxes of the larger set)
+    (1: no box matched; 0 for two "no such object"); + 1 where they disagree
+    (`disagree`), so every disagreement ranks above every agreement."""
+    ra, rb = a["decision"] == "reject", b["decision"] == "reject"
+    if ra or rb:
+        return 0.0 if ra and rb else 2.0
+    ba, bb = a["boxes"] or [], b["boxes"] or []
+    n = max(len(ba), len(bb))
+    base = 1.0 - (sum(match_boxes(ba, bb, iou)) / n) if n else 0.0
+    return base + (1.0 if disagree(a, b, iou) else 0.0)
+
+
+def worst(store, version: int | None = None, n: int = 6, iou: float = IOU) -> list[dict]:
+    """The ``n`` pairs of people's decisions furthest apart (`distance`), disagreements only,
+    worst first: ``{"item_id", "text", "image", "width", "height", "predicted_boxes",
+    "distance", "a": record, "b": record}``."""
+    per_item: dict[str, list[dict]] = defaultdict(list)
+    for r in store.annotations(version).to_pylist():
+        per_item[r["item_id"]].append(r)
+    pairs = []
+    for anns in per_item.values():
+        anns = sorted(anns, key=lambda r: str(r["reviewer"]))
+        for a, b in itertools.combinations(anns, 2):
+            dist = distance(a, b, iou)
+            if dist >= 1.0:
+                pairs.append((dist, a, b))
+    pairs.sort(key=lambda p: (-p[0], p[1]["item_id"]))
+    return [{"item_id": a["item_id"], "text": a["text"], "image": a["image"],
+             "width": a["width"], "height": a["height"],
+             "predicted_boxes": a["predicted_boxes"] or b["predicted_boxes"],
+             "distance": dist, "a": a, "b": b} for dist, a, b in pairs[:n]]
+
+
 def _kappa(x: list[str], y: list[str]) -> float | None:
     import warnings
 
