@@ -119,3 +119,15 @@ def test_min_reviewer_accuracy_needs_gold():
 
     with pytest.raises(ValidationError, match="--min-reviewer-accuracy needs --gold"):
         ReviewerFilter(min_reviewer_accuracy=0.8)
+
+
+def test_review_calibrate_flags_on_the_command_line(store, gold_file, tmp_path, capsys):
+    from groundlabel.cli import main
+
+    assert main(["review", "calibrate", store.uri, "--registry", str(tmp_path / "reg"),
+                 "--gold", gold_file, "--min-reviewer-accuracy", "0.5"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["excluded_reviewers"] == ["bob"] and out["excluded_decisions"] == 5
+    with pytest.raises(SystemExit, match="--min-reviewer-accuracy needs --gold"):
+        main(["review", "calibrate", store.uri, "--registry", str(tmp_path / "reg"),
+              "--min-reviewer-accuracy", "0.5"])
