@@ -29,9 +29,12 @@ retraining can name exactly the labels it used. Never VACUUM a store after rewri
 (OPTIMIZE): old versions would lose their data. What each append added (records, items,
 decisions, source, note, committed_at) is in its commit info (`ReviewStore.versions`).
 
-Reading: ``snapshot(version)`` gives the latest decision per ``item_id`` (later commits win;
-within a commit, later rows win: ``row_in_commit`` keeps the order, which Delta readers do not;
-a person's decision always wins over ``auto``); ``annotations(version)`` gives every person's
+Reading: ``snapshot(version)`` gives one decision per ``item_id``: its adjudication if it has
+one; none while the people who reviewed it disagree (left out of training, calibration and the
+gate until adjudicated: ``unresolved(version)`` is that queue, ``resolution(version)`` counts
+it); else the latest (later commits win; within a commit, later rows win: ``row_in_commit``
+keeps the order, which Delta readers do not; a person's decision always wins over ``auto``).
+``annotations(version)`` gives every person's
 current decision per item (several people may review one item: each keeps theirs, with
 ``reviewer``, ``reviewed_at`` and the ``guideline`` it was made under); ``history(version)``
 gives every record, the audit trail.
@@ -129,8 +132,9 @@ def decision_record(item: dict, decision: str, *, predicted: dict | None = None,
     ``predicted`` is the labeled item of the prediction that was reviewed (lineage and predicted
     boxes come from it when given). ``guideline``: ``NAME@VERSION`` of the labeling guideline
     the decision was made under (`grounding.guideline`). ``role``: ``adjudication`` for a
-    decision that settles an item people disagreed on (None: a review). ``route``: ``calibrated_score``,
-    ``auto_precision`` and ``calibration`` of an auto-accepted or routed prediction.
+    decision that settles an item people disagreed on (None: a review). ``route``:
+    ``calibrated_score``, ``auto_precision`` and ``calibration`` of an auto-accepted or routed
+    prediction.
     """
     if decision not in DECISIONS:
         raise StoreError(f"decision must be one of {DECISIONS}, got {decision!r}")
@@ -142,7 +146,8 @@ def decision_record(item: dict, decision: str, *, predicted: dict | None = None,
            "text": item["text"], "boxes": [list(map(float, b)) for b in item.get("boxes") or []],
            "predicted_boxes": pred.get("boxes"), "predicted_score": pred.get("score"),
            "reviewer": reviewer, "reviewed_at": reviewed_at or _now(), "source": source,
-           "guideline": guideline, "role": role, **{k: route.get(k) for k in ("calibrated_score", "auto_precision", "calibration")}}
+           "guideline": guideline, "role": role,
+           **{k: route.get(k) for k in ("calibrated_score", "auto_precision", "calibration")}}
     rec.update({k: item.get(k) or pred.get(k) for k in LINEAGE})
     return rec
 
