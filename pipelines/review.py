@@ -108,6 +108,27 @@ GUIDELINE_HELP = ("Labeling guideline: a Markdown file whose front matter gives 
                   "instructions; every task and decision records its NAME@VERSION.")
 
 
+class GoldTasks(BaseModel):
+    """Gold items among the tasks: items with known boxes that score each reviewer."""
+
+    gold: str | None = Field(None, description="Gold file: items with known boxes "
+                             "(`grounding.gold`). The job's items that are in it are gold; "
+                             "nothing in a task says so.")
+    gold_format: LabelFormat = Field("seed", description="Format of --gold.",
+                                     json_schema_extra={"metavar": "FORMAT"})
+    gold_share: float | None = Field(None, ge=0.0, le=1.0, description="Share of the tasks "
+                                     "that are gold: that many of the job's gold items (a "
+                                     "seeded choice) go to people whatever routing says "
+                                     "(default: every gold item of the job, routed like the "
+                                     "rest).")
+
+    @model_validator(mode="after")
+    def _needs_gold(self) -> GoldTasks:
+        if self.gold_share is not None and not self.gold:
+            raise ValueError("--gold-share needs --gold (the items with known boxes)")
+        return self
+
+
 class ReviewExportConfig(Settings):
     """``groundlabel review export``: a job's predictions as Label Studio tasks."""
 
@@ -118,6 +139,8 @@ class ReviewExportConfig(Settings):
                                       "(default: model/adapter/prompt version of each row).")
     images: TaskImages = Field(default_factory=TaskImages, description="Task images.")
     routing: Routing = Field(default_factory=Routing, description="Auto-accept routing.")
+    gold_tasks: GoldTasks = Field(default_factory=GoldTasks,
+                                  description="Gold items among the tasks.")
     storage: StorageOptions = Field(default_factory=StorageOptions, description="Object storage.")
 
 
@@ -162,6 +185,8 @@ class ReviewPushConfig(Settings):
                       "the same seed, whatever their order.")
     images: TaskImages = Field(default_factory=TaskImages, description="Task images.")
     routing: Routing = Field(default_factory=Routing, description="Auto-accept routing.")
+    gold_tasks: GoldTasks = Field(default_factory=GoldTasks,
+                                  description="Gold items among the tasks.")
     storage: StorageOptions = Field(default_factory=StorageOptions, description="Object storage.")
 
     _source = model_validator(mode="after")(lambda self: _one_source(self))
@@ -381,6 +406,28 @@ def _image_urls(images: TaskImages, items: list[dict], where: str, opts):
     return url
 
 
+def _gold_tasks(cfg: GoldTasks, items: list[dict], opts) -> tuple[set[str], dict]:
+    """``(gold items that go to people whatever routing says, what to report)``. With a
+    share: ``round(share x tasks)`` of the job's gold items, the same seeded choice as the
+    overlap's (`overlap_items`); all of them when the job has fewer (``gold_short`` says how
+    many are missing)."""
+    if not cfg.gold:
+        return set(), {}
+    from grounding.gold import load_gold
+
+    gold = load_gold(cfg.gold, cfg.gold_format, opts)
+    in_job = [it["item_id"] for it in items if it["item_id"] in gold]
+    out = {"gold_in_job": len(in_job)}
+    if cfg.gold_share is None:
+        return set(), out | {"gold_tasks": len(in_job)}
+    want = round(cfg.gold_share * len(items))
+    chosen = overlap_items(in_job, min(1.0, want / len(in_job)) if in_job else 0.0)
+    out |= {"gold_tasks": len(chosen)}
+    if want > len(chosen):
+        out["gold_short"] = want - len(chosen)
+    return chosen, out
+
+
 def export_tasks(cfg: ReviewExportConfig) -> dict:
     """A job's predictions as Label Studio tasks (least-confident first) at ``tasks_uri``,
     with the project's labeling config written next to it (``label_config.xml``).
@@ -403,10 +450,14 @@ def export_tasks(cfg: ReviewExportConfig) -> dict:
         raise LabelFormatError(output, problems)
     from pipelines.routing import route
 
-    routed = route(items, cfg.routing, opts, JobOutput(output, opts).job_record().get("job_id"))
+    gold_ids, gold_out = _gold_tasks(cfg.gold_tasks, items, opts)
+    routed = route([it for it in items if it["item_id"] not in gold_ids], cfg.routing, opts,
+                   JobOutput(output, opts).job_record().get("job_id"))
     for it in routed["audit"]:
         it["route"] = "audit"
-    items = routed["review"] + routed["audit"]
+    # gold items chosen for the share go to people, mixed in like any other task
+    items = routed["review"] + routed["audit"] + [it for it in items
+                                                   if it["item_id"] in gold_ids]
 
     url = _image_urls(cfg.images, items, output, opts)
     fs, path = filesystem(tasks_uri, opts)
@@ -422,6 +473,7 @@ def export_tasks(cfg: ReviewExportConfig) -> dict:
            "label_config": join(tasks_uri.rsplit("/", 1)[0], "label_config.xml"),
            "instructions": join(tasks_uri.rsplit("/", 1)[0], "instructions.html"),
            "guideline": rules.id}
+    out |= gold_out
     if cfg.routing.auto_accept_precision is not None:
         out |= {"auto_accepted": len(routed["auto"]), "audited": len(routed["audit"]),
                 "to_review": len(routed["review"]), "store_version": routed["version"],
@@ -493,7 +545,8 @@ def push_to_label_studio(cfg: ReviewPushConfig) -> dict:
     with tempfile.TemporaryDirectory() as d:
         routed = export_tasks(ReviewExportConfig(output=cfg.output, tasks=f"{d}/tasks.json",
                                                  images=cfg.images, routing=cfg.routing,
-                                                 storage=cfg.storage, guideline=cfg.guideline))
+                                                 storage=cfg.storage, guideline=cfg.guideline,
+                                                 gold_tasks=cfg.gold_tasks))
         with open(f"{d}/tasks.json") as f:
             tasks = json.load(f)
     with _ls_session(url, token) as s:
@@ -517,7 +570,9 @@ def push_to_label_studio(cfg: ReviewPushConfig) -> dict:
            "guideline": rules.id}
     if cfg.overlap:
         out |= {"overlapped": len(chosen), "annotators": cfg.annotators, "seed": cfg.seed}
-    return out | {k: v for k, v in routed.items() if k in ("auto_accepted", "audited", "keys")}
+    return out | {k: v for k, v in routed.items()
+                  if k in ("auto_accepted", "audited", "keys", "gold_tasks", "gold_in_job",
+                           "gold_short")}
 
 
 def _push_adjudication(cfg: ReviewPushConfig, rules, url: str, token: str) -> dict:

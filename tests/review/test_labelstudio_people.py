@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from grounding.convert.labelstudio import to_tasks
 from grounding.labels import item
 from grounding.store import ReviewStore
@@ -76,8 +78,6 @@ def test_a_bad_annotation_names_whose_it_is_and_refuses_the_task(tmp_path):
     tasks[0]["annotations"][1]["result"] = [dict(_box(90, 10, 20, 20))]  # bob: past the edge
     p = tmp_path / "export.json"
     p.write_text(json.dumps(tasks))
-    import pytest
-
     from grounding.labels import LabelFormatError
 
     with pytest.raises(LabelFormatError, match=r"task 1: annotation 2 by bob@x: box .* reaches "
@@ -122,8 +122,6 @@ def test_the_overlap_share_is_seeded_exact_and_stable_per_item():
 
 
 def test_overlap_flags_are_checked_and_name_the_flag():
-    import pytest
-
     from groundlabel.cli import main
 
     with pytest.raises(SystemExit, match=r"--overlap: Input should be less than or equal to 1"):
@@ -131,3 +129,31 @@ def test_overlap_flags_are_checked_and_name_the_flag():
     with pytest.raises(SystemExit, match=r"--annotators: Input should be greater than or equal"):
         main(["review", "push", "out/", "--url", "http://x", "--overlap", "0.1",
               "--annotators", "1"])
+
+
+def test_a_share_of_the_tasks_are_gold_and_nothing_tells_them_apart(tmp_path, capsys):
+    from support import fake_job
+
+    from groundlabel.cli import main
+    from pipelines.review import job_items
+
+    job = fake_job(tmp_path)
+    items = job_items(str(job["out"]))
+    gold = tmp_path / "gold.jsonl"
+    gold.write_text("".join(json.dumps({"image": it["image"], "text": it["text"],
+                                        "bboxes": it["boxes"]}) + "\n" for it in items[:3]))
+    tasks = tmp_path / "t.json"
+    assert main(["review", "export", str(job["out"]), "--tasks", str(tasks), "--gold",
+                 str(gold), "--gold-share", "0.2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 9 and out["gold_tasks"] == 2 and out["gold_in_job"] == 3
+    written = json.loads(tasks.read_text())
+    keys = {k for t in written for k in t["data"]} | {k for t in written for k in t}
+    assert not any("gold" in k for k in keys)  # nothing marks a gold task
+    # more gold asked for than the job has: all of it, and how many are missing
+    assert main(["review", "export", str(job["out"]), "--tasks", str(tasks), "--gold",
+                 str(gold), "--gold-share", "0.5"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["gold_tasks"] == 3 and out["gold_short"] == 1  # round(0.5 * 9) = 4
+    with pytest.raises(SystemExit, match="--gold-share needs --gold"):
+        main(["review", "export", str(job["out"]), "--tasks", str(tasks), "--gold-share", "0.1"])
