@@ -5,12 +5,14 @@ from __future__ import annotations
 from grounding.boxes import Box
 
 PRED = (230, 30, 30)   # red: the model's box
-GOLD = (20, 170, 60)   # green: the true / reviewed box
+GOLD = (20, 170, 60)   # green: the true / reviewed box (or a first reviewer's)
+OTHER = (30, 90, 220)  # blue: a second reviewer's box
 
 
 def draw_boxes(image, pred: list[Box], gold: list[Box] | None = None, text: str | None = None,
-               scale: int = 2, score: float | None = None):
-    """A copy of ``image`` upscaled by ``scale`` with gold (green) and predicted (red) boxes.
+               scale: int = 2, score: float | None = None, other: list[Box] | None = None):
+    """A copy of ``image`` upscaled by ``scale`` with gold (green), ``other`` (blue) and
+    predicted (red) boxes.
 
     Each predicted box is labelled with its own score; the caption under the image shows the
     expression and, if ``score`` is given, the answer's score (``the red square  score 0.42``).
@@ -25,6 +27,9 @@ def draw_boxes(image, pred: list[Box], gold: list[Box] | None = None, text: str 
     d = ImageDraw.Draw(out)
     for b in gold or []:
         d.rectangle([b.x1 * scale, b.y1 * scale, b.x2 * scale, b.y2 * scale], outline=GOLD, width=3)
+    for b in other or []:
+        d.rectangle([b.x1 * scale, b.y1 * scale, b.x2 * scale, b.y2 * scale], outline=OTHER,
+                    width=3)
     for b in pred:
         d.rectangle([b.x1 * scale, b.y1 * scale, b.x2 * scale, b.y2 * scale], outline=PRED, width=2)
         if b.score is not None:

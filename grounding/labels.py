@@ -102,6 +102,18 @@ def outside(box: list[float], width: int | None, height: int | None, tol: float 
     return (box[0] < -tol or box[1] < -tol or box[2] > width + tol or box[3] > height + tol)
 
 
+# Pixels are read back from derived numbers (COCO's width, Label Studio's percent, 0-1 and
+# 0-1000 coordinates) to this many decimals: floats cannot always give x1 + (x2 - x1) == x2 or
+# (x1 / W * 100) * W / 100 == x1 back, and a box at the border must come back at the border.
+DECIMALS = 6
+
+
+def snap(v: float) -> float:
+    """A pixel coordinate computed from a derived number, to `DECIMALS` (a millionth of a
+    pixel): a box with up to 6 decimals round-trips exactly through every format."""
+    return round(float(v), DECIMALS) + 0.0  # + 0.0: never -0.0
+
+
 def clamp(box: list[float], width: int, height: int) -> list[float]:
     """Box clipped to the image (used only within the tolerance of `outside`)."""
     return [min(max(box[0], 0.0), width), min(max(box[1], 0.0), height),

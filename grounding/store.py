@@ -29,10 +29,18 @@ retraining can name exactly the labels it used. Never VACUUM a store after rewri
 (OPTIMIZE): old versions would lose their data. What each append added (records, items,
 decisions, source, note, committed_at) is in its commit info (`ReviewStore.versions`).
 
-Reading: ``snapshot(version)`` gives the latest decision per ``item_id`` (later commits win;
-within a commit, later rows win: ``row_in_commit`` keeps the order, which Delta readers do not;
-a person's decision always wins over ``auto``); ``history(version)`` gives every record, the
-audit trail.
+Reading: ``snapshot(version)`` gives one decision per ``item_id``: its adjudication if it has
+one; none while the people who reviewed it disagree (left out of training, calibration and the
+gate until adjudicated: ``unresolved(version)`` is that queue, ``resolution(version)`` counts
+it); else the latest (later commits win; within a commit, later rows win: ``row_in_commit``
+keeps the order, which Delta readers do not; a person's decision always wins over ``auto``).
+``annotations(version)`` gives every person's
+current decision per item (several people may review one item: each keeps theirs, with
+``reviewer``, ``reviewed_at`` and the ``guideline`` it was made under); ``history(version)``
+gives every record, the audit trail.
+
+Columns added later (`ADDED`, e.g. ``guideline``) are null in the rows of stores written
+before them; such a store reads as is, and its next append adds the column (schema merge).
 
 Stores of the old layout (``data/<uuid>.parquet`` + a commit log ``_log/NNNNNNNN.json``) are
 read only by `migrate` (``groundlabel store migrate OLD NEW``), which keeps every version
@@ -77,7 +85,18 @@ SCHEMA = pa.schema([
     pa.field("reviewed_at", pa.string(), metadata={"doc": "ISO 8601, UTC"}),
     pa.field("source", pa.string(), metadata={"doc": "label-studio, import:coco, ..."}),
     *[pa.field(k, pa.string()) for k in LINEAGE],
+    pa.field("guideline", pa.string(), metadata={
+        "doc": "NAME@VERSION of the labeling guideline the decision was made under "
+               "(grounding.guideline); null when not known (imports of plain label files, "
+               "decisions before guidelines were recorded)"}),
+    pa.field("role", pa.string(), metadata={
+        "doc": "adjudication: settles the item for good (people disagreed); null: a review"}),
 ])
+ROLES = ("adjudication",)  # the role column; null: an ordinary review
+# Columns added after stores became Delta tables. A store made before one of them still
+# opens and reads (the column is null in its rows); its next append adds the column to the
+# table (a schema merge in that same commit), so no migration step is needed.
+ADDED = ("guideline", "role")
 # The table's columns: the records plus their order within an append, which Delta readers do
 # not keep (later rows of an append win in a snapshot).
 ORDER = "row_in_commit"
@@ -106,21 +125,28 @@ def _now() -> str:
 
 def decision_record(item: dict, decision: str, *, predicted: dict | None = None,
                     reviewer: str | None = None, reviewed_at: str | None = None,
-                    source: str = "api", **route) -> dict:
+                    source: str = "api", guideline: str | None = None,
+                    role: str | None = None, **route) -> dict:
     """A store record for a decision on a labeled item (`grounding.labels`).
 
     ``predicted`` is the labeled item of the prediction that was reviewed (lineage and predicted
-    boxes come from it when given). ``route``: ``calibrated_score``, ``auto_precision`` and
-    ``calibration`` of an auto-accepted or routed prediction.
+    boxes come from it when given). ``guideline``: ``NAME@VERSION`` of the labeling guideline
+    the decision was made under (`grounding.guideline`). ``role``: ``adjudication`` for a
+    decision that settles an item people disagreed on (None: a review). ``route``:
+    ``calibrated_score``, ``auto_precision`` and ``calibration`` of an auto-accepted or routed
+    prediction.
     """
     if decision not in DECISIONS:
         raise StoreError(f"decision must be one of {DECISIONS}, got {decision!r}")
+    if role is not None and role not in ROLES:
+        raise StoreError(f"role must be one of {ROLES} or None, got {role!r}")
     pred = predicted or {}
     rec = {"record_id": uuid.uuid4().hex, "item_id": item["item_id"], "decision": decision,
            "image": item.get("image"), "width": item.get("width"), "height": item.get("height"),
            "text": item["text"], "boxes": [list(map(float, b)) for b in item.get("boxes") or []],
            "predicted_boxes": pred.get("boxes"), "predicted_score": pred.get("score"),
            "reviewer": reviewer, "reviewed_at": reviewed_at or _now(), "source": source,
+           "guideline": guideline, "role": role,
            **{k: route.get(k) for k in ("calibrated_score", "auto_precision", "calibration")}}
     rec.update({k: item.get(k) or pred.get(k) for k in LINEAGE})
     return rec
@@ -172,7 +198,7 @@ def _check_is_store(dtable, uri: str) -> None:
     """Refuse a Delta table whose columns are not a store's (another table on the path)."""
     want = _delta_types(TABLE_SCHEMA)
     got = {f.name: str(f.type) for f in dtable.schema().fields}
-    missing = [n for n in want if n not in got]
+    missing = [n for n in want if n not in got and n not in ADDED]
     extra = [n for n in got if n not in want]
     typed = [f"{n} ({got[n]}, not {want[n]})" for n in want if n in got and got[n] != want[n]]
     if missing or extra or typed:
@@ -254,7 +280,10 @@ class ReviewStore:
                 props = CommitProperties(custom_metadata=props.custom_metadata,
                                          app_transactions=props.app_transactions,
                                          max_commit_retries=0)
-            _write(dtable, table, mode="append", commit_properties=props)
+            # A store made before a column of `ADDED` gets it with this commit.
+            have = {f.name for f in dtable.schema().fields}
+            merge = {"schema_mode": "merge"} if set(TABLE_SCHEMA.names) - have else {}
+            _write(dtable, table, mode="append", commit_properties=props, **merge)
 
         try:
             done = tables.commit(self.uri, self.opts, do, record=record,
@@ -332,33 +361,124 @@ class ReviewStore:
         t = t.sort_by([("version", "ascending"), (ORDER, "ascending")]).drop_columns([ORDER])
         return t if len(t) else empty
 
-    def snapshot(self, version: int | None = None, decisions: tuple[str, ...] = DECISIONS) -> pa.Table:
-        """The latest decision per item as of ``version`` (default: newest), then filtered to
-        ``decisions`` (``("accept", "correct")`` gives training labels)."""
+    def _hist(self, version: int | None, exclude) -> pa.Table:
+        """The history, without the decisions of the reviewers in ``exclude``."""
         hist = self.history(version)
-        latest: dict[str, int] = {}
-        human: set[str] = set()
-        for i, (item, d) in enumerate(zip(hist.column("item_id").to_pylist(),
-                                          hist.column("decision").to_pylist(), strict=True)):
-            if d == "auto" and item in human:
-                continue  # a machine never overrules a person
-            latest[item] = i  # later rows (later commits, later in a commit) win
-            if d != "auto":
-                human.add(item)
-        keep = sorted(latest.values())
-        t = hist.take(pa.array(keep, pa.int64()))
+        if exclude:
+            keep = [w not in exclude for w in hist.column("reviewer").to_pylist()]
+            hist = hist.filter(pa.array(keep, pa.bool_()))
+        return hist
+
+    def annotations(self, version: int | None = None) -> pa.Table:
+        """Every person's current decision per item as of ``version`` (default: newest): for
+        each (``item_id``, ``reviewer``), that person's latest review (later commits, later
+        rows win: a person who decides again changes their mind). ``auto`` decisions are
+        nobody's and adjudications are no review: both are left out; decisions without a
+        ``reviewer`` count as one unknown person. What agreement between people is measured on
+        (`grounding.agreement`); ordered as the history, with its ``version`` column."""
+        hist = self.history(version)
+        return hist.take(pa.array(sorted(
+            i for per in _resolve(hist)[1].values() for i in per.values()), pa.int64()))
+
+    def snapshot(self, version: int | None = None, decisions: tuple[str, ...] = DECISIONS,
+                 exclude: frozenset | set = frozenset()) -> pa.Table:
+        """One decision per item as of ``version`` (default: newest), then filtered to
+        ``decisions`` (``("accept", "correct")`` gives training labels).
+
+        The rule, per item:
+
+        1. its latest ``adjudication``, if it has one (later reviews do not undo it);
+        2. else, when two or more people reviewed it and any two of their current decisions
+           disagree (`grounding.agreement.disagree`: one rejects and the other does not, or
+           their boxes do not all match one to one at IoU >= 0.5), **no decision**: the item is
+           left out (of training, calibration and the gate's held-out set) until adjudicated;
+           `unresolved` lists it, `resolution` counts it;
+        3. else the latest person's decision (later commits win, later rows of a commit win);
+        4. ``auto`` only where no person has decided.
+
+        Nothing is lost: `annotations` gives each person's current decision, `history` every
+        record. ``exclude``: reviewers whose decisions are left out first (as if they had never
+        decided: `grounding.gold.excluded_reviewers`)."""
+        hist = self._hist(version, exclude)
+        keep, _, _ = _resolve(hist)
+        t = hist.take(pa.array(sorted(keep.values()), pa.int64()))
         if set(decisions) != set(DECISIONS):
             mask = [d in decisions for d in t.column("decision").to_pylist()]
             t = t.filter(pa.array(mask, pa.bool_()))
         return t
 
-    def labels(self, version: int | None = None, include_auto: bool = False) -> list[dict]:
+    def unresolved(self, version: int | None = None) -> pa.Table:
+        """The current decisions of the people who disagree on an item that has no adjudication
+        yet (every such item's, all of them), as of ``version``: the adjudication queue."""
+        hist = self.history(version)
+        _, per_person, open_items = _resolve(hist)
+        return hist.take(pa.array(sorted(i for item in open_items
+                                         for i in per_person[item].values()), pa.int64()))
+
+    def resolution(self, version: int | None = None,
+                   exclude: frozenset | set = frozenset()) -> dict:
+        """How the snapshot's rule resolved the items as of ``version``: ``items`` (decided by
+        anyone), ``overlapped`` (reviewed by two or more people), ``agreed`` (overlapped, no
+        adjudication, no disagreement), ``adjudicated``, ``unresolved`` (left out); without
+        the reviewers in ``exclude``."""
+        hist = self._hist(version, exclude)
+        keep, per_person, open_items = _resolve(hist)
+        roles = hist.column("role").to_pylist()
+        adjudicated = sum(roles[i] == "adjudication" for i in keep.values())
+        overlapped = {item for item, per in per_person.items() if len(per) >= 2}
+        return {"version": version if version is not None else self.latest(),
+                "items": len(keep) + len(open_items), "overlapped": len(overlapped),
+                "agreed": len({item for item in overlapped if item not in open_items
+                               and roles[keep[item]] != "adjudication"}),
+                "adjudicated": adjudicated, "unresolved": len(open_items)}
+
+    def labels(self, version: int | None = None, include_auto: bool = False,
+               exclude: frozenset | set = frozenset()) -> list[dict]:
         """Training labels as labeled items (`grounding.labels`): accepted and corrected items
-        of a snapshot (and auto-accepted ones with ``include_auto``)."""
-        rows = self.snapshot(version, TRAIN + (("auto",) if include_auto else ())).to_pylist()
+        of a snapshot (and auto-accepted ones with ``include_auto``), without the decisions of
+        the reviewers in ``exclude``."""
+        rows = self.snapshot(version, TRAIN + (("auto",) if include_auto else ()),
+                             exclude).to_pylist()
         return [{k: r.get(k) for k in ("item_id", "image", "width", "height", "text", "boxes",
                                         *LINEAGE)} | {"scores": None, "score": None}
                 for r in rows]
+
+
+def _resolve(hist: pa.Table) -> tuple[dict[str, int], dict[str, dict], set[str]]:
+    """The snapshot's rule (`ReviewStore.snapshot`) on a history: ``(row kept per item,
+    {item: {reviewer: row of their current review}}, items left unresolved)``."""
+    from grounding.agreement import disagree
+
+    items = hist.column("item_id").to_pylist()
+    decisions = hist.column("decision").to_pylist()
+    who = hist.column("reviewer").to_pylist()
+    roles = hist.column("role").to_pylist()
+    adjudicated: dict[str, int] = {}
+    person: dict[str, int] = {}   # the latest review by anyone
+    auto: dict[str, int] = {}
+    per_person: dict[str, dict] = {}
+    for i, (item, d, w, role) in enumerate(zip(items, decisions, who, roles, strict=True)):
+        if role == "adjudication":
+            adjudicated[item] = i
+        elif d == "auto":
+            auto[item] = i
+        else:
+            person[item] = i
+            per_person.setdefault(item, {})[w] = i
+    boxes = None
+    open_items: set[str] = set()
+    for item, per in per_person.items():
+        if len(per) < 2 or item in adjudicated:
+            continue
+        if boxes is None:
+            boxes = hist.column("boxes").to_pylist()
+        rows = [{"decision": decisions[i], "boxes": boxes[i]} for i in per.values()]
+        if any(disagree(a, b) for k, a in enumerate(rows) for b in rows[k + 1:]):
+            open_items.add(item)
+    keep = {**auto, **person, **adjudicated}  # later dicts win: adjudication > person > auto
+    for item in open_items:
+        del keep[item]
+    return keep, per_person, open_items
 
 
 # -- the old layout, read only to migrate it --------------------------------------------------

@@ -14,6 +14,8 @@ Examples::
     groundlabel report runs/label-1      # -> runs/label-1/_report/report.html
     groundlabel review export runs/label-1 --tasks review/tasks.json
     groundlabel review import review/export.json --store reviewed/
+    groundlabel review push runs/label-1 --url http://ls:8080 --overlap 0.1 --annotators 2
+    groundlabel review agreement reviewed/
     groundlabel export reviewed/ --to coco --out labels.json
     groundlabel store migrate reviewed-old/ reviewed/
     groundlabel retrain --store reviewed/ --registry adapters/
@@ -80,6 +82,11 @@ VERBS: dict[str, Verb] = {
                              "model + adapter + prompt version from the store's reviews, into "
                              "the registry.", "pipelines.routing:CalibrateConfig",
                              "pipelines.routing:calibrate"),
+    "review agreement": Verb("How well reviewers agree, from the store: boxes matched at IoU "
+                             ">= 0.5 and mean IoU, decision agreement and Cohen's kappa; "
+                             "overall, per guideline version, per person and per pair.",
+                             "pipelines.review:ReviewAgreementConfig",
+                             "pipelines.review:review_agreement"),
     "review log": Verb("The store's versions: what each commit added.",
                        "pipelines.review:ReviewLogConfig", "pipelines.review:review_log"),
     "store migrate": Verb("Convert a reviewed-label store of the old layout (data/*.parquet + "
@@ -193,7 +200,7 @@ USER_ERRORS = ("grounding.labels:LabelFormatError", "grounding.store:StoreError"
                "pipelines.review:LabelStudioError", "grounding.registry:RegistryError",
                "pipelines.output:OutputError", "grounding.atomic:UnsafeStorage",
                "grounding.lease:LeaseLost", "train.tracking:TrackingError",
-               "grounding.edge:ExportError")
+               "grounding.edge:ExportError", "grounding.guideline:GuidelineError")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

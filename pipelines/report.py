@@ -49,6 +49,7 @@ from pipelines.output import JobOutput
 THUMB_MAX = 320      # long side of a thumbnail, pixels
 DRAW_MAX = 640       # larger images are shrunk to this before drawing, so lines stay visible
 MAX_ERROR_EXAMPLES = 20
+MAX_DISAGREEMENTS = 6  # the worst disagreements between reviewers drawn, with --store
 LOW_STATUS = ("unparseable", "empty")
 COLUMNS = ["row_id", "image", "text", "boxes", "score", "calibrated_score", "status", "error_code", "error",
            "width", "height", "gold", "model", "adapter", "family", "prompt_version", "job_id"]
@@ -73,8 +74,9 @@ class ReportConfig(Settings):
 
 def report(cfg: ReportConfig) -> str:
     """Write the report of ``cfg.output``; returns the path of report.html."""
-    reviewed, audits = None, None
+    reviewed, audits, agreed, worst = None, None, None, None
     if cfg.store:
+        from grounding import agreement
         from grounding.store import ReviewStore
         from pipelines.routing import audit
 
@@ -82,20 +84,27 @@ def report(cfg: ReportConfig) -> str:
         snap = store.snapshot(cfg.version, ("accept", "correct"))
         reviewed = {r["row_id"]: r["boxes"] for r in snap.to_pylist() if r["row_id"]}
         audits = audit(store, cfg.version)
+        agreed = agreement.agreement(store, cfg.version)
+        worst = agreement.worst(store, cfg.version, MAX_DISAGREEMENTS)
     return write_report(cfg.output, cfg.out, cfg.storage, n_thumbs=cfg.n, reviewed=reviewed,
-                        registry=cfg.registry, audits=audits, blur_faces=cfg.blur_faces)
+                        registry=cfg.registry, audits=audits, blur_faces=cfg.blur_faces,
+                        agreement=agreed, disagreements=worst)
 
 
 def write_report(output: str, out_dir: str | None = None, opts: StorageOptions | None = None,
                  n_thumbs: int = 24, reviewed: dict[str, list[list[float]]] | None = None,
                  registry: str | None = None, audits: list[dict] | None = None,
-                 blur_faces: bool = False) -> str:
+                 blur_faces: bool = False, agreement: dict | None = None,
+                 disagreements: list[dict] | None = None) -> str:
     """Write ``report.html`` (and ``thumbs/``) for the job output ``output``; return its path.
 
     ``reviewed`` maps ``row_id`` -> reviewed boxes (``[x1, y1, x2, y2]`` in original pixels);
     where a row has one, it is drawn in green instead of the row's true box. ``registry``:
     where the calibrations are; ``audits``: `pipelines.routing.audit` of the store;
-    ``blur_faces``: blur detected faces in the thumbnails (`grounding.faces`).
+    ``blur_faces``: blur detected faces in the thumbnails (`grounding.faces`);
+    ``agreement``: `grounding.agreement.agreement` of the store, shown as a table;
+    ``disagreements``: `grounding.agreement.worst`, each drawn with the first person's boxes in
+    green, the second's in blue and the model's in red.
     """
     from pipelines.summary import summarize
 
@@ -134,9 +143,23 @@ def write_report(output: str, out_dir: str | None = None, opts: StorageOptions |
             f.write(png)
         cards.append(_card(row, f"thumbs/{name}", size, None, kind if green else None))
 
+    pairs = []
+    for i, d in enumerate(disagreements or []):
+        row = {"image": d["image"], "text": d["text"], "boxes": d["predicted_boxes"] or []}
+        try:
+            png, size = _thumbnail(row, d["a"]["boxes"] or [], opts, blur_faces,
+                                   blue=d["b"]["boxes"] or [])
+        except Exception as e:  # noqa: BLE001 - a report shows what it cannot draw, never dies
+            pairs.append(_pair_card(d, None, None, _why(e)))
+            continue
+        name = f"disagree-{i:03d}.png"
+        with fs.open(f"{thumbs_dir}/{name}", "wb") as f:
+            f.write(png)
+        pairs.append(_pair_card(d, f"thumbs/{name}", size, None))
+
     calib = _calibrations(table, registry, opts) if registry else None
     html = _page(output, summary, info, _lineage(table), _error_examples(table), cards,
-                 n_thumbs, calib, audits)
+                 n_thumbs, calib, audits, _agreement_view(agreement), pairs)
     with fs.open(f"{root.rstrip('/')}/report.html", "w", encoding="utf-8") as f:
         f.write(html)
     return join(out_dir, "report.html")
@@ -236,9 +259,10 @@ def _boxes(items, **kw):
 
 
 def _thumbnail(row: dict, green: list, opts: StorageOptions,
-               blur_faces: bool = False) -> tuple[bytes, tuple[int, int]]:
-    """PNG bytes (no metadata) of the row's image with its boxes drawn, and the PNG's size;
-    faces are blurred (on the original pixels, before any resize) with ``blur_faces``."""
+               blur_faces: bool = False, blue: list | None = None) -> tuple[bytes, tuple[int, int]]:
+    """PNG bytes (no metadata) of the row's image with its boxes drawn (the row's in red,
+    ``green`` and ``blue`` boxes in those colours), and the PNG's size; faces are blurred (on
+    the original pixels, before any resize) with ``blur_faces``."""
     from PIL import Image
 
     from grounding.draw import draw_boxes
@@ -253,7 +277,7 @@ def _thumbnail(row: dict, green: list, opts: StorageOptions,
         from grounding.faces import blur_faces as blur
 
         img, _ = blur(img)
-    pred, gold = _boxes(row.get("boxes")), _boxes(green)
+    pred, gold, other = _boxes(row.get("boxes")), _boxes(green), _boxes(blue)
     long_side = max(img.size)
     if long_side > DRAW_MAX:  # draw on a smaller copy: 2-3 px lines must survive the shrink
         f = DRAW_MAX / long_side
@@ -261,11 +285,12 @@ def _thumbnail(row: dict, green: list, opts: StorageOptions,
                          Image.LANCZOS)
         pred = [b.scale(f, f) for b in pred]
         gold = [b.scale(f, f) for b in gold]
+        other = [b.scale(f, f) for b in other]
     # small images are upscaled (nearest) towards the thumbnail size, so lines and the score
     # labels are drawn large enough; anything larger than the thumbnail is shrunk after
     scale = max(1, min(8, round(THUMB_MAX / max(img.size))))
     drawn = draw_boxes(img, pred, gold, text=row.get("text"), scale=scale,
-                       score=row.get("score"))
+                       score=row.get("score"), other=other)
     drawn.thumbnail((THUMB_MAX, THUMB_MAX), Image.LANCZOS)
     clean = Image.new("RGB", drawn.size, (255, 255, 255))  # nothing but pixels
     clean.paste(drawn, (0, 0))
@@ -302,6 +327,34 @@ def _card(row: dict, src: str | None, size, why: str | None, green: str | None) 
                            else _fmt(row["calibrated_score"])),
             "status": row.get("status") or "-", "row_id": row["row_id"], "green": green,
             "src": src, "width": w, "height": h, "why": why or "image not shown"}
+
+
+def _pair_card(d: dict, src: str | None, size, why: str | None) -> dict:
+    """One drawn disagreement: both people (who, what they decided) and the distance."""
+    w, h = size if src else (None, None)
+    return {"text": d["text"] or "", "item_id": d["item_id"], "src": src, "width": w,
+            "height": h, "why": why or "image not shown", "distance": _fmt(d["distance"], 2),
+            "a": f"{d['a']['reviewer']} ({d['a']['decision']})",
+            "b": f"{d['b']['reviewer']} ({d['b']['decision']})"}
+
+
+def _agreement_view(a: dict | None) -> dict | None:
+    """The agreement table: one row per scope (all, guideline, person, pair)."""
+    if a is None:
+        return None
+
+    def row(kind: str, name: str, s: dict) -> dict:
+        d, b = s["decisions"], s["boxes"]
+        return {"kind": kind, "name": name, "pairs": s["pairs"], "items": s["items"],
+                "same": _fmt(d["agreement"]), "kappa": _fmt(d["kappa"]),
+                "matched": _fmt(b["matched_share"]), "iou": _fmt(b["mean_iou"])}
+
+    rows = [row("all", "all reviewers", a["overall"])]
+    rows += [row("guideline", g, s) for g, s in a["by_guideline"].items()]
+    rows += [row("person", p, s) for p, s in a["by_person"].items()]
+    rows += [row("pair", p, s) for p, s in a["by_pair"].items()]
+    return {"rows": rows, "overlapped": a["overlapped_items"], "iou": a["iou"],
+            "resolution": [(k, v) for k, v in a["resolution"].items() if k != "version"]}
 
 
 def _job_rows(output: str, s: dict, info: dict, lin: dict) -> list[tuple[str, str]]:
@@ -425,12 +478,14 @@ def _audit_view(audits: list[dict] | None) -> list[dict] | None:
 
 def _page(output: str, s: dict, info: dict, lin: dict, examples: list[dict],
           cards: list[dict], n_thumbs: int, calib: list[dict] | None = None,
-          audits: list[dict] | None = None) -> str:
+          audits: list[dict] | None = None, agreement: dict | None = None,
+          disagreements: list[dict] | None = None) -> str:
     return _render(TEMPLATE, output=output, job=_job_rows(output, s, info, lin),
                    metrics=_metric_rows(s.get("metrics")), statuses=_status_rows(s["status"]),
                    errors=_error_rows(s["errors"]), examples=_example_rows(examples),
                    max_examples=MAX_ERROR_EXAMPLES, cards=cards, n_thumbs=n_thumbs,
-                   calibrations=_calibration_view(calib), audits=_audit_view(audits))
+                   calibrations=_calibration_view(calib), audits=_audit_view(audits),
+                   agreement=agreement, disagreements=disagreements or [])
 
 
 def _render(name: str, **view) -> str:

@@ -102,15 +102,45 @@ class ImportConfig(Settings):
         return {x.strip() for x in self.labels.split(",") if x.strip()} if self.labels else None
 
 
+GUIDELINE_HELP = ("Labeling guideline: a Markdown file whose front matter gives its name and "
+                  "version (default: the guideline groundlabel ships, "
+                  "grounding/guidelines/default.md). Shown to reviewers as the project's "
+                  "instructions; every task and decision records its NAME@VERSION.")
+
+
+class GoldTasks(BaseModel):
+    """Gold items among the tasks: items with known boxes that score each reviewer."""
+
+    gold: str | None = Field(None, description="Gold file: items with known boxes "
+                             "(`grounding.gold`). The job's items that are in it are gold; "
+                             "nothing in a task says so.")
+    gold_format: LabelFormat = Field("seed", description="Format of --gold.",
+                                     json_schema_extra={"metavar": "FORMAT"})
+    gold_share: float | None = Field(None, ge=0.0, le=1.0, description="Share of the tasks "
+                                     "that are gold: that many of the job's gold items (a "
+                                     "seeded choice) go to people whatever routing says "
+                                     "(default: every gold item of the job, routed like the "
+                                     "rest).")
+
+    @model_validator(mode="after")
+    def _needs_gold(self) -> GoldTasks:
+        if self.gold_share is not None and not self.gold:
+            raise ValueError("--gold-share needs --gold (the items with known boxes)")
+        return self
+
+
 class ReviewExportConfig(Settings):
     """``groundlabel review export``: a job's predictions as Label Studio tasks."""
 
     output: JobOutputURI = Field(json_schema_extra={"positional": True})
     tasks: str = Field(description="Tasks JSON file to write.")
+    guideline: str | None = Field(None, description=GUIDELINE_HELP)
     model_version: str | None = Field(None, description="model_version of the predictions "
                                       "(default: model/adapter/prompt version of each row).")
     images: TaskImages = Field(default_factory=TaskImages, description="Task images.")
     routing: Routing = Field(default_factory=Routing, description="Auto-accept routing.")
+    gold_tasks: GoldTasks = Field(default_factory=GoldTasks,
+                                  description="Gold items among the tasks.")
     storage: StorageOptions = Field(default_factory=StorageOptions, description="Object storage.")
 
 
@@ -130,16 +160,57 @@ class LabelStudio(BaseModel):
 
 
 class ReviewPushConfig(Settings):
-    """``groundlabel review push``: a Label Studio project from a job's predictions."""
+    """``groundlabel review push``: a Label Studio project from a job's predictions, or from a
+    store's adjudication queue."""
 
-    output: JobOutputURI = Field(json_schema_extra={"positional": True})
+    output: str | None = Field(None, description="Job output folder (local or s3://), as "
+                               "written by `groundlabel label` (leave out with --adjudicate).",
+                               json_schema_extra={"positional": True})
+    adjudicate: str | None = Field(None, description="A reviewed-label store: push its "
+                                   "adjudication queue (items whose reviewers disagree, not yet "
+                                   "adjudicated) instead of a job's predictions; each person's "
+                                   "decision is shown as a prediction named after them.")
     label_studio: LabelStudio
     title: str | None = Field(None, description="Project title (default: groundlabel JOB_ID).")
     project: int | None = Field(None, description="Add the tasks to this existing project "
-                                "instead.")
+                                "instead (its instructions must be the same guideline, or "
+                                "empty).")
+    guideline: str | None = Field(None, description=GUIDELINE_HELP)
+    overlap: float = Field(0.0, ge=0.0, le=1.0, description="Share of the tasks that "
+                           "--annotators people label independently (a seeded choice of items; "
+                           "Label Studio's own per-task overlap). 0: one person per task.")
+    annotators: int = Field(2, ge=2, le=20, description="How many people label each overlapped "
+                            "task.")
+    seed: int = Field(0, description="Seed of the overlap choice: the same items are chosen for "
+                      "the same seed, whatever their order.")
     images: TaskImages = Field(default_factory=TaskImages, description="Task images.")
     routing: Routing = Field(default_factory=Routing, description="Auto-accept routing.")
+    gold_tasks: GoldTasks = Field(default_factory=GoldTasks,
+                                  description="Gold items among the tasks.")
     storage: StorageOptions = Field(default_factory=StorageOptions, description="Object storage.")
+
+    _source = model_validator(mode="after")(lambda self: _one_source(self))
+
+
+def _one_source(cfg: ReviewPushConfig) -> ReviewPushConfig:
+    if (cfg.output is None) == (cfg.adjudicate is None):
+        raise ValueError("give either OUTPUT (a job's predictions) or --adjudicate STORE")
+    if cfg.adjudicate is not None and cfg.overlap:
+        raise ValueError("--overlap is for reviews: an adjudication task is decided by one "
+                         "person")
+    return cfg
+
+
+def overlap_items(item_ids: list[str], share: float, seed: int = 0) -> set[str]:
+    """The items ``share`` of ``item_ids`` (rounded) that several people label: those with the
+    smallest ``sha256(seed:item_id)``. Seeded, independent of the order, and nested (an item
+    chosen at a smaller share is chosen at a larger one)."""
+    import hashlib
+
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"the overlap share must be in [0, 1], got {share}")
+    ids = sorted(set(item_ids), key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest())
+    return set(ids[:round(share * len(ids))])
 
 
 class ReviewPullConfig(Settings):
@@ -162,6 +233,39 @@ class ReviewLogConfig(Settings):
 
     store: StoreURI = Field(json_schema_extra={"positional": True})
     storage: StorageOptions = Field(default_factory=StorageOptions, description="Object storage.")
+
+
+class ReviewAgreementConfig(Settings):
+    """``groundlabel review agreement``: how well the store's reviewers agree."""
+
+    store: StoreURI = Field(json_schema_extra={"positional": True})
+    version: StoreVersion = None
+    iou: float = Field(0.5, gt=0.0, le=1.0, description="Two people's boxes match when their "
+                       "IoU is at least this.")
+    gold: str | None = Field(None, description="Gold file (items with known boxes) to score "
+                             "each reviewer on: Acc@0.5 and decision accuracy.")
+    gold_format: LabelFormat = Field("seed", description="Format of --gold.",
+                                     json_schema_extra={"metavar": "FORMAT"})
+    storage: StorageOptions = Field(default_factory=StorageOptions, description="Object storage.")
+
+
+def review_agreement(cfg: ReviewAgreementConfig) -> dict:
+    """Agreement between the people who reviewed the store's items (`grounding.agreement`):
+    box agreement and decision agreement (Cohen's kappa), overall, per guideline version, per
+    person and per pair."""
+    from grounding.agreement import agreement
+    from grounding.store import ReviewStore, is_store
+
+    if not is_store(cfg.store, cfg.storage):
+        raise FileNotFoundError(f"{cfg.store}: no reviewed-label store there")
+    store = ReviewStore(cfg.store, cfg.storage)
+    out = agreement(store, cfg.version, cfg.iou)
+    if cfg.gold:
+        from grounding.gold import load_gold, score
+
+        out["gold"] = score(store, load_gold(cfg.gold, cfg.gold_format, cfg.storage),
+                            cfg.version, cfg.iou)
+    return out
 
 
 def review_log(cfg: ReviewLogConfig) -> list[dict]:
@@ -239,11 +343,14 @@ def _save_rejects(rejects: list[dict], uri: str, opts: StorageOptions | None) ->
             f.write(json.dumps(r, default=str) + "\n")
 
 
-def import_labels(cfg: ImportConfig) -> dict:
+def import_labels(cfg: ImportConfig, reviewers: dict | None = None) -> dict:
     """Labels of a file into the store as one new version.
 
     Label Studio exports carry their own decisions (accept / correct / reject, reviewer and
-    time); other formats are recorded as ``decision`` (default ``correct``: people's boxes).
+    time, the guideline the task was pushed with): every person's newest annotation of a task
+    is one record (several people may label one task); ``reviewers`` maps Label Studio user
+    ids to e-mail addresses. Other formats are recorded as ``decision`` (default ``correct``:
+    people's boxes).
     With ``skip_invalid`` the valid rows are imported and the invalid ones are written, with
     their problems, to ``rejects_uri`` (default: next to the input), so nothing is lost.
     """
@@ -253,7 +360,9 @@ def import_labels(cfg: ImportConfig) -> dict:
     input_uri, fmt, store, opts = cfg.input, cfg.from_fmt, cfg.store, cfg.storage
     decision, reviewer, skip_invalid = cfg.decision, cfg.reviewer, cfg.skip_invalid
     labels = cfg.label_set()
-    kw = {"labels": labels} if fmt == "labelstudio" and labels else {}
+    kw = {"every_annotation": True, "reviewers": reviewers} if fmt == "labelstudio" else {}
+    if fmt == "labelstudio" and labels:
+        kw["labels"] = labels
     res = read_labels(input_uri, fmt, opts, skip_invalid=skip_invalid, **kw)
     records, unreviewed = [], 0
     for it in res.items:
@@ -264,6 +373,7 @@ def import_labels(cfg: ImportConfig) -> dict:
         records.append(decision_record(it, d, predicted=it.get("_predicted"),
                                        reviewer=it.get("_reviewer") or reviewer,
                                        reviewed_at=it.get("_reviewed_at"),
+                                       guideline=it.get("_guideline"), role=it.get("_role"),
                                        source=f"import:{fmt}"))
     out = {"input": input_uri, "format": fmt, "store": store, "version": None,
            "records": len(records), "unreviewed": unreviewed, "rejected_rows": len(res.rejects),
@@ -278,6 +388,46 @@ def import_labels(cfg: ImportConfig) -> dict:
     return out
 
 
+def _image_urls(images: TaskImages, items: list[dict], where: str, opts):
+    """``url(ref)``: how Label Studio reaches each item's image (a rewritten path prefix, or
+    the embedded metadata-free PNG)."""
+    from grounding.convert import embed_all
+
+    pngs = embed_all(items, where, opts, images.blur_faces) if images.embed_images else {}
+    root, prefix = images.image_root, images.image_url_prefix
+
+    def url(ref: str) -> str:
+        if images.embed_images:
+            return pngs[ref]
+        if root and prefix and ref.startswith(root):
+            return prefix + ref[len(root):].lstrip("/")
+        return ref
+
+    return url
+
+
+def _gold_tasks(cfg: GoldTasks, items: list[dict], opts) -> tuple[set[str], dict]:
+    """``(gold items that go to people whatever routing says, what to report)``. With a
+    share: ``round(share x tasks)`` of the job's gold items, the same seeded choice as the
+    overlap's (`overlap_items`); all of them when the job has fewer (``gold_short`` says how
+    many are missing)."""
+    if not cfg.gold:
+        return set(), {}
+    from grounding.gold import load_gold
+
+    gold = load_gold(cfg.gold, cfg.gold_format, opts)
+    in_job = [it["item_id"] for it in items if it["item_id"] in gold]
+    out = {"gold_in_job": len(in_job)}
+    if cfg.gold_share is None:
+        return set(), out | {"gold_tasks": len(in_job)}
+    want = round(cfg.gold_share * len(items))
+    chosen = overlap_items(in_job, min(1.0, want / len(in_job)) if in_job else 0.0)
+    out |= {"gold_tasks": len(chosen)}
+    if want > len(chosen):
+        out["gold_short"] = want - len(chosen)
+    return chosen, out
+
+
 def export_tasks(cfg: ReviewExportConfig) -> dict:
     """A job's predictions as Label Studio tasks (least-confident first) at ``tasks_uri``,
     with the project's labeling config written next to it (``label_config.xml``).
@@ -286,12 +436,12 @@ def export_tasks(cfg: ReviewExportConfig) -> dict:
     load (e.g. ``/data/images`` -> ``/data/local-files/?d=images``); ``embed_images`` puts a
     metadata-free PNG into each task instead.
     """
-    from grounding.convert import embed_all, fill_sizes
+    from grounding import guideline as guidelines
+    from grounding.convert import fill_sizes
     from grounding.convert.labelstudio import LABEL_CONFIG, write
 
     output, tasks_uri, opts = cfg.output, cfg.tasks, cfg.storage
-    image_root, image_url_prefix = cfg.images.image_root, cfg.images.image_url_prefix
-    embed_images = cfg.images.embed_images
+    rules = guidelines.load(cfg.guideline)
     items = job_items(output, opts)
     problems = fill_sizes(items, opts)
     if problems:
@@ -300,28 +450,30 @@ def export_tasks(cfg: ReviewExportConfig) -> dict:
         raise LabelFormatError(output, problems)
     from pipelines.routing import route
 
-    routed = route(items, cfg.routing, opts, JobOutput(output, opts).job_record().get("job_id"))
+    gold_ids, gold_out = _gold_tasks(cfg.gold_tasks, items, opts)
+    routed = route([it for it in items if it["item_id"] not in gold_ids], cfg.routing, opts,
+                   JobOutput(output, opts).job_record().get("job_id"))
     for it in routed["audit"]:
         it["route"] = "audit"
-    items = routed["review"] + routed["audit"]
+    # gold items chosen for the share go to people, mixed in like any other task
+    items = routed["review"] + routed["audit"] + [it for it in items
+                                                   if it["item_id"] in gold_ids]
 
-    pngs = embed_all(items, output, opts, cfg.images.blur_faces) if embed_images else {}
-
-    def url(ref: str) -> str:
-        if embed_images:
-            return pngs[ref]
-        if image_root and image_url_prefix and ref.startswith(image_root):
-            return image_url_prefix + ref[len(image_root):].lstrip("/")
-        return ref
-
+    url = _image_urls(cfg.images, items, output, opts)
     fs, path = filesystem(tasks_uri, opts)
     parent = path.rsplit("/", 1)[0]
     fs.makedirs(parent, exist_ok=True)
-    write(items, fs, path, model_version=cfg.model_version, image_url=url)
+    write(items, fs, path, model_version=cfg.model_version, image_url=url, guideline=rules.id)
     with fs.open(join(parent, "label_config.xml"), "wt") as f:
         f.write(LABEL_CONFIG)
+    # For a project made by hand: paste into Settings > Instructions.
+    with fs.open(join(parent, "instructions.html"), "wt", encoding="utf-8") as f:
+        f.write(rules.html())
     out = {"job": output, "tasks": tasks_uri, "n": len(items),
-           "label_config": join(tasks_uri.rsplit("/", 1)[0], "label_config.xml")}
+           "label_config": join(tasks_uri.rsplit("/", 1)[0], "label_config.xml"),
+           "instructions": join(tasks_uri.rsplit("/", 1)[0], "instructions.html"),
+           "guideline": rules.id}
+    out |= gold_out
     if cfg.routing.auto_accept_precision is not None:
         out |= {"auto_accepted": len(routed["auto"]), "audited": len(routed["audit"]),
                 "to_review": len(routed["review"]), "store_version": routed["version"],
@@ -350,19 +502,51 @@ def _ls_call(s, method: str, url: str, ok=(200, 201), **kw):
     return r.json()
 
 
+def _instructions(s, url: str, project: int, rules) -> None:
+    """Make an existing project show ``rules``: set its instructions where it has none; refuse
+    a project showing another guideline or instructions of its own (its earlier decisions were
+    made under those: the tasks must not say otherwise)."""
+    from grounding import guideline as guidelines
+
+    have = _ls_call(s, "GET", f"{url}/api/projects/{project}")
+    shown = guidelines.from_instructions(have.get("expert_instruction"))
+    if shown == rules.id:
+        if not have.get("show_instruction"):
+            _ls_call(s, "PATCH", f"{url}/api/projects/{project}", json={"show_instruction": True})
+        return
+    if shown is not None or (have.get("expert_instruction") or "").strip():
+        what = f"guideline {shown}" if shown else "instructions of its own"
+        raise LabelStudioError(
+            f"Label Studio project {project} shows {what}, not guideline {rules.id}: push to a "
+            "new project (leave out --project), or push with the guideline it shows, so that "
+            "every decision is made under the guideline it records")
+    _ls_call(s, "PATCH", f"{url}/api/projects/{project}",
+             json={"expert_instruction": rules.html(), "show_instruction": True})
+
+
 def push_to_label_studio(cfg: ReviewPushConfig) -> dict:
     """Create a Label Studio project (or use ``project``) and import a job's predictions as
     tasks, least-confident first (Label Studio's REST API: ``/api/projects``,
-    ``/api/projects/{id}/import``)."""
+    ``/api/projects/{id}/import``).
+
+    The labeling guideline (``guideline``, default the shipped one) becomes the project's
+    instructions (``expert_instruction``, shown before labeling: ``show_instruction``; the
+    labeling screen shows them too) and each task's ``data.guideline`` (``NAME@VERSION``),
+    which every decision pulled back records."""
     import tempfile
 
+    from grounding import guideline as guidelines
     from grounding.convert.labelstudio import LABEL_CONFIG
 
     url, token, project = cfg.label_studio.url.rstrip("/"), cfg.label_studio.token(), cfg.project
+    rules = guidelines.load(cfg.guideline)
+    if cfg.adjudicate is not None:
+        return _push_adjudication(cfg, rules, url, token)
     with tempfile.TemporaryDirectory() as d:
         routed = export_tasks(ReviewExportConfig(output=cfg.output, tasks=f"{d}/tasks.json",
                                                  images=cfg.images, routing=cfg.routing,
-                                                 storage=cfg.storage))
+                                                 storage=cfg.storage, guideline=cfg.guideline,
+                                                 gold_tasks=cfg.gold_tasks))
         with open(f"{d}/tasks.json") as f:
             tasks = json.load(f)
     with _ls_session(url, token) as s:
@@ -370,20 +554,115 @@ def push_to_label_studio(cfg: ReviewPushConfig) -> dict:
             job = JobOutput(cfg.output, cfg.storage).job_record()
             title = cfg.title or f"groundlabel {job.get('job_id') or cfg.output}"
             project = _ls_call(s, "POST", f"{url}/api/projects",
-                               json={"title": title[:50], "label_config": LABEL_CONFIG})["id"]
+                               json={"title": title[:50], "label_config": LABEL_CONFIG,
+                                     "expert_instruction": rules.html(),
+                                     "show_instruction": True})["id"]
+        else:
+            _instructions(s, url, project, rules)
+        chosen = overlap_items([t["data"]["item_id"] for t in tasks], cfg.overlap, cfg.seed)
+        for t in tasks:
+            t["data"]["overlap"] = cfg.annotators if t["data"]["item_id"] in chosen else 1
+        res = _ls_call(s, "POST", f"{url}/api/projects/{project}/import", json=tasks,
+                       params={"return_task_ids": "true"})
+        if chosen:
+            _overlap(s, url, project, tasks, res.get("task_ids"), cfg.annotators)
+    out = {"project": project, "tasks": res.get("task_count", len(tasks)), "url": url,
+           "guideline": rules.id}
+    if cfg.overlap:
+        out |= {"overlapped": len(chosen), "annotators": cfg.annotators, "seed": cfg.seed}
+    return out | {k: v for k, v in routed.items()
+                  if k in ("auto_accepted", "audited", "keys", "gold_tasks", "gold_in_job",
+                           "gold_short")}
+
+
+def _push_adjudication(cfg: ReviewPushConfig, rules, url: str, token: str) -> dict:
+    """The store's adjudication queue as tasks (`grounding.convert.labelstudio.
+    adjudication_tasks`) in a new project (or ``project``); nothing is created when the queue
+    is empty."""
+    from grounding.convert import fill_sizes
+    from grounding.convert.labelstudio import LABEL_CONFIG, adjudication_tasks
+    from grounding.store import ReviewStore, is_store
+
+    if not is_store(cfg.adjudicate, cfg.storage):
+        raise FileNotFoundError(f"{cfg.adjudicate}: no reviewed-label store there")
+    store = ReviewStore(cfg.adjudicate, cfg.storage)
+    version = store.latest()
+    queue = store.unresolved(version).to_pylist()
+    out = {"store": cfg.adjudicate, "store_version": version, "guideline": rules.id,
+           "items": len({r["item_id"] for r in queue}), "url": url}
+    if not queue:
+        return out | {"project": None, "tasks": 0}
+    images = [{"item_id": r["item_id"], "image": r["image"], "width": r["width"],
+               "height": r["height"]} for r in queue]
+    problems = fill_sizes(images, cfg.storage)
+    if problems:
+        from grounding.labels import LabelFormatError
+
+        raise LabelFormatError(cfg.adjudicate, problems)
+    for r, im in zip(queue, images, strict=True):
+        r["width"], r["height"] = im["width"], im["height"]
+    tasks = adjudication_tasks(queue, _image_urls(cfg.images, images, cfg.adjudicate,
+                                                  cfg.storage), rules.id)
+    project = cfg.project
+    with _ls_session(url, token) as s:
+        if project is None:
+            title = cfg.title or f"groundlabel adjudication v{version}"
+            project = _ls_call(s, "POST", f"{url}/api/projects",
+                               json={"title": title[:50], "label_config": LABEL_CONFIG,
+                                     "expert_instruction": rules.html(),
+                                     "show_instruction": True})["id"]
+        else:
+            _instructions(s, url, project, rules)
         res = _ls_call(s, "POST", f"{url}/api/projects/{project}/import", json=tasks)
-    return {"project": project, "tasks": res.get("task_count", len(tasks)), "url": url} | {
-        k: v for k, v in routed.items() if k in ("auto_accepted", "audited", "keys")}
+    return out | {"project": project, "tasks": res.get("task_count", len(tasks))}
+
+
+def _overlap(s, url: str, project: int, tasks: list[dict], ids: list | None, k: int) -> None:
+    """Give each imported task its overlap (``data.overlap``: k people or 1), the way Label
+    Studio 1.23.2 keeps it: per task (``overlap``, which its label stream and ``is_labeled``
+    follow). An import gives every new task the project's ``maximum_annotations``; changing
+    that setting afterwards rewrites the tasks with overlap > 1 (or, with none, all of them),
+    so it is raised to k only after the tasks are set, and must be 1 or k beforehand."""
+    if not ids or len(ids) != len(tasks):
+        raise LabelStudioError(f"Label Studio project {project}: the import did not return the "
+                               f"new tasks' ids ({len(ids or [])} for {len(tasks)} tasks), so "
+                               "their overlap cannot be set")
+    have = _ls_call(s, "GET", f"{url}/api/projects/{project}").get("maximum_annotations") or 1
+    if have not in (1, k):
+        raise LabelStudioError(
+            f"Label Studio project {project} has {have} annotations per task, not {k} or 1: "
+            f"push --annotators {have}, or to a new project")
+    for task_id, t in zip(ids, tasks, strict=True):
+        if t["data"]["overlap"] != have:
+            _ls_call(s, "PATCH", f"{url}/api/tasks/{task_id}",
+                     json={"overlap": t["data"]["overlap"]})
+    if have != k:
+        _ls_call(s, "PATCH", f"{url}/api/projects/{project}", json={"maximum_annotations": k})
+
+
+def _reviewers(s, url: str) -> dict:
+    """``{user id: e-mail}`` of the organization's users (Label Studio's export names an
+    annotation's author by id only); empty where the token may not list users (the ids are
+    recorded then)."""
+    r = s.get(f"{url}/api/users", timeout=120)
+    if r.status_code != 200:
+        return {}
+    body = r.json()
+    users = body.get("results", []) if isinstance(body, dict) else body
+    return {u["id"]: u["email"] for u in users
+            if isinstance(u, dict) and u.get("id") is not None and u.get("email")}
 
 
 def pull_from_label_studio(cfg: ReviewPullConfig) -> dict:
     """Download a project's JSON export (annotated tasks) and import its review decisions into
-    the store. The raw export is kept at ``export_uri`` (default: next to the store, under
+    the store: every person's newest annotation of a task, with their e-mail address (from
+    ``/api/users``), its time and the guideline the task was pushed with. The raw export is kept at ``export_uri`` (default: next to the store, under
     ``exports/``) so every version can be traced back to what Label Studio said."""
     url, project, store, opts = cfg.label_studio.url.rstrip("/"), cfg.project, cfg.store, cfg.storage
     with _ls_session(url, cfg.label_studio.token()) as s:
         tasks = _ls_call(s, "GET", f"{url}/api/projects/{project}/export",
                          params={"exportType": "JSON"})
+        reviewers = _reviewers(s, url)
     import datetime as dt
 
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
@@ -394,6 +673,6 @@ def pull_from_label_studio(cfg: ReviewPullConfig) -> dict:
         json.dump(tasks, f)
     res = import_labels(ImportConfig(input=export_uri, from_fmt="labelstudio", store=store,
                                      labels=cfg.labels, skip_invalid=cfg.skip_invalid,
-                                     storage=opts))
+                                     storage=opts), reviewers=reviewers)
     res["project"] = project
     return res

@@ -40,6 +40,7 @@ from collections import defaultdict
 from pydantic import BaseModel, Field
 
 from grounding.calibration import HOLDOUT, MIN_FIT, Bound, Method
+from grounding.gold import ReviewerFilter
 from grounding.settings import RegistryURI, Settings, StoreURI, StoreVersion
 from grounding.storage import StorageOptions
 
@@ -62,6 +63,8 @@ class CalibrateConfig(Settings):
     audit_share: float = Field(AUDIT_SHARE, ge=0, le=1, description="The audit share routed "
                                "jobs used: their reviewed rows below it (by the audit hash) "
                                "are the uniform sample that enters the threshold's bound.")
+    reviewers: ReviewerFilter = Field(default_factory=ReviewerFilter,
+                                      description="Reviewers judged on gold items.")
     storage: StorageOptions = Field(default_factory=StorageOptions, description="Object storage.")
 
 
@@ -95,7 +98,8 @@ class Routing(BaseModel):
                               "committed to (needed with --auto-accept-precision).")
 
 
-def _usable(store, version=None, audit_share: float = AUDIT_SHARE) -> dict:
+def _usable(store, version=None, audit_share: float = AUDIT_SHARE,
+            exclude: frozenset | set = frozenset()) -> dict:
     """``{Key: [Outcome]}`` of the store's newest human decision per item. A review of a routed
     job's row (a job with ``auto`` decisions) that routing sent to people is in the bound
     stream (``sampled``) only when the row's `grounding.calibration.audit_unit` is below the
@@ -107,7 +111,7 @@ def _usable(store, version=None, audit_share: float = AUDIT_SHARE) -> dict:
     auto_items = {r["item_id"] for r in autos}
     routed = {r.get("job_id") for r in autos}
     groups: dict = defaultdict(list)
-    for r in store.snapshot(version, HUMAN).to_pylist():
+    for r in store.snapshot(version, HUMAN, exclude).to_pylist():
         for o in outcomes([r]):
             if r.get("job_id") in routed and r["item_id"] not in auto_items:
                 o = o.model_copy(update={
@@ -128,8 +132,9 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     if not v:
         raise StoreError(f"{cfg.store} has no reviews yet")
     registry = AdapterRegistry(cfg.registry, cfg.storage)
+    exclude, excluded = cfg.reviewers.excluded(store, v, cfg.storage)
     out = []
-    for key, data in sorted(_usable(store, v, cfg.audit_share).items(),
+    for key, data in sorted(_usable(store, v, cfg.audit_share, exclude).items(),
                             key=lambda kv: kv[0].show()):
         row = {"model": key.model, "adapter": key.adapter, "prompt_version": key.prompt_version,
                "reviews": len(data)}
@@ -145,7 +150,9 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     if not out:
         raise StoreError(f"{cfg.store} version {v} has no reviewed predictions with a score "
                          "and lineage (model, prompt version) to calibrate on")
-    return {"store": cfg.store, "version": v, "keys": out}
+    # items people disagree on, without an adjudication: no review of theirs is used
+    return {"store": cfg.store, "version": v, "keys": out,
+            "unresolved_items": store.resolution(v, exclude)["unresolved"]} | excluded
 
 
 def calibrate_items(items: list[dict], registry: str | None, opts) -> dict:

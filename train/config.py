@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field
 
 from grounding.engines.base import EngineConfig
+from grounding.gold import ReviewerFilter
 from grounding.settings import RaySettings, RegistryURI, Settings, StoreURI
 from grounding.storage import StorageOptions
 
@@ -31,6 +32,8 @@ class RetrainConfig(Settings):
     train_on_auto: bool = Field(False, description="Also train on auto-accepted predictions "
                                 "(decision `auto`; off by default: the model would learn from "
                                 "itself). They are never held out for the gate.")
+    reviewers: ReviewerFilter = Field(default_factory=ReviewerFilter,
+                                      description="Reviewers judged on gold items.")
     inference: EngineConfig = Field(default_factory=EngineConfig, description="The base "
                                     "checkpoint (kept frozen; its pixels settings are used for "
                                     "training too) and the engine of the gate.")

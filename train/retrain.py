@@ -144,18 +144,21 @@ def on_gate_node(cfg: RetrainConfig, adapter_dir: str, work):
 
 
 def labels_for_training(store, version: int, holdout_frac: float,
-                        train_on_auto: bool = False) -> tuple[list, list, list]:
+                        train_on_auto: bool = False,
+                        exclude: frozenset | set = frozenset()) -> tuple[list, list, list]:
     """``(people's labels, training side, held-out side)`` of a store version.
 
     Held-out labels are always people's (the gate judges against them). With ``train_on_auto``
     the auto-accepted predictions join the training side only, minus any whose image is held
-    out (no image straddles the split)."""
-    items = store.labels(version)
+    out (no image straddles the split). Items people disagree on without an adjudication are
+    in neither side (`grounding.store.ReviewStore.snapshot`); ``exclude``: reviewers whose
+    decisions are left out (`grounding.gold.ReviewerFilter`)."""
+    items = store.labels(version, exclude=exclude)
     train_side, held = split(items, holdout_frac)
     if train_on_auto:
         human = {it["item_id"] for it in items}
         held_images = {it["image"] for it in held}
-        train_side = train_side + [it for it in store.labels(version, include_auto=True)
+        train_side = train_side + [it for it in store.labels(version, include_auto=True, exclude=exclude)
                                    if it["item_id"] not in human
                                    and it["image"] not in held_images]
     return items, train_side, held
@@ -185,8 +188,9 @@ def _retrain(cfg: RetrainConfig, tracking) -> dict:
     version = cfg.version or store.latest()  # the Delta table version: the lineage recorded
     if not version:
         raise StoreError(f"{cfg.store} has no reviewed labels yet")
+    exclude, excluded = cfg.reviewers.excluded(store, version, opts)
     items, train_side, held = labels_for_training(store, version, cfg.holdout_frac,
-                                                  cfg.train_on_auto)
+                                                  cfg.train_on_auto, exclude)
     if not held or (not train_side and not cfg.candidate):
         raise StoreError(f"version {version} has {len(items)} usable labels: too few to train "
                          f"and hold out {cfg.holdout_frac:.0%}")
@@ -251,6 +255,8 @@ def _retrain(cfg: RetrainConfig, tracking) -> dict:
             "new_domain": _scores(verdict["new"]), "old_domain": _scores(verdict["old"]),
             "regression": _scores(verdict["regression"]),
             "train_items": len(train_items), "heldout_items": len(held), "replay": replay,
+            # items people disagree on, without an adjudication: in neither side
+            "unresolved_items": store.resolution(version, exclude)["unresolved"], **excluded,
             "train_metrics": train_metrics, "seconds": round(time.time() - t0, 1)}
 
 

@@ -2,8 +2,14 @@
 
 ``images``: one entry per item: ``id``, ``file_name`` (image reference), ``width``, ``height``,
 ``caption`` (the referring expression) and our ``item_id``. ``annotations``: one per box,
-``bbox`` = ``[x, y, width, height]`` in pixels of the original image (COCO's xywh; we convert
-to and from xyxy), ``category_id`` 1 (``"target"``), ``tokens_positive`` = the whole caption.
+``bbox`` = ``[x, y, width, height]`` in pixels of the original image (COCO's xywh), which is
+``[x1, y1, x2 - x1, y2 - y1]`` of our xyxy box (`to_xywh` / `from_xywh`), ``category_id`` 1
+(``"target"``), ``tokens_positive`` = the whole caption.
+
+Edges, as the shipped guideline states them (grounding/guidelines/default.md): pixels are
+continuous, ``x2``/``y2`` are the far edges (one past the last pixel inside), so a box touching
+the right border of a ``W``-wide image has ``x + width = W``. Read boxes are rounded to a
+millionth of a pixel (`grounding.labels.snap`): the round trip is exact.
 
 A plain COCO detection file (images without ``caption``) is read too: each (image, category)
 becomes one item whose expression is the category name and whose boxes are that category's.
@@ -14,7 +20,7 @@ from __future__ import annotations
 import json
 
 from grounding.convert import ReadResult, base_of, resolve
-from grounding.labels import item, outside
+from grounding.labels import item, outside, snap
 
 
 def read(fs, path: str) -> ReadResult:
@@ -121,8 +127,7 @@ def _place(ann, images: dict, cats: dict, bad_images: set):
             and all(isinstance(v, int | float) for v in bbox) and bbox[2] >= 0 and bbox[3] >= 0):
         return _reject(where, "bbox must be [x, y, width, height] with width, height >= 0, "
                        f"got {bbox!r}", ann)
-    x, y, w, h = (float(v) for v in bbox)
-    box = [x, y, x + w, y + h]
+    box = from_xywh(bbox)
     if outside(box, im["width"], im["height"]):
         return _reject(where, f"box {box} reaches outside the {im['width']}x{im['height']} image",
                        ann)
@@ -168,6 +173,17 @@ def _item(im: dict, key: tuple, boxes: list, cats: dict, base_dir, proto) -> dic
                 score=im.get("score"))
 
 
+def to_xywh(b: list[float]) -> list[float]:
+    """COCO's ``[x, y, width, height]`` of an xyxy box: ``[x1, y1, x2 - x1, y2 - y1]``."""
+    return [b[0], b[1], b[2] - b[0], b[3] - b[1]]
+
+
+def from_xywh(v: list[float]) -> list[float]:
+    """The xyxy box of COCO's ``[x, y, width, height]``, to a millionth of a pixel."""
+    x, y, w, h = (float(c) for c in v)
+    return [snap(x), snap(y), snap(x + w), snap(y + h)]
+
+
 def write(items: list[dict], fs, path: str) -> None:
     from grounding.convert import fill_sizes
 
@@ -183,7 +199,7 @@ def write(items: list[dict], fs, path: str) -> None:
                        **({"score": it["score"]} if it.get("score") is not None else {})})
         for k, b in enumerate(it["boxes"]):
             ann = {"id": len(anns) + 1, "image_id": i, "category_id": 1,
-                   "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                   "bbox": to_xywh(b),
                    "area": (b[2] - b[0]) * (b[3] - b[1]), "iscrowd": 0,
                    "tokens_positive": [[0, len(it["text"])]]}
             if it.get("scores"):

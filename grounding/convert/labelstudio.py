@@ -15,16 +15,33 @@ The prediction's ``score`` (the one Label Studio sorts tasks by) is the calibrat
 when there is one (`pipelines.routing`), else the raw answer score; each region carries its
 box's raw score. ``route: audit`` marks an auto-accepted row sent to people as a check.
 ``x, y, width, height`` are percent of the original image (top-left corner and size), which
-is Label Studio's convention; our boxes are xyxy pixels of the same image.
+is Label Studio's convention; our boxes are xyxy pixels of the same image: ``x = x1 / W * 100``,
+``y = y1 / H * 100``, ``width = (x2 - x1) / W * 100``, ``height = (y2 - y1) / H * 100``.
+
+Edges, as the shipped guideline states them (grounding/guidelines/default.md): pixels are
+continuous, ``x2``/``y2`` are the far edges (one past the last pixel inside), so a box touching
+the right border has ``x + width = 100``. Read back, ``x2 = (x + width) * W / 100``, rounded
+to a millionth of a pixel (`grounding.labels.snap`): a box dragged to the border is exactly at
+``W``, and our boxes round-trip exactly.
 `LABEL_CONFIG` is the project's labeling config: the box tool, the expression as a header, and
 a ``decision`` choice to reject an unusable item.
 
 In (``read``): Label Studio's JSON export (a list of tasks with ``annotations``). Per task the
-newest non-cancelled annotation is the review decision:
+newest non-cancelled annotation is the review decision; with ``every_annotation`` (what
+``review pull`` and ``import --from labelstudio`` use) each person's newest one is, one item
+per person, oldest first (several people may label one task: overlap). A decision is
 
 * a ``reject`` choice -> ``reject``;
 * boxes equal to the predicted boxes (within 0.5 px) -> ``accept``;
 * otherwise -> ``correct``, with the annotation's boxes (none = "no such object").
+
+Who decided is the annotation's ``completed_by`` (Label Studio's export gives the user id;
+``reviewers`` maps ids to e-mail addresses, which ``review pull`` reads from ``/api/users``).
+The guideline a task was pushed with is in its data (``guideline``, ``NAME@VERSION``,
+`grounding.guideline`) and comes back as ``_guideline``.
+
+Tasks of the adjudication queue (`adjudication_tasks`, ``data.role: adjudication``) come
+back with ``_role`` ``adjudication``: their decision settles the item in the store.
 
 Tasks without annotations come back as their predictions, with no decision. Unknown labels,
 boxes more than 0.5 px outside the image, tasks without an image or image size are problems
@@ -37,7 +54,7 @@ import json
 import uuid
 
 from grounding.convert import ReadResult
-from grounding.labels import LINEAGE, check_box, clamp, item, outside
+from grounding.labels import LINEAGE, check_box, clamp, item, outside, snap
 
 LABEL = "target"
 FROM_NAME, TO_NAME, CHOICE_NAME = "label", "image", "decision"
@@ -58,13 +75,17 @@ ACCEPT_TOL = 0.5  # pixels: an annotation this close to the prediction is an acc
 
 
 def to_percent(b: list[float], w: int, h: int) -> dict:
+    """Label Studio's ``value`` of an xyxy pixel box on a ``w`` x ``h`` image (percent)."""
     return {"x": b[0] / w * 100, "y": b[1] / h * 100, "width": (b[2] - b[0]) / w * 100,
             "height": (b[3] - b[1]) / h * 100, "rotation": 0}
 
 
 def from_percent(v: dict, w: int, h: int) -> list[float]:
-    x1, y1 = v["x"] * w / 100, v["y"] * h / 100
-    return [x1, y1, x1 + v["width"] * w / 100, y1 + v["height"] * h / 100]
+    """The xyxy pixel box of Label Studio's ``value`` (percent of a ``w`` x ``h`` image): the
+    far edges from ``x + width`` and ``y + height``, to a millionth of a pixel."""
+    x, y = float(v["x"]), float(v["y"])
+    return [snap(x * w / 100), snap(y * h / 100), snap((x + float(v["width"])) * w / 100),
+            snap((y + float(v["height"])) * h / 100)]
 
 
 def task_score(it: dict) -> float | None:
@@ -84,10 +105,12 @@ def _same_ref(ref: str) -> str:
 
 
 def to_tasks(items: list[dict], model_version: str | None = None, label: str = LABEL,
-             image_url=None) -> list[dict]:
+             image_url=None, guideline: str | None = None) -> list[dict]:
     """Label Studio tasks with predictions, least-confident first (items need width/height).
 
     ``image_url(ref)`` maps our image reference to a URL Label Studio can load (default: as is).
+    ``guideline``: ``NAME@VERSION`` of the labeling guideline the tasks are labeled under
+    (`grounding.guideline`), kept in each task's data.
     """
     tasks = []
     for it in sorted(items, key=_order):
@@ -108,10 +131,64 @@ def to_tasks(items: list[dict], model_version: str | None = None, label: str = L
         # Data columns too: Label Studio's data manager sorts and filters by any of them.
         data.update({"score": it.get("score"), "calibrated_score": it.get("calibrated"),
                      "route": it.get("route", "review")})
+        if guideline:
+            data["guideline"] = guideline
         pred = {"model_version": model_version or _version(it), "result": result}
         if task_score(it) is not None:
             pred["score"] = task_score(it)
         tasks.append({"data": data, "predictions": [pred]})
+    return tasks
+
+
+def _regions(boxes: list, w: int, h: int, label: str = LABEL) -> list[dict]:
+    return [{"id": uuid.uuid4().hex[:10], "from_name": FROM_NAME, "to_name": TO_NAME,
+             "type": "rectanglelabels", "original_width": w, "original_height": h,
+             "image_rotation": 0, "value": dict(to_percent(b, w, h), rectanglelabels=[label])}
+            for b in boxes]
+
+
+def adjudication_tasks(records: list[dict], image_url=None, guideline: str | None = None
+                       ) -> list[dict]:
+    """Label Studio tasks for the adjudication queue (`grounding.store.ReviewStore.unresolved`
+    records: every disagreeing person's current decision per item), one task per item.
+
+    Each person's decision is a prediction named ``"<reviewer>: <decision>"`` (their boxes, or
+    the ``reject`` choice), the model's boxes one named ``model``; the adjudicator starts from
+    any of them. ``data.role`` is ``adjudication``: the decision pulled back settles the item
+    (store role ``adjudication``); ``data.predicted_boxes`` stay the model's, which accept /
+    correct are read against."""
+    per_item: dict[str, list[dict]] = {}
+    for r in records:
+        per_item.setdefault(r["item_id"], []).append(r)
+    tasks = []
+    for item_id, recs in per_item.items():
+        first = recs[0]
+        w, h = first["width"], first["height"]
+        if not (w and h):
+            raise ValueError(f"item {item_id}: no image size in the store; Label Studio boxes "
+                             "need it")
+        preds = []
+        for r in sorted(recs, key=lambda r: str(r["reviewer"])):
+            result = _regions(r["boxes"] or [], w, h)
+            if r["decision"] == "reject":
+                result = [{"id": uuid.uuid4().hex[:10], "from_name": CHOICE_NAME,
+                           "to_name": TO_NAME, "type": "choices",
+                           "value": {"choices": ["reject"]}}]
+            preds.append({"model_version": f"{r['reviewer']}: {r['decision']}",
+                          "result": result})
+        predicted = next((r["predicted_boxes"] for r in recs
+                          if r.get("predicted_boxes") is not None), None)
+        if predicted is not None:
+            preds.append({"model_version": "model", "result": _regions(predicted, w, h)})
+        data = {"image": (image_url or _same_ref)(first["image"]), "image_ref": first["image"],
+                "text": first["text"], "item_id": item_id, "width": w, "height": h,
+                "predicted_boxes": predicted, "score": first.get("predicted_score"),
+                "role": "adjudication",
+                "reviewers": sorted(str(r["reviewer"]) for r in recs)}
+        data.update({k: first[k] for k in LINEAGE if first.get(k) is not None})
+        if guideline:
+            data["guideline"] = guideline
+        tasks.append({"data": data, "predictions": preds})
     return tasks
 
 
@@ -121,7 +198,7 @@ def _version(it: dict) -> str:
 
 
 def write(items: list[dict], fs, path: str, model_version: str | None = None,
-          image_url=None) -> None:
+          image_url=None, guideline: str | None = None) -> None:
     from grounding.convert import fill_sizes
     from grounding.labels import LabelFormatError
 
@@ -129,26 +206,47 @@ def write(items: list[dict], fs, path: str, model_version: str | None = None,
     if problems:
         raise LabelFormatError(path, ["Label Studio needs image sizes: " + p for p in problems])
     with fs.open(path, "wt", encoding="utf-8") as f:
-        json.dump(to_tasks(items, model_version, image_url=image_url), f, indent=1)
+        json.dump(to_tasks(items, model_version, image_url=image_url, guideline=guideline), f,
+                  indent=1)
+
+
+def _when(a: dict) -> tuple:
+    return str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0
+
+
+def _live(annotations: list) -> list[dict]:
+    """The task's annotations that are decisions (not cancelled = skipped), oldest first."""
+    live = [a for a in annotations or [] if isinstance(a, dict) and not a.get("was_cancelled")]
+    return sorted(live, key=_when)
 
 
 def _newest(annotations: list) -> dict | None:
-    live = [a for a in annotations or [] if isinstance(a, dict) and not a.get("was_cancelled")]
-    if not live:
-        return None
-    return max(live, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""),
-                                    a.get("id") or 0))
+    live = _live(annotations)
+    return live[-1] if live else None
 
 
-def _reviewer(a: dict) -> str | None:
+def _who(a: dict):
+    who = a.get("completed_by")
+    return who.get("id", who.get("email")) if isinstance(who, dict) else who
+
+
+def _reviewer(a: dict, reviewers: dict | None = None) -> str | None:
+    """Who made annotation ``a``: an e-mail address where known, else Label Studio's user id."""
     who = a.get("completed_by")
     if isinstance(who, dict):
-        return who.get("email") or str(who.get("id"))
-    return None if who is None else str(who)
+        return who.get("email") or (None if who.get("id") is None else str(who.get("id")))
+    if who is None:
+        return None
+    return (reviewers or {}).get(who) or (reviewers or {}).get(str(who)) or str(who)
 
 
-def parse_task(task, labels: set[str]) -> tuple[dict | None, list[str]]:
-    """One exported task -> a labeled item with ``_decision`` (or problems)."""
+_NEWEST = object()
+
+
+def parse_task(task, labels: set[str], annotation=_NEWEST,
+               reviewers: dict | None = None) -> tuple[dict | None, list[str]]:
+    """One exported task -> a labeled item with ``_decision`` (or problems), from its newest
+    live annotation (or from ``annotation``; None: from its prediction)."""
     if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
         return None, ["not a Label Studio task (no 'data')"]
     data = task["data"]
@@ -158,7 +256,7 @@ def parse_task(task, labels: set[str]) -> tuple[dict | None, list[str]]:
         problems.append("task has no image")
     if not isinstance(data.get("text"), str) or not data["text"].strip():
         problems.append("task has no text")
-    ann = _newest(task.get("annotations"))
+    ann = _newest(task.get("annotations")) if annotation is _NEWEST else annotation
     if ann is not None:
         source, results = "annotation", ann.get("result") or []
     else:
@@ -213,11 +311,14 @@ def parse_task(task, labels: set[str]) -> tuple[dict | None, list[str]]:
             return None, [f"predicted_boxes is malformed ({e}); it is what the decision (accept "
                           "or correct) is read against, so the task cannot be imported"]
     it["_predicted"] = {"boxes": predicted, "score": _pred_score(task)}
+    guideline = data.get("guideline")
+    it["_guideline"] = guideline if isinstance(guideline, str) and guideline else None
+    it["_role"] = "adjudication" if data.get("role") == "adjudication" else None
     if source == "prediction":
         it["_decision"] = None
         it["score"] = _pred_score(task)
     else:
-        it["_reviewer"] = _reviewer(ann)
+        it["_reviewer"] = _reviewer(ann, reviewers)
         it["_reviewed_at"] = ann.get("updated_at") or ann.get("created_at")
         it["_decision"] = "reject" if reject else (
             "accept" if predicted is not None and _same(boxes, predicted) else "correct")
@@ -243,7 +344,33 @@ def _same(a: list, b: list) -> bool:
                for p, q in zip(key(a), key(b), strict=True))
 
 
-def read(fs, path: str, labels: set[str] | None = None) -> ReadResult:
+def parse_annotations(task, labels: set[str], reviewers: dict | None = None
+                      ) -> tuple[list[dict], list[str]]:
+    """One exported task -> one labeled item per person who annotated it (their newest live
+    annotation; people oldest first), or the task's prediction when nobody did; or problems
+    (all of the task's, the task then refused whole)."""
+    if not isinstance(task, dict):
+        return [], ["not a Label Studio task (no 'data')"]
+    per_person: dict = {}
+    for a in _live(task.get("annotations")):
+        per_person.pop(_who(a), None)  # re-inserted: people ordered by their newest annotation
+        per_person[_who(a)] = a
+    out, problems = [], []
+    for ann in per_person.values() or [None]:
+        it, probs = parse_task(task, labels, ann, reviewers)
+        if probs:
+            several = len(per_person) > 1  # then say whose annotation it is
+            who = f"annotation {ann.get('id')} by {_reviewer(ann, reviewers)}: " if several else ""
+            problems.extend(who + p for p in probs)
+        else:
+            out.append(it)
+    return ([], problems) if problems else (out, [])
+
+
+def read(fs, path: str, labels: set[str] | None = None, every_annotation: bool = False,
+         reviewers: dict | None = None) -> ReadResult:
+    """Items of a Label Studio JSON export: one per task (its newest annotation), or with
+    ``every_annotation`` one per person who annotated it. ``reviewers``: ``{user id: e-mail}``."""
     labels = labels or {LABEL}
     with fs.open(path, "rt", encoding="utf-8") as f:
         try:
@@ -257,10 +384,14 @@ def read(fs, path: str, labels: set[str] | None = None) -> ReadResult:
                                 "row": None}])
     items, rejects = [], []
     for i, task in enumerate(doc):
-        it, problems = parse_task(task, labels)
+        if every_annotation:
+            found, problems = parse_annotations(task, labels, reviewers)
+        else:
+            it, problems = parse_task(task, labels, reviewers=reviewers)
+            found = [it]
         where = f"task {task.get('id', i) if isinstance(task, dict) else i}"
         if problems:
             rejects.append({"where": where, "problems": problems, "row": task})
         else:
-            items.append(it)
+            items.extend(found)
     return ReadResult(items, rejects)

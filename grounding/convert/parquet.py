@@ -1,4 +1,10 @@
-"""Parquet: one item per row, the columns of `grounding.labels` (boxes: list of xyxy pixels)."""
+"""Parquet: one item per row, the columns of `grounding.labels` (``boxes``: a list of
+``[x1, y1, x2, y2]`` (xyxy) pixels of the original image, stored as they are).
+
+Edges, as the shipped guideline states them (grounding/guidelines/default.md): pixels are
+continuous, ``x2``/``y2`` are the far edges (one past the last pixel inside), so a box touching
+the right and bottom borders of a ``W`` x ``H`` image ends at ``x2 = W``, ``y2 = H``.
+"""
 
 from __future__ import annotations
 

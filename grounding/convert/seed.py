@@ -6,7 +6,11 @@
 ``bbox`` is the first box (what labeling jobs read as the true box); ``bboxes`` holds all of
 them and wins when both are present. Boxes are xyxy pixels of the original image
 (``bbox_type`` ``real``), or 0-1 (``norm1``) / 0-1000 (``norm1000``) of it, which need
-``width`` and ``height``.
+``width`` and ``height`` (read back to a millionth of a pixel, `grounding.labels.snap`).
+
+Edges, as the shipped guideline states them (grounding/guidelines/default.md): pixels are
+continuous, ``x2``/``y2`` are the far edges (one past the last pixel inside), so a box touching
+the right and bottom borders of a ``W`` x ``H`` image ends at ``x2 = W``, ``y2 = H``.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import json
 
 from grounding.convert import ReadResult, base_of, jsonl_objects, resolve
-from grounding.labels import LINEAGE, item
+from grounding.labels import LINEAGE, item, snap
 
 SCALE = {"real": None, "norm1": 1.0, "norm1000": 1000.0}
 
@@ -42,7 +46,7 @@ def parse_row(obj, where: str, base_dir: str, proto: str) -> tuple[dict | None, 
         try:
             if btype in SCALE and SCALE[btype] and w and h:
                 k = SCALE[btype]
-                b = [b[0] * w / k, b[1] * h / k, b[2] * w / k, b[3] * h / k]
+                b = [snap(b[0] * w / k), snap(b[1] * h / k), snap(b[2] * w / k), snap(b[3] * h / k)]
             boxes.append(b)
         except (TypeError, IndexError, KeyError):
             problems.append(f"bbox is not 4 numbers: {b!r}")

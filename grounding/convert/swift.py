@@ -8,8 +8,12 @@ ms-swift fills the placeholders in order: each ``<ref-object>`` takes the next `
 ``<bbox>`` the next ``bbox``. We write one user/assistant turn per item, with as many
 ``<bbox>`` as the item has boxes (an item with none answers ``None``), and read the turns back
 the same way. Lines without placeholders pair ``ref[k]`` with ``bbox[k]``. ``bbox_type``
-``real`` is pixels of the original image (xyxy); ``norm1`` (0-1) is read too, with sizes from
-the image header.
+``real`` is pixels of the original image, ``[x1, y1, x2, y2]`` (xyxy); ``norm1`` (0-1) is read
+too, with sizes from the image header (to a millionth of a pixel, `grounding.labels.snap`).
+
+Edges, as the shipped guideline states them (grounding/guidelines/default.md): pixels are
+continuous, ``x2``/``y2`` are the far edges (one past the last pixel inside), so a box touching
+the right and bottom borders of a ``W`` x ``H`` image ends at ``x2 = W``, ``y2 = H``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import json
 
 from grounding.convert import ReadResult, base_of, fill_sizes, jsonl_objects, resolve
-from grounding.labels import item
+from grounding.labels import item, snap
 
 PROMPT = "Find <ref-object>"
 
@@ -64,8 +68,9 @@ def read(fs, path: str) -> ReadResult:
     problems = fill_sizes(norm)
     for it in norm:
         if it.get("width"):
-            it["boxes"] = [[b[0] * it["width"], b[1] * it["height"], b[2] * it["width"],
-                            b[3] * it["height"]] for b in it["boxes"]]
+            w, h = it["width"], it["height"]
+            it["boxes"] = [[snap(b[0] * w), snap(b[1] * h), snap(b[2] * w), snap(b[3] * h)]
+                           for b in it["boxes"]]
     if problems:
         rejects.append({"where": path, "problems": problems, "row": None})
         items = [it for it in items if it not in norm or it.get("width")]

@@ -30,6 +30,7 @@ STORAGE_VERBS = {
     "review pull": ["--url", "http://ls", "--project", "1", "--store", "store/"],
     "review calibrate": ["st/", "--registry", "reg/"],
     "review log": ["store/"],
+    "review agreement": ["s3://bucket/reviewed"],
     "store migrate": ["old/", "new/"],
     "serve": [],
     "retrain": ["--store", "store/", "--registry", "reg/"],

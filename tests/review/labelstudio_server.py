@@ -135,3 +135,26 @@ def start_label_studio(tmp_dir: str | os.PathLike, timeout: float = 240.0
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def invite_user(base_url: str, token: str, email: str, password: str) -> str:
+    """Sign a second person up the way people join (the organization's invite link and the
+    signup form), then read their own legacy API token as them; returns that token."""
+    import requests
+
+    admin = requests.Session()
+    admin.headers["Authorization"] = f"Token {token}"
+    r = admin.get(f"{base_url}/api/invite", timeout=60)
+    r.raise_for_status()
+    person = requests.Session()
+    page = person.get(base_url + r.json()["invite_url"], timeout=60)
+    page.raise_for_status()
+    r = person.post(page.url, data={"email": email, "password": password,
+                                    "csrfmiddlewaretoken": person.cookies.get("csrftoken"),
+                                    "allow_newsletters": "false"},
+                    headers={"Referer": page.url}, allow_redirects=False, timeout=60)
+    if r.status_code != 302:  # the form is shown again, with its errors
+        raise RuntimeError(f"signup of {email} failed: HTTP {r.status_code}")
+    r = person.get(f"{base_url}/api/current-user/token", timeout=60)
+    r.raise_for_status()
+    return r.json()["token"]
