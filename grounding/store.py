@@ -305,8 +305,13 @@ class ReviewStore:
         return None
 
     # -- writing -------------------------------------------------------------------------
-    def append(self, records: list[dict], *, source: str, note: str | None = None) -> int:
-        """Commit ``records`` (see `decision_record`) as one new version; returns its number."""
+    def append(self, records: list[dict], *, source: str, note: str | None = None,
+               app_id: str | None = None) -> int:
+        """Commit ``records`` (see `decision_record`) as one new version; returns its number.
+
+        ``app_id``: the commit's application transaction id (default: a fresh one). A caller
+        that derives it from what it appends makes a retried or concurrent identical append
+        land once: the second finds the id in the log and returns the first's version."""
         if not records:
             raise StoreError("nothing to append: no records")
         for r in records:
@@ -315,12 +320,20 @@ class ReviewStore:
                                  f"is not one of {DECISIONS}")
         table = _with_order(pa.Table.from_pylist(
             [{f.name: r.get(f.name) for f in SCHEMA} for r in records], schema=SCHEMA))
-        app_id = f"store-append:{uuid.uuid4().hex}"
+        app_id = app_id or f"store-append:{uuid.uuid4().hex}"
         record = {"kind": "append", "app_id": app_id, **_counts(records), "source": source,
                   "note": note, "committed_at": _now()}
         return self._commit(table, record, app_id)
 
     # -- reading -------------------------------------------------------------------------
+    def record_ids(self) -> set[str]:
+        """The ``record_id`` of every record committed (one column read, not the history)."""
+        dtable = self._table()
+        if dtable is None or not dtable.version():
+            return set()
+        return set(dtable.to_pyarrow_table(columns=["record_id"]).column("record_id")
+                   .to_pylist())
+
     def versions(self) -> list[dict]:
         """Every append, oldest first: ``version`` (the table version), ``records``, ``items``,
         ``decisions``, ``source``, ``note``, ``committed_at`` (and ``migrated_from`` for a

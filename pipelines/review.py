@@ -355,7 +355,7 @@ def import_labels(cfg: ImportConfig, reviewers: dict | None = None) -> dict:
     their problems, to ``rejects_uri`` (default: next to the input), so nothing is lost.
     """
     from grounding.convert import read_labels
-    from grounding.store import ReviewStore, decision_record
+    from grounding.store import ReviewStore, decision_record, is_store
 
     input_uri, fmt, store, opts = cfg.input, cfg.from_fmt, cfg.store, cfg.storage
     decision, reviewer, skip_invalid = cfg.decision, cfg.reviewer, cfg.skip_invalid
@@ -370,22 +370,49 @@ def import_labels(cfg: ImportConfig, reviewers: dict | None = None) -> dict:
         if d is None:  # a Label Studio task nobody annotated yet
             unreviewed += 1
             continue
-        records.append(decision_record(it, d, predicted=it.get("_predicted"),
-                                       reviewer=it.get("_reviewer") or reviewer,
-                                       reviewed_at=it.get("_reviewed_at"),
-                                       guideline=it.get("_guideline"), role=it.get("_role"),
-                                       source=f"import:{fmt}"))
+        rec = decision_record(it, d, predicted=it.get("_predicted"),
+                              reviewer=it.get("_reviewer") or reviewer,
+                              reviewed_at=it.get("_reviewed_at"),
+                              guideline=it.get("_guideline"), role=it.get("_role"),
+                              source=f"import:{fmt}")
+        if "_annotation" in it:
+            rec["record_id"] = _annotation_id(rec, it["_annotation"])
+        records.append(rec)
+    app_id, stored = None, 0
+    if fmt == "labelstudio" and records:
+        # `review pull` reads the whole project each time: a decision already in the store
+        # (same person, same annotation, same edit time) is not appended again.
+        have = ReviewStore(store, opts).record_ids() if is_store(store, opts) else set()
+        stored = sum(r["record_id"] in have for r in records)
+        records = [r for r in records if r["record_id"] not in have]
+        # Derived from what is appended: two pulls racing with the same news land once.
+        app_id = "labelstudio-import:" + _digest(sorted(r["record_id"] for r in records))
     out = {"input": input_uri, "format": fmt, "store": store, "version": None,
            "records": len(records), "unreviewed": unreviewed, "rejected_rows": len(res.rejects),
            "decisions": dict(Counter(r["decision"] for r in records))}
+    if fmt == "labelstudio":
+        out["already_stored"] = stored
     if res.rejects:
         rejects_uri = cfg.rejects or input_uri.rsplit(".", 1)[0] + ".rejects.jsonl"
         _save_rejects(res.rejects, rejects_uri, opts)
         out["rejects"] = rejects_uri
     if records:
         out["version"] = ReviewStore(store, opts).append(records, source=f"import:{fmt}",
-                                                         note=input_uri)
+                                                         note=input_uri, app_id=app_id)
     return out
+
+
+def _digest(value) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _annotation_id(rec: dict, ann: dict) -> str:
+    """A Label Studio decision's record id, the same on every pull: the task's item, the person,
+    the annotation and its edit time, and what it decided (an edit is a new decision)."""
+    return _digest([rec[k] for k in ("item_id", "reviewer", "decision", "boxes", "role")]
+                   + [ann.get("id"), ann.get("updated_at"), ann.get("created_at")])
 
 
 def _image_urls(images: TaskImages, items: list[dict], where: str, opts):
@@ -656,8 +683,10 @@ def _reviewers(s, url: str) -> dict:
 def pull_from_label_studio(cfg: ReviewPullConfig) -> dict:
     """Download a project's JSON export (annotated tasks) and import its review decisions into
     the store: every person's newest annotation of a task, with their e-mail address (from
-    ``/api/users``), its time and the guideline the task was pushed with. The raw export is kept at ``export_uri`` (default: next to the store, under
-    ``exports/``) so every version can be traced back to what Label Studio said."""
+    ``/api/users``), its time and the guideline the task was pushed with. A decision already in the store (the same
+    annotation, not edited since) is not appended again, so pulling a project repeatedly adds
+    only what changed. The raw export is kept at ``export_uri`` (default: next to the store,
+    under ``exports/``) so every version can be traced back to what Label Studio said."""
     url, project, store, opts = cfg.label_studio.url.rstrip("/"), cfg.project, cfg.store, cfg.storage
     with _ls_session(url, cfg.label_studio.token()) as s:
         tasks = _ls_call(s, "GET", f"{url}/api/projects/{project}/export",

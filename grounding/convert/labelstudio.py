@@ -320,6 +320,7 @@ def parse_task(task, labels: set[str], annotation=_NEWEST,
     else:
         it["_reviewer"] = _reviewer(ann, reviewers)
         it["_reviewed_at"] = ann.get("updated_at") or ann.get("created_at")
+        it["_annotation"] = {k: ann.get(k) for k in ("id", "updated_at", "created_at")}
         it["_decision"] = "reject" if reject else (
             "accept" if predicted is not None and _same(boxes, predicted) else "correct")
     return it, []

@@ -157,3 +157,30 @@ def test_a_share_of_the_tasks_are_gold_and_nothing_tells_them_apart(tmp_path, ca
     assert out["gold_tasks"] == 3 and out["gold_short"] == 1  # round(0.5 * 9) = 4
     with pytest.raises(SystemExit, match="--gold-share needs --gold"):
         main(["review", "export", str(job["out"]), "--tasks", str(tasks), "--gold-share", "0.1"])
+
+
+def test_pulling_the_same_annotations_again_appends_nothing(tmp_path):
+    """`review pull` re-reads the whole project each time: a decision already in the store (the
+    same person's same annotation, same time) is not appended again; an edited annotation is a
+    new decision."""
+    p = tmp_path / "export.json"
+    tasks = _export()
+    p.write_text(json.dumps(tasks))
+    store = str(tmp_path / "store")
+    cfg = ImportConfig(input=str(p), from_fmt="labelstudio", store=store)
+    people = {7: "alice@x", 8: "bob@x"}
+    first = import_labels(cfg, reviewers=people)
+    assert first["records"] == 2 and first["version"] == 1
+    again = import_labels(cfg, reviewers=people)
+    assert again["records"] == 0 and again["already_stored"] == 2
+    assert again["version"] is None
+    st = ReviewStore(store)
+    assert st.latest() == 1 and len(st.history()) == 2
+    # bob edits his annotation in Label Studio: that is a new decision, and only it is added
+    tasks[0]["annotations"][1] |= {"result": [_box(12, 10, 25, 40)],
+                                   "updated_at": "2026-12-01T11:00:00Z"}
+    p.write_text(json.dumps(tasks))
+    edited = import_labels(cfg, reviewers=people)
+    assert edited["records"] == 1 and edited["already_stored"] == 1
+    assert edited["decisions"] == {"correct": 1}
+    assert len(ReviewStore(store).history()) == 3
