@@ -58,7 +58,10 @@ def main() -> None:
     t0 = time.time()
     res = retrain(cfg)
     wall = time.time() - t0
-    adapter = str(Path(tmp / "registry" / "adapters" / res["adapter"]))
+    from grounding.registry import AdapterRegistry
+
+    # The registry keeps an adapter's files under a content-addressed path: ask it for them.
+    adapter = AdapterRegistry(cfg.registry).download(res["adapter"], tmp / "adapter-cache")
     evals = {}
     for dom in ("shifted", "base"):  # "shifted" follows --single
         for name, ad in (("base_model", None), ("adapter", adapter)):
