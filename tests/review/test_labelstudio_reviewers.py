@@ -97,6 +97,12 @@ def test_two_reviewers_on_the_same_tasks_under_the_guideline(label_studio, tmp_p
     assert main(["review", "push", str(job["out"]), "--url", url, "--project",
                  str(project)]) == 0
     assert pulled["records"] == 4 and pulled["decisions"] == {"accept": 3, "correct": 1}
+    capsys.readouterr()
+    # pulling again adds nothing: every decision is already in the store
+    assert main(["review", "pull", "--url", url, "--project", str(project),
+                 "--store", store]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["records"] == 0 and again["already_stored"] == 4
     st = ReviewStore(store)
     ann = st.annotations().to_pylist()
     # the first task agreed; on the second, Dan's box is 10 % away: left out until adjudicated
