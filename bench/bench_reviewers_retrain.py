@@ -111,6 +111,48 @@ def precision(labels: list[dict], truth: dict) -> float:
     return round(sum(ok) / len(ok), 4) if ok else float("nan")
 
 
+def paired(a: list[bool] | None, b: list[bool] | None) -> dict | None:
+    """Exact sign test on the test images the two models answer differently: one-sided p that
+    ``a`` is no better than ``b`` (McNemar's exact form)."""
+    if a is None or b is None:
+        return None
+    from scipy.stats import binomtest
+
+    only_a = sum(x and not y for x, y in zip(a, b, strict=True))
+    only_b = sum(y and not x for x, y in zip(a, b, strict=True))
+    p = binomtest(only_a, only_a + only_b, 0.5, alternative="greater").pvalue if only_a + only_b else 1.0
+    return {"only_adjudicated_right": only_a, "only_latest_wins_right": only_b,
+            "one_sided_p": round(p, 4)}
+
+
+def remeasure(args) -> None:
+    """The adapters of an earlier run, measured again (e.g. on a larger test set): the same
+    paired comparison, no training."""
+    from grounding.registry import AdapterRegistry
+    from grounding.synth import SynthConfig
+    from train.evaluate import SynthEvalConfig, evaluate_synthetic
+
+    tmp = Path(args.reuse)
+    sc = SynthConfig(min_objects=1, max_objects=1) if args.single else None
+    evals, hits = {}, {}
+    for name in ("base_model", "latest_wins", "adjudicated"):
+        ad = None
+        if name != "base_model":
+            reg = AdapterRegistry(str(tmp / f"registry-{name}"))
+            ad = reg.download(reg.production(), tmp / f"adapter-{name}")
+        m = evaluate_synthetic(SynthEvalConfig(domain="shifted", n=args.n_eval, adapter=ad),
+                               synth=sc, hits=True)
+        evals[name], hits[name] = m["acc@0.5"], m["hits"]
+        print(name, evals[name], flush=True)
+    out = {"command": "bench/bench_reviewers_retrain.py " + " ".join(
+               f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+           "test_acc@0.5": evals,
+           "paired": paired(hits["adjudicated"], hits["latest_wins"])}
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--labels", type=int, default=500, help="Images reviewed.")
@@ -119,7 +161,11 @@ def main() -> None:
     ap.add_argument("--single", action="store_true", help="Single-object shifted images.")
     ap.add_argument("--seed", type=int, default=0, help="Seed of the reviewers' noise.")
     ap.add_argument("--out", default="bench/reviewers-retrain.json")
+    ap.add_argument("--reuse", metavar="DIR", help="Only measure: the adapters an earlier run "
+                    "left in DIR (its working folder, printed as 'work'), on --n-eval images.")
     args = ap.parse_args()
+    if args.reuse:
+        return remeasure(args)
 
     from grounding.convert import read_labels
     from grounding.registry import AdapterRegistry
@@ -129,6 +175,7 @@ def main() -> None:
     from train.retrain import RetrainConfig, retrain
 
     tmp = Path(tempfile.mkdtemp(prefix="gl-bench-reviewers-retrain-"))
+    print("work", tmp, flush=True)
     sc = SynthConfig(min_objects=1, max_objects=1) if args.single else None
     data = write_dataset(tmp / "labels", args.labels, "shifted", seed=11, cfg=sc)
     items = read_labels(str(data), "seed").items
@@ -153,8 +200,9 @@ def main() -> None:
     adj.append(adjudications(queue, truth, args.seed), source="bench-adjudication")
     assert not len(adj.unresolved())
 
-    evals = {"base_model": evaluate_synthetic(SynthEvalConfig(domain="shifted", n=args.n_eval),
-                                              synth=sc)["acc@0.5"]}
+    base = evaluate_synthetic(SynthEvalConfig(domain="shifted", n=args.n_eval), synth=sc,
+                              hits=True)
+    evals, hits = {"base_model": base["acc@0.5"]}, {"base_model": base["hits"]}
     for name, st in (("latest_wins", noisy), ("adjudicated", adj)):
         labels = st.labels()
         cfg = RetrainConfig(store=st.uri, registry=str(tmp / f"registry-{name}"),
@@ -166,8 +214,9 @@ def main() -> None:
         acc = None
         if res.get("adapter"):
             ad = AdapterRegistry(cfg.registry).download(res["adapter"], tmp / f"adapter-{name}")
-            acc = evaluate_synthetic(SynthEvalConfig(domain="shifted", n=args.n_eval, adapter=ad),
-                                     synth=sc)["acc@0.5"]
+            m = evaluate_synthetic(SynthEvalConfig(domain="shifted", n=args.n_eval, adapter=ad),
+                                   synth=sc, hits=True)
+            acc, hits[name] = m["acc@0.5"], m["hits"]
         arms[name] = {"train_labels": len(labels), "label_precision": precision(labels, truth),
                       "train_items": res.get("train_items"),
                       "heldout_items": res.get("heldout_items"),
@@ -180,7 +229,8 @@ def main() -> None:
            "reviewers": {k: {"jitter_px": s, "wrong_decision_rate": e}
                          for k, (s, e) in REVIEWERS.items()},
            "items": len(items), "model_right": sum(t["right"] for t in truth.values()),
-           "adjudicated_items": len({r["item_id"] for r in queue}), "test_acc@0.5": evals, "arms": arms}
+           "adjudicated_items": len({r["item_id"] for r in queue}), "test_acc@0.5": evals, "arms": arms,
+           "paired": paired(hits.get("adjudicated"), hits.get("latest_wins"))}
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))
 

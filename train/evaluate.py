@@ -47,10 +47,12 @@ class SynthEvalConfig(Settings):
     batch_size: int = Field(64, ge=1, description="Requests per engine call.")
 
 
-def evaluate_synthetic(cfg: SynthEvalConfig, engine=None, synth=None) -> dict:
+def evaluate_synthetic(cfg: SynthEvalConfig, engine=None, synth=None, hits: bool = False) -> dict:
     """Metrics dict (``acc@0.5``, ``mean_iou``, ``parse_fail_rate``, ``n``, ``chance``).
 
-    ``synth`` (a `grounding.synth.SynthConfig`) changes the set, e.g. single-object images."""
+    ``synth`` (a `grounding.synth.SynthConfig`) changes the set, e.g. single-object images.
+    ``hits``: also ``hits``, per sample in set order whether the first box has IoU >= 0.5 with
+    the gold box (for paired comparisons of two models on the same set)."""
     from grounding.boxes import Box
     from grounding.engines import load_engine
     from grounding.engines.grounder import Grounder, GroundingRequest
@@ -78,6 +80,8 @@ def evaluate_synthetic(cfg: SynthEvalConfig, engine=None, synth=None) -> dict:
              engine=cfg.inference.engine, model=cfg.inference.model, adapter=cfg.adapter,
              constrained=cfg.inference.constrained,
              no_object_rate=statuses.count("empty") / len(samples))
+    if hits:
+        m["hits"] = [p is not None and p.iou(g) >= 0.5 for p, g in pairs]
     if own:
         engine.close()
     return m
