@@ -41,6 +41,16 @@ def _jitter(b, sigma, rnd):
     return [x1, y1, x2, y2]
 
 
+def decide(right: bool, pred, draw, e: float, rnd) -> tuple[str, list]:
+    """A reviewer's decision on a prediction (``right`` or not) who errs with rate ``e``:
+    accept a right one, else reject it; correct a wrong one with their own drawing (``draw()``),
+    else accept it."""
+    wrong = rnd.random() < e
+    if right:
+        return ("reject", []) if wrong else ("accept", [pred])
+    return ("accept", [pred]) if wrong else ("correct", [draw()])
+
+
 def world(n: int, seed: int):
     from grounding.agreement import box_iou
     from grounding.labels import item
@@ -59,15 +69,7 @@ def world(n: int, seed: int):
         order = list(REVIEWERS.items())
         rnd.shuffle(order)  # who decides last on an item is random
         for who, (sigma, e) in order:
-            wrong = rnd.random() < e
-            if right and not wrong:
-                d, boxes = "accept", [pred]
-            elif right:
-                d, boxes = "reject", []
-            elif not wrong:
-                d, boxes = "correct", [_jitter(true, sigma, rnd)]
-            else:
-                d, boxes = "accept", [pred]
+            d, boxes = decide(right, pred, lambda: _jitter(true, sigma, rnd), e, rnd)  # noqa: B023
             rec = decision_record(dict(it, boxes=boxes), d, reviewer=who, source="bench",
                                   predicted={"boxes": [pred], "score": 0.5},
                                   guideline="groundlabel-default@1")

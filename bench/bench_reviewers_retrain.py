@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REVIEWERS = {"alice": (1.0, 0.02), "bob": (2.0, 0.05), "carol": (12.0, 0.30)}
+from bench_reviewers import REVIEWERS, decide  # the same reviewers, deciding the same way
 
 
 def _rand_box(rnd, w, h):
@@ -68,15 +68,7 @@ def reviews(items: list[dict], seed: int) -> tuple[list[dict], dict]:
         order = list(REVIEWERS.items())
         rnd.shuffle(order)
         for k, (who, (sigma, e)) in enumerate(order):
-            wrong = rnd.random() < e
-            if right and not wrong:
-                d, boxes = "accept", [pred]
-            elif right:
-                d, boxes = "reject", []
-            elif not wrong:
-                d, boxes = "correct", [_jitter(true, sigma, rnd, w, h)]
-            else:
-                d, boxes = "accept", [pred]
+            d, boxes = decide(right, pred, lambda: _jitter(true, sigma, rnd, w, h), e, rnd)  # noqa: B023
             records.append(decision_record(
                 dict(it, boxes=boxes), d, reviewer=who, source="bench",
                 predicted={"boxes": [pred], "score": 0.5},

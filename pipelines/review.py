@@ -529,6 +529,19 @@ def _ls_call(s, method: str, url: str, ok=(200, 201), **kw):
     return r.json()
 
 
+def _project(s, url: str, project: int | None, title: str | None, rules) -> int:
+    """``project`` checked to show ``rules`` (`_instructions`), or a new project titled
+    ``title`` with them as its instructions."""
+    from grounding.convert.labelstudio import LABEL_CONFIG
+
+    if project is not None:
+        _instructions(s, url, project, rules)
+        return project
+    return _ls_call(s, "POST", f"{url}/api/projects",
+                    json={"title": title[:50], "label_config": LABEL_CONFIG,
+                          "expert_instruction": rules.html(), "show_instruction": True})["id"]
+
+
 def _instructions(s, url: str, project: int, rules) -> None:
     """Make an existing project show ``rules``: set its instructions where it has none; refuse
     a project showing another guideline or instructions of its own (its earlier decisions were
@@ -563,7 +576,6 @@ def push_to_label_studio(cfg: ReviewPushConfig) -> dict:
     import tempfile
 
     from grounding import guideline as guidelines
-    from grounding.convert.labelstudio import LABEL_CONFIG
 
     url, token, project = cfg.label_studio.url.rstrip("/"), cfg.label_studio.token(), cfg.project
     rules = guidelines.load(cfg.guideline)
@@ -577,15 +589,11 @@ def push_to_label_studio(cfg: ReviewPushConfig) -> dict:
         with open(f"{d}/tasks.json") as f:
             tasks = json.load(f)
     with _ls_session(url, token) as s:
+        title = None
         if project is None:
             job = JobOutput(cfg.output, cfg.storage).job_record()
             title = cfg.title or f"groundlabel {job.get('job_id') or cfg.output}"
-            project = _ls_call(s, "POST", f"{url}/api/projects",
-                               json={"title": title[:50], "label_config": LABEL_CONFIG,
-                                     "expert_instruction": rules.html(),
-                                     "show_instruction": True})["id"]
-        else:
-            _instructions(s, url, project, rules)
+        project = _project(s, url, project, title, rules)
         chosen = overlap_items([t["data"]["item_id"] for t in tasks], cfg.overlap, cfg.seed)
         for t in tasks:
             t["data"]["overlap"] = cfg.annotators if t["data"]["item_id"] in chosen else 1
@@ -607,7 +615,7 @@ def _push_adjudication(cfg: ReviewPushConfig, rules, url: str, token: str) -> di
     adjudication_tasks`) in a new project (or ``project``); nothing is created when the queue
     is empty."""
     from grounding.convert import fill_sizes
-    from grounding.convert.labelstudio import LABEL_CONFIG, adjudication_tasks
+    from grounding.convert.labelstudio import adjudication_tasks
     from grounding.store import ReviewStore, is_store
 
     if not is_store(cfg.adjudicate, cfg.storage):
@@ -632,14 +640,8 @@ def _push_adjudication(cfg: ReviewPushConfig, rules, url: str, token: str) -> di
                                                   cfg.storage), rules.id)
     project = cfg.project
     with _ls_session(url, token) as s:
-        if project is None:
-            title = cfg.title or f"groundlabel adjudication v{version}"
-            project = _ls_call(s, "POST", f"{url}/api/projects",
-                               json={"title": title[:50], "label_config": LABEL_CONFIG,
-                                     "expert_instruction": rules.html(),
-                                     "show_instruction": True})["id"]
-        else:
-            _instructions(s, url, project, rules)
+        project = _project(s, url, project, cfg.title or f"groundlabel adjudication v{version}",
+                           rules)
         res = _ls_call(s, "POST", f"{url}/api/projects/{project}/import", json=tasks)
     return out | {"project": project, "tasks": res.get("task_count", len(tasks))}
 
