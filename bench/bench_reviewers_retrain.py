@@ -117,6 +117,13 @@ def paired(a: list[bool] | None, b: list[bool] | None) -> dict | None:
             "one_sided_p": round(p, 4)}
 
 
+def _run_record(args) -> dict:
+    """The command line that made a result, and the machine."""
+    return {"command": "bench/bench_reviewers_retrain.py " + " ".join(
+                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
+
+
 def remeasure(args) -> None:
     """The adapters of an earlier run, measured again (e.g. on a larger test set): the same
     paired comparison, no training."""
@@ -136,9 +143,7 @@ def remeasure(args) -> None:
                                synth=sc, hits=True)
         evals[name], hits[name] = m["acc@0.5"], m["hits"]
         print(name, evals[name], flush=True)
-    out = {"command": "bench/bench_reviewers_retrain.py " + " ".join(
-               f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    out = {**_run_record(args),
            "test_acc@0.5": evals,
            "paired": paired(hits["adjudicated"], hits["latest_wins"])}
     Path(args.out).write_text(json.dumps(out, indent=2))
@@ -215,9 +220,7 @@ def main() -> None:
                       "decision": res.get("decision"), "reasons": res.get("reasons"),
                       "retrain_wall_s": round(wall, 1), "test_acc@0.5": acc}
         print(name, json.dumps(arms[name]), flush=True)
-    out = {"command": "bench/bench_reviewers_retrain.py " + " ".join(
-               f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    out = {**_run_record(args),
            "reviewers": {k: {"jitter_px": s, "wrong_decision_rate": e}
                          for k, (s, e) in REVIEWERS.items()},
            "items": len(items), "model_right": sum(t["right"] for t in truth.values()),
