@@ -73,6 +73,8 @@ class SynthConfig:
     duplicate_prob: float = 0.1  # how often a distractor copies the target's colour and shape
     max_aspect: float = 1.0 / 0.57  # w/h or h/w at most (1.75: the old independent draw's limit)
     background: Background = "grey"  # grey: light grey 200-245; varied: any colour, gradient, noise
+    same_shape: bool = False  # every object of an image has one shape (as in ``shifted``): only
+    # the colour word tells the target apart. Off in every evaluation set; a training knob.
 
 
 VARIED = SynthConfig(min_side=96, max_side=448, min_objects=1, max_objects=4, max_aspect=3.0,
@@ -178,10 +180,11 @@ def make_sample(index: int, domain: Domain = "base", seed: int = 0,
     # In the shifted domain all objects of an image share one shape, so only the (new) colour
     # word identifies the target.
     shared_shape = rng.choice(SHAPES)
+    one_shape = domain == "shifted" or cfg.same_shape
     used: set[tuple[str, str]] = set()
     for foot in feet:
         for _ in range(20):
-            shape = shared_shape if domain == "shifted" else rng.choice(SHAPES)
+            shape = shared_shape if one_shape else rng.choice(SHAPES)
             color = rng.choice(colors)
             if (shape, color) not in used:
                 break
@@ -189,7 +192,7 @@ def make_sample(index: int, domain: Domain = "base", seed: int = 0,
         # Every shape fills its square footprint (a triangle's apex at the top centre, its base
         # at the bottom), so the footprint is the tight gold box.
         objs.append(Obj(shape, color, foot))
-    if domain != "shifted" and len(objs) >= 2 and rng.random() < cfg.duplicate_prob:
+    if not one_shape and len(objs) >= 2 and rng.random() < cfg.duplicate_prob:
         a, b = objs[0], objs[1]
         if max(a.side, b.side) >= 1.25 * min(a.side, b.side):  # sizes tell them apart
             objs[1] = Obj(a.shape, a.color, b.box)

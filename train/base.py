@@ -65,6 +65,11 @@ class BaseTrainConfig(BaseModel):
     varied_share: float = Field(0.6, ge=0.0, le=1.0, description="Share of training samples drawn "
                                 "from the varied generator (grounding.synth.VARIED) instead of the "
                                 "classic layout.")
+    same_shape_share: float = Field(0.0, ge=0.0, le=1.0, description="Share of training samples "
+                                    "whose objects all have one shape (SynthConfig.same_shape), "
+                                    "so only the (base) colour word tells the target apart: "
+                                    "hard negatives for the model's commonest miss, the right "
+                                    "shape in the wrong colour. 0: the stream as before.")
     coord_step: int = Field(10, description="Round 0-1000 target coordinates to this grid.")
     eval_every: int = Field(300, description="Evaluate held-out Acc@0.5 every N steps.")
     eval_n: int = Field(96, description="Held-out samples per evaluation.")
@@ -324,15 +329,21 @@ def _next_samples(cfg: BaseTrainConfig, st: _Loop, synth) -> list:
     """The next ``batch_size`` synthetic samples (indices ``st.idx`` on), advancing ``st.idx``.
 
     Sample ``i`` comes from the varied generator when ``Random(i)`` says so (a ``varied_share``
-    of them), else from ``synth`` (the curriculum's classic layout)."""
+    of them), else from ``synth`` (the curriculum's classic layout); the next draw of the same
+    ``Random(i)`` makes a ``same_shape_share`` of them one-shape images. The first draw is the
+    one the stream always had, so share 0 is the old stream bit for bit."""
+    import dataclasses
     import random
 
     from grounding.synth import VARIED, make_sample
 
     samples = []
     for i in range(st.idx, st.idx + cfg.batch_size):
-        varied = random.Random(i).random() < cfg.varied_share
-        samples.append(make_sample(i, "base", cfg.seed, VARIED if varied else synth))
+        r = random.Random(i)
+        gen = VARIED if r.random() < cfg.varied_share else synth
+        if cfg.same_shape_share and r.random() < cfg.same_shape_share:
+            gen = dataclasses.replace(gen, same_shape=True)
+        samples.append(make_sample(i, "base", cfg.seed, gen))
     st.idx += cfg.batch_size
     return samples
 
