@@ -10,7 +10,7 @@ held-out rows); **after** is the current code (raw score, every review, images a
 betting test, walk on the job's score quantiles), with the default population promise and with
 ``--per-job``; face value accepts rows whose (calibrated or raw) score is >= the target.
 
-Worlds: ``base`` and ``shifted``, ``--n`` synthetic images per domain labeled once through vLLM
+Worlds: ``--domains`` (``base`` and ``shifted`` by default; ``robust`` too), ``--n`` synthetic images per domain labeled once through vLLM
 (the bundled model, constrained decoding; a row is right when its first box has IoU >= 0.5 with
 the true box; one expression per image); ``clustered``, simulated (5 expressions per image,
 latent within-image correlation 0.5, P(right | s) = s**3, as in the tests). Per seed the images
@@ -184,6 +184,8 @@ def main() -> None:
     ap.add_argument("--rows", help="Reuse the labeled rows of an earlier --out (routing only).")
     ap.add_argument("--before", default=BEFORE, help="Git commit whose calibration.py is "
                     "'before'.")
+    ap.add_argument("--domains", default="base,shifted", help="Synthetic domains to label "
+                    "(comma-separated: base, shifted, robust).")
     ap.add_argument("--clustered", type=int, default=2000, help="Rows of the simulated "
                     "clustered world (5 per image, correlation 0.5); 0 = skip it.")
     a = ap.parse_args()
@@ -192,7 +194,7 @@ def main() -> None:
     res: dict = {"command": "bench/bench_calibration.py " + " ".join(
         f"--{k} {v}" for k, v in vars(a).items() if k != "model" and v is not None),
         "model": a.model, "targets": TARGETS, "domains": {}}
-    worlds = ["base", "shifted"] + (["clustered"] if a.clustered else [])
+    worlds = a.domains.split(",") + (["clustered"] if a.clustered else [])
     for domain in worlds:
         t0 = time.perf_counter()
         if domain == "clustered":
