@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from grounding.families.generic import Convention
 from grounding.paths import DEFAULT_MODEL
@@ -114,6 +114,16 @@ class EngineConfig(BaseModel):
                                       "one GPU; each label actor / serve replica then asks Ray "
                                       "for this many GPUs.")
     engine_seed: int = Field(0, description="Engine seed (decoding is greedy anyway).")
+
+    @field_validator("model")
+    @classmethod
+    def _pin_local_folder(cls, v: str) -> str:
+        # A relative folder means the caller's working directory; Ray Train's workers (and any
+        # process started elsewhere) have their own, where transformers would take the name
+        # for a hub id. A hub id or a URI is not a folder here and stays as given.
+        import os
+
+        return os.path.abspath(v) if not os.path.isabs(v) and os.path.isdir(v) else v
 
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:

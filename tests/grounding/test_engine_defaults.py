@@ -145,3 +145,18 @@ def test_the_transformers_engine_runs_on_the_device(tiny_model):
 def test_device_detection_reads_the_gpus_ray_assigned():
     d = Device.detect()
     assert d.kind == "cpu" and d.gpus == 0 and not d.bf16
+
+
+def test_a_relative_model_folder_is_made_absolute(tmp_path, monkeypatch):
+    """`--model runs/my-ckpt` named a folder of the caller's working directory; Ray Train's
+    workers run elsewhere (their own directory), where transformers then took it for a hub id
+    and failed offline (found running `bench_retrain.py --model runs/tiny-hard`). A folder that
+    exists is pinned to its absolute path when the settings are made; anything else (a hub id,
+    an absolute path) is kept as given."""
+    from grounding.engines.base import EngineConfig
+
+    (tmp_path / "runs" / "ckpt").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert EngineConfig(model="runs/ckpt").model == str(tmp_path / "runs" / "ckpt")
+    assert EngineConfig(model="Qwen/Qwen2.5-VL-3B-Instruct").model == "Qwen/Qwen2.5-VL-3B-Instruct"
+    assert EngineConfig(model=str(tmp_path / "runs" / "ckpt")).model == str(tmp_path / "runs" / "ckpt")
