@@ -283,6 +283,15 @@ def choose_quantization(quantize: str, device: str) -> tuple[str, str]:
     return ("nf4" if ok else "none"), f"quantize=auto: {why}"
 
 
+def nf4_compute_dtype(device: str):
+    """The dtype QLoRA's 4-bit weights are dequantized to for each matmul on ``device``: bf16 on
+    CUDA; float32 on the CPU, where bf16 matmuls are emulated on CPUs without native bf16 (54x
+    slower than float32 on the 2-core EPYC CI machine: bench/RESULTS.md, issue 32)."""
+    import torch
+
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
 def _load_for_training(cfg: RetrainConfig):
     """(peft model, processor, {"quantization", "quantization_reason", "linear4bit_layers"})
     on this worker's device."""
@@ -308,10 +317,11 @@ def _load_for_training(cfg: RetrainConfig):
     if quant == "nf4":
         from transformers import BitsAndBytesConfig
 
-        # bf16 compute is what runs on both CUDA and bitsandbytes' CPU backend (measured).
+        # The weights are 4-bit everywhere; the matmuls run in bf16 on CUDA, in float32 on
+        # the CPU (bf16 is emulated there: nf4_compute_dtype).
         load_kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
+            bnb_4bit_compute_dtype=nf4_compute_dtype(str(device)))
         # accelerate places the quantized weights; "cpu" where there is no GPU (an index
         # would mean a CUDA device).
         load_kw["device_map"] = {"": device.index if cuda else "cpu"}
@@ -338,7 +348,9 @@ def _load_for_training(cfg: RetrainConfig):
 
         n4 = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     return model, processor, {"quantization": quant, "quantization_reason": reason,
-                              "linear4bit_layers": n4}
+                              "linear4bit_layers": n4,
+                              "compute_dtype": str(nf4_compute_dtype(str(device)))
+                              if quant == "nf4" else None}
 
 
 def _report(model, opt, state: dict, rank: int, metrics: dict) -> None:
