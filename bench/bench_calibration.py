@@ -10,8 +10,8 @@ held-out rows); **after** is the current code (raw score, every review, images a
 betting test, walk on the job's score quantiles), with the default population promise and with
 ``--per-job``; face value accepts rows whose (calibrated or raw) score is >= the target.
 
-Worlds: ``--domains`` (``base`` and ``shifted`` by default; ``robust`` too), ``--n`` synthetic images per domain labeled once through vLLM
-(the bundled model, constrained decoding; a row is right when its first box has IoU >= 0.5 with
+Worlds: ``--domains`` (``base`` and ``shifted`` by default; ``robust`` too), ``--n`` synthetic
+images per domain labeled once through vLLM (the bundled model, constrained decoding; a row is right when its first box has IoU >= 0.5 with
 the true box; one expression per image); ``clustered``, simulated (5 expressions per image,
 latent within-image correlation 0.5, P(right | s) = s**3, as in the tests). Per seed the images
 are shuffled: ``--reviews`` rows' images play the reviewed ones, the rest is the job.

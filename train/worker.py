@@ -314,6 +314,7 @@ def _load_for_training(cfg: RetrainConfig):
     quant, reason = choose_quantization(cfg.quantize, str(device))
     logging.getLogger("groundlabel.retrain").warning("quantization: %s (%s)", quant, reason)
     load_kw: dict = {"dtype": torch.bfloat16 if cuda else torch.float32}
+    compute = nf4_compute_dtype(str(device)) if quant == "nf4" else None
     if quant == "nf4":
         from transformers import BitsAndBytesConfig
 
@@ -321,7 +322,7 @@ def _load_for_training(cfg: RetrainConfig):
         # the CPU (bf16 is emulated there: nf4_compute_dtype).
         load_kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=nf4_compute_dtype(str(device)))
+            bnb_4bit_compute_dtype=compute)
         # accelerate places the quantized weights; "cpu" where there is no GPU (an index
         # would mean a CUDA device).
         load_kw["device_map"] = {"": device.index if cuda else "cpu"}
@@ -349,8 +350,7 @@ def _load_for_training(cfg: RetrainConfig):
         n4 = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     return model, processor, {"quantization": quant, "quantization_reason": reason,
                               "linear4bit_layers": n4,
-                              "compute_dtype": str(nf4_compute_dtype(str(device)))
-                              if quant == "nf4" else None}
+                              "compute_dtype": compute and str(compute)}
 
 
 def _report(model, opt, state: dict, rank: int, metrics: dict) -> None:

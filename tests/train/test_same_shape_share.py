@@ -49,9 +49,9 @@ def test_same_shape_images_need_the_colour_word():
     assert not words & set(PALETTES["shifted"])
 
 
-def test_same_shape_config_keeps_the_test_sets():
-    """The knob is off in every evaluation set: the classic and robust sets are unchanged
-    (test_synth pins their bytes), and the option validates its range."""
+def test_same_shape_share_is_a_share():
+    """The option validates its range (the evaluation sets never set the knob; test_synth pins
+    their bytes)."""
     import pytest
     from pydantic import ValidationError
 
